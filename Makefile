@@ -1,0 +1,42 @@
+# tinyps: every target creates .venv when it is missing and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test test-slow bench lint proto clean
+
+# Stamps record which install a venv already has, so targets re-install only
+# when pyproject.toml changes.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.runtime
+
+demo: $(VENV)/.runtime
+	$(BIN)/tinyps train --dataset digits
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(VENV)/.dev
+	$(BIN)/python benchmarks/bench_kernels.py
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+
+proto: $(VENV)/.dev
+	$(BIN)/python -m grpc_tools.protoc -Ips=proto --python_out=. --grpc_python_out=. \
+		--pyi_out=. proto/ps.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
