@@ -1,0 +1,40 @@
+"""Numba-JIT numerics for tinyps: 16-bit float emulation, dense-layer pieces, the loss,
+optimizer updates, gradient aggregation and norms. Imports NumPy and Numba only.
+
+Every kernel has a plain-NumPy twin in tests/twins/ that specifies what it computes.
+"""
+
+from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
+from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
+from kernels.matmul import blocked_matmul
+from kernels.norms import all_finite, clip_by_global_norm, global_norm
+from kernels.optim import adam_update, sgd_update
+from kernels.precision import (
+    bf16_decode,
+    bf16_encode,
+    fp16_decode,
+    fp16_encode,
+    round_to_bf16,
+    round_to_fp16,
+)
+
+__all__ = [
+    "aggregate_mean",
+    "aggregate_median",
+    "aggregate_trimmed_mean",
+    "all_finite",
+    "bf16_decode",
+    "bf16_encode",
+    "bias_relu_forward",
+    "blocked_matmul",
+    "clip_by_global_norm",
+    "fp16_decode",
+    "fp16_encode",
+    "global_norm",
+    "adam_update",
+    "relu_backward",
+    "round_to_bf16",
+    "round_to_fp16",
+    "sgd_update",
+    "softmax_cross_entropy",
+]

@@ -1,0 +1,145 @@
+"""Transport speed: tinyps pull/push against a raw gRPC bytes echo, chunks against one message.
+
+Run with `make bench`. The servers run in their own processes (as in a real cluster, and so
+that client and server do not share one interpreter lock); each comparison alternates its two
+contenders round by round. Prints a table and writes benchmarks/results/transport.json.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Comparison, compare  # noqa: E402
+
+from ps.client import PSClient  # noqa: E402
+from ps.wire import MAX_MESSAGE_BYTES  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "transport.json"
+MODEL_BYTES = 64 * 1024 * 1024
+CHUNK = 4 * 1024 * 1024
+IN_FLIGHT = 4
+ECHO = "/bench.Echo/Echo"
+_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+
+
+def _echo_server(ports) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=_OPTIONS)
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ports.put(port)
+    server.wait_for_termination()
+
+
+def _ps_server(ports) -> None:
+    from ps.server import serve
+
+    running = serve(mode="async", workers=1)
+    ports.put(running.port)
+    running.wait()
+
+
+def _start(target) -> tuple[mp.Process, str]:
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=target, args=(ports,), daemon=True)
+    proc.start()
+    return proc, f"127.0.0.1:{ports.get(timeout=60)}"
+
+
+class RawEcho:
+    """Raw bytes through the echo server, as one message or as chunks with several in flight."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self.call = self.channel.unary_unary(ECHO)
+        self.pool = ThreadPoolExecutor(max_workers=IN_FLIGHT)
+
+    def one(self, payload: bytes) -> bytes:
+        return self.call(payload, timeout=120)
+
+    def chunked(self, chunks: list[bytes]) -> list[bytes]:
+        return list(self.pool.map(lambda c: self.call(c, timeout=120), chunks))
+
+
+def transport_comparisons() -> tuple[list[Comparison], dict]:
+    echo_proc, echo_addr = _start(_echo_server)
+    ps_proc, ps_addr = _start(_ps_server)
+    try:
+        echo = RawEcho(echo_addr)
+        rng = np.random.default_rng(0)
+        model = {"big": rng.standard_normal(MODEL_BYTES // 4, dtype=np.float32)
+                 .reshape(-1, 1024)}
+        grad = {"big": np.zeros_like(model["big"])}  # zero: the weights stay as they are
+        payload = model["big"].tobytes()
+        chunks = [payload[i:i + CHUNK] for i in range(0, len(payload), CHUNK)]
+        chunked = PSClient([ps_addr], chunk_bytes=CHUNK, in_flight=IN_FLIGHT, deadline_s=120)
+        chunked.init(model, "sgd", lr=0.1)
+        whole = PSClient([ps_addr], chunk_bytes=MODEL_BYTES, deadline_s=120)
+        step = {"n": 0}
+
+        def pull_push(client: PSClient) -> None:
+            client.pull()
+            client.push(grad, step["n"])
+            step["n"] += 1
+
+        runs = [
+            compare("pull+push 64 MiB vs raw echo (4 MiB chunks)",
+                    ("tinyps pull + push", lambda: pull_push(chunked)),
+                    ("raw bytes echo", lambda: echo.chunked(chunks)), goal=0.7, rounds=7),
+            compare("64 MiB as 4 MiB chunks vs one message (raw echo)",
+                    ("16 x 4 MiB, 4 in flight", lambda: echo.chunked(chunks)),
+                    ("1 x 64 MiB", lambda: echo.one(payload)), goal=1.3, rounds=7),
+            compare("64 MiB pull+push: 4 MiB chunks vs one message (tinyps)",
+                    ("16 x 4 MiB, 4 in flight", lambda: pull_push(chunked)),
+                    ("1 x 64 MiB", lambda: pull_push(whole)), rounds=7),
+            compare("control call: version check vs empty raw echo",
+                    ("PSClient.versions()", chunked.versions),
+                    ("empty echo", lambda: echo.one(b"")), goal=1 / 1.25),
+        ]
+        chunked.close()
+        whole.close()
+        machine = {"model_bytes": MODEL_BYTES, "chunk_bytes": CHUNK, "in_flight": IN_FLIGHT}
+        return runs, machine
+    finally:
+        for proc in (echo_proc, ps_proc):
+            proc.terminate()
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def main() -> int:
+    started = time.perf_counter()
+    runs, setup = transport_comparisons()
+    width = max(len(r.name) for r in runs)
+    print(f"{'transport':<{width}}  {'ours':>10}  {'baseline':>10}  {'speedup':>8}  goal")
+    for r in runs:
+        goal = "" if r.goal is None else f">={r.goal:.2f}x {'ok' if r.met else 'MISSED'}"
+        print(f"{r.name:<{width}}  {r.ours_s * 1e3:8.2f}ms  {r.baseline_s * 1e3:8.2f}ms  "
+              f"{r.speedup:7.2f}x  {goal}")
+    print("speedup = baseline time / ours; for the control call the goal >= 0.80x means "
+          "its latency is at most 1.25x the empty echo's")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"setup": setup, "transport": [r.as_dict() for r in runs],
+                                   "bench_s": time.perf_counter() - started}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""16-bit floats (IEEE half and bfloat16) emulated on float32 arrays.
+
+Numba has no float16 on the CPU, so these kernels work on the uint32 bit pattern of each
+float32: mixed-precision training rounds through them, and the wire carries their 16-bit codes.
+"""
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "bf16_decode",
+    "bf16_encode",
+    "fp16_decode",
+    "fp16_encode",
+    "round_to_bf16",
+    "round_to_fp16",
+]
+
+# Numba widens integer arithmetic to 64 bits. Wrapping results in u32() keeps them 32 bits
+# wide, so LLVM packs twice as many lanes into each vector instruction (about 2x faster).
+u32 = np.uint32
+
+# float32 bit-pattern landmarks. A pattern splits into sign and magnitude; for magnitudes,
+# integer order is float order, so comparisons below are range checks on the value.
+_SIGN = u32(0x80000000)
+_MAGNITUDE = u32(0x7FFFFFFF)
+_F32_INF = u32(0x7F800000)  # anything above is a NaN
+_F32_HALF_BITS = u32(0x3F000000)  # 0.5
+_POINT_FIVE = np.float32(0.5)
+_TWO_POW_M24 = np.float32(2.0**-24)  # the step between half subnormals
+
+_FP16_MIN_NORMAL = u32(0x38800000)  # 2**-14
+_FP16_OVERFLOW = u32(0x47800000)  # 2**16: a rounded magnitude this big is past 65504
+_FP16_REBIAS = u32(0x38000000)  # (127 - 15) << 23 moves a float32 exponent to half's bias
+_FP16_NAN_MIN = u32(0x7F802000)  # the NaN whose half payload is 1, numpy's fallback
+
+_BF16_NAN = u32(0x7FC0)  # torch's quiet NaN, returned for every NaN input
+
+
+# --- IEEE half (fp16) -------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _fp16_round_magnitude(a, ax):
+    """Round a float32 magnitude to the nearest half value; return that value's float32 bits.
+
+    `a` is |x| as uint32 bits and `ax` the same number as float32. Ties go to even, rounded
+    magnitudes of 65520 and up go to inf, NaN keeps the top 10 payload bits and stays NaN
+    (numpy's float32 -> float16 rules). Twin: twins.precision.round_to_fp16. Tricks:
+    - normal range: round half to even at bit 13 is an integer add (0xFFF plus the lowest
+      kept bit) and a mask. A carry out of the significand lands in the exponent field, which
+      is the next binade, or the overflow that the last line turns into inf.
+    - subnormal range: half's steps there are 2**-24, the float32 ulp at 0.5, so adding 0.5
+      makes the FPU round |x| half to even onto that grid, and subtracting 0.5 is exact. (No
+      fastmath, which could fold the pair away. Flushing float32 denormals to zero cannot
+      change the result: they round to 0 anyway.)
+    - the cases are cheap and side-effect free, so LLVM turns the ifs into selects and
+      vectorises the loop; run as plain Python, the ifs keep NaN out of the float add.
+    """
+    if a > _F32_INF:
+        # NaN: numpy cuts the payload to half's 10 bits and, if none are left set, sets the
+        # lowest. The payload bits sit above the exponent's, so max() does both.
+        return max(u32(a & u32(0x7FFFE000)), _FP16_NAN_MIN)
+    if a < _FP16_MIN_NORMAL:
+        return np.float32((ax + _POINT_FIVE) - _POINT_FIVE).view(np.uint32)
+    r = u32((a + u32(0xFFF) + ((a >> u32(13)) & u32(1))) & u32(0x7FFFE000))
+    return _F32_INF if r >= _FP16_OVERFLOW else r  # also maps inf to itself
+
+
+@njit(cache=True)
+def _fp16_code(r):
+    """The 15-bit half code (no sign) of a float32 magnitude `r` that is already a half value.
+
+    Twin: twins.precision.fp16_encode. Normals move the exponent from bias 127 to bias 15;
+    a subnormal is its count of 2**-24 steps, read off as the low bits of r + 0.5 (exact).
+    """
+    if r >= _F32_INF:
+        code = u32(0x7C00) | u32((r >> u32(13)) & u32(0x3FF))  # inf, or NaN with its payload
+    elif r >= _FP16_MIN_NORMAL:
+        code = u32((r - _FP16_REBIAS) >> u32(13))
+    else:
+        half_plus_r = np.float32(np.uint32(r).view(np.float32) + _POINT_FIVE)
+        code = u32(half_plus_r.view(np.uint32) - _F32_HALF_BITS)
+    return code
+
+
+@njit(cache=True)
+def _round_to_fp16_kernel(x, u, out):
+    """Inner loop of round_to_fp16: out[i] = float32 bits of the half nearest to x[i].
+
+    `x` and `u` are float32 and uint32 views of the same flat input. Twin:
+    twins.precision.round_to_fp16. One pass; the sign bit passes through untouched, so -0.0
+    and negative NaNs keep it. Tricks: see _fp16_round_magnitude.
+    """
+    for i in range(u.size):
+        v = u[i]
+        r = _fp16_round_magnitude(u32(v & _MAGNITUDE), abs(x[i]))
+        out[i] = u32(u32(v & _SIGN) | r)
+
+
+@njit(cache=True)
+def _fp16_encode_kernel(x, u, out):
+    """Inner loop of fp16_encode: out[i] = IEEE half code of x[i] (uint16).
+
+    Twin: twins.precision.fp16_encode. Rounds with _fp16_round_magnitude, then packs the
+    value into 15 bits with _fp16_code; the sign moves from bit 31 to bit 15.
+    """
+    for i in range(u.size):
+        v = u[i]
+        r = _fp16_round_magnitude(u32(v & _MAGNITUDE), abs(x[i]))
+        out[i] = u32(u32(u32(v & _SIGN) >> u32(16)) | _fp16_code(r))
+
+
+@njit(cache=True)
+def _fp16_decode_kernel(h, out):
+    """Inner loop of fp16_decode: out[i] = float32 bits of the half with code h[i].
+
+    Twin: twins.precision.fp16_decode. Exact, NaN payloads kept. Tricks: normals and
+    inf/NaN are bit moves; a subnormal half is c * 2**-24 with c < 1024, which float32 holds
+    exactly, so an int-to-float conversion and a multiply normalise it (no leading-zero count).
+    """
+    for i in range(h.size):
+        v = u32(h[i])
+        c = u32(v & u32(0x7FFF))
+        if c >= u32(0x7C00):
+            bits = _F32_INF | u32((c & u32(0x3FF)) << u32(13))
+        elif c >= u32(0x0400):
+            bits = u32((c << u32(13)) + _FP16_REBIAS)
+        else:
+            bits = np.float32(np.float32(c) * _TWO_POW_M24).view(np.uint32)
+        out[i] = u32(u32(u32(v & u32(0x8000)) << u32(16)) | bits)
+
+
+# --- bfloat16 ---------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _bf16_code(v):
+    """bfloat16 code of float32 bits `v`, as torch's c10::round_to_nearest_even computes it.
+
+    Twin: twins.precision.bf16_encode. Trick: bfloat16 is the top half of a float32, so round
+    half to even is one integer add on the whole pattern (0x7FFF plus the lowest kept bit) and
+    a shift; a carry walks into the exponent: the next binade, or inf past the largest finite.
+    Subnormals and the sign need no special case. NaN becomes torch's positive quiet 0x7FC0.
+    """
+    if u32(v & _MAGNITUDE) > _F32_INF:
+        return _BF16_NAN
+    return u32(u32(v + u32(0x7FFF) + ((v >> u32(16)) & u32(1))) >> u32(16))
+
+
+@njit(cache=True)
+def _round_to_bf16_kernel(u, out):
+    """Inner loop of round_to_bf16: out[i] = float32 bits of the bfloat16 nearest u[i].
+
+    Twin: twins.precision.round_to_bf16. One pass, integer only; see _bf16_code.
+    """
+    for i in range(u.size):
+        out[i] = u32(_bf16_code(u[i]) << u32(16))
+
+
+@njit(cache=True)
+def _bf16_encode_kernel(u, out):
+    """Inner loop of bf16_encode: out[i] = bfloat16 code of float32 bits u[i].
+
+    Twin: twins.precision.bf16_encode. One pass, integer only; see _bf16_code.
+    """
+    for i in range(u.size):
+        out[i] = _bf16_code(u[i])
+
+
+@njit(cache=True)
+def _bf16_decode_kernel(h, out):
+    """Inner loop of bf16_decode: out[i] = h[i] << 16, the float32 bits of a bfloat16 code.
+
+    Twin: twins.precision.bf16_decode. Exact; NaN payloads and signs survive.
+    """
+    for i in range(h.size):
+        out[i] = u32(u32(h[i]) << u32(16))
+
+
+# --- public functions -------------------------------------------------------------------------
+
+
+def _flat(x: np.ndarray, want: type, name: str, func: str) -> np.ndarray:
+    """Check that x is an array of dtype `want`; return it flat and C-contiguous."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{func}: {name} must be a numpy array of {np.dtype(want)}, got {type(x).__name__}")
+    if x.dtype != want:
+        hint = ""
+        if x.dtype == np.float64 and want == np.float32:
+            hint = (" (not converted for you: float64 -> float32 -> 16 bits rounds twice, which"
+                    " can differ from rounding once; call .astype(np.float32) if you accept that)")
+        elif x.dtype == np.float16:
+            hint = " (to decode a float16 array's bits, pass .view(np.uint16))"
+        raise TypeError(f"{func}: {name} must have dtype {np.dtype(want)}, got {x.dtype}{hint}")
+    return np.ascontiguousarray(x).reshape(-1)  # copies only non-contiguous views
+
+
+def round_to_fp16(x: np.ndarray) -> np.ndarray:
+    """Round float32 `x` to the nearest IEEE half values; returns a new float32 array.
+
+    Bit for bit `x.astype(np.float16).astype(np.float32)`, NaN payloads included: ties to
+    even, |x| >= 65520 -> inf, subnormals kept, sign of zero kept. Any shape; float32 only.
+    """
+    flat = _flat(x, np.float32, "x", "round_to_fp16")
+    out = np.empty(x.shape, np.float32)
+    _round_to_fp16_kernel(flat, flat.view(np.uint32), out.reshape(-1).view(np.uint32))
+    return out
+
+
+def fp16_encode(x: np.ndarray) -> np.ndarray:
+    """IEEE half codes of float32 `x` as uint16: `x.astype(np.float16).view(np.uint16)`."""
+    flat = _flat(x, np.float32, "x", "fp16_encode")
+    out = np.empty(x.shape, np.uint16)
+    _fp16_encode_kernel(flat, flat.view(np.uint32), out.reshape(-1))
+    return out
+
+
+def fp16_decode(bits: np.ndarray) -> np.ndarray:
+    """float32 values of uint16 half codes: `bits.view(np.float16).astype(np.float32)`."""
+    flat = _flat(bits, np.uint16, "bits", "fp16_decode")
+    out = np.empty(bits.shape, np.float32)
+    _fp16_decode_kernel(flat, out.reshape(-1).view(np.uint32))
+    return out
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 `x` to the nearest bfloat16 values; returns a new float32 array.
+
+    Ties to even, as torch converts: finite values past the largest bfloat16 round to inf,
+    and every NaN becomes the positive quiet NaN 0x7FC00000 (sign and payload dropped).
+    """
+    flat = _flat(x, np.float32, "x", "round_to_bf16")
+    out = np.empty(x.shape, np.float32)
+    _round_to_bf16_kernel(flat.view(np.uint32), out.reshape(-1).view(np.uint32))
+    return out
+
+
+def bf16_encode(x: np.ndarray) -> np.ndarray:
+    """bfloat16 codes of float32 `x` as uint16, rounded as round_to_bf16 rounds."""
+    flat = _flat(x, np.float32, "x", "bf16_encode")
+    out = np.empty(x.shape, np.uint16)
+    _bf16_encode_kernel(flat.view(np.uint32), out.reshape(-1))
+    return out
+
+
+def bf16_decode(bits: np.ndarray) -> np.ndarray:
+    """float32 values of uint16 bfloat16 codes (each code is the top half of a float32)."""
+    flat = _flat(bits, np.uint16, "bits", "bf16_decode")
+    out = np.empty(bits.shape, np.float32)
+    _bf16_decode_kernel(flat, out.reshape(-1).view(np.uint32))
+    return out

@@ -1,0 +1,297 @@
+"""PSClient: the one way workers, notebooks and tests reach parameter servers.
+
+It speaks ps-lite's verbs (init, pull, push) on whole named tensors and hides the placement:
+it cuts tensors into keys, talks to every server in parallel with several chunks in flight,
+puts a deadline on every call, and retries with backoff while a server is unavailable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from ps import ps_pb2, ps_pb2_grpc
+from ps.keys import DEFAULT_CHUNK_BYTES, Key, KeyId, cut
+from ps.optimizer import OptimizerConfig
+from ps.placement import Placement, TensorSpec, place
+from ps.wire import MAX_MESSAGE_BYTES, decode_slice, write_slice
+
+__all__ = ["PSClient", "PSError", "PushResult"]
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class PSError(RuntimeError):
+    """A call a server refused or could not answer; names the server and the status."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{address}: {code.name}: {details}")
+        self.address = address
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class PushResult:
+    accepted: int  # keys taken for this step, over all servers
+    duplicates: int  # keys already pushed for this step (a retry): acknowledged, not applied
+    staleness_max: int  # async/ssp: the stalest gradient applied by this push
+
+
+def _reply_dict(msg) -> dict:
+    """A reply message as plain Python values (repeated -> list, map -> dict)."""
+    out = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value = dict(value)
+        elif field.is_repeated:
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+class PSClient:
+    """A client of the servers at `addresses` (server i is addresses[i]), as worker `worker_id`."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        worker_id: int = 0,
+        token: str | None = None,
+        tls: object | None = None,
+        deadline_s: float = 30.0,
+        *,
+        wait_s: float = 300.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        in_flight: int = 4,
+        retry_s: float = 30.0,
+    ) -> None:
+        addresses = list(addresses)
+        if not addresses:
+            raise ValueError("PSClient needs at least one server address")
+        if tls is not None:
+            raise ValueError("tls: TLS is not available yet in this version of tinyps")
+        if deadline_s <= 0 or wait_s <= 0:
+            raise ValueError(f"deadlines must be > 0, got deadline_s={deadline_s}, "
+                             f"wait_s={wait_s}")
+        if not 4 <= chunk_bytes <= MAX_MESSAGE_BYTES // 2:
+            raise ValueError(f"chunk_bytes must be in [4, {MAX_MESSAGE_BYTES // 2}], "
+                             f"got {chunk_bytes}")
+        self.addresses = addresses
+        self.worker_id = worker_id
+        self.deadline_s = deadline_s  # every call but a waiting pull
+        self.wait_s = wait_s  # a pull that waits on a barrier or the staleness bound
+        self.retry_s = retry_s  # how long to keep retrying an unavailable server
+        self.chunk_bytes = chunk_bytes
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=len(addresses) * in_flight,
+                                        thread_name_prefix="psclient")
+        self.placement: Placement | None = None
+        self._keys: dict[int, list[Key]] | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._read_versions: dict[KeyId, int] = {}  # version of each key at our last pull
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def _call(self, server: int, method: str, request, timeout: float):
+        """One unary call with a deadline, retried with backoff while the server is down."""
+        rpc = getattr(self._stubs[server], method)
+        delay, give_up = 0.05, time.monotonic() + self.retry_s
+        while True:
+            try:
+                return rpc(request, timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as err:
+                if err.code() in _RETRYABLE and time.monotonic() + delay < give_up:
+                    time.sleep(delay)  # backoff before a retry, not synchronisation
+                    delay = min(2 * delay, 1.0)
+                    continue
+                raise PSError(self.addresses[server], err.code(), err.details()) from None
+
+    def _call_all(self, calls: list[tuple[int, str, object, float]]) -> list:
+        """Run calls (server, method, request, timeout) in parallel; replies in call order."""
+        if len(calls) == 1:
+            return [self._call(*calls[0])]
+        futures = [self._pool.submit(self._call, *c) for c in calls]
+        return [f.result() for f in futures]
+
+    def _batches(self, keys: list[Key], make: Callable[[list[Key]], object]) -> list:
+        """Group a server's keys into requests of at most chunk_bytes of values each."""
+        requests, group, size = [], [], 0
+        for key in keys:
+            if group and size + 4 * key.size > self.chunk_bytes:
+                requests.append(make(group))
+                group, size = [], 0
+            group.append(key)
+            size += 4 * key.size
+        if group:
+            requests.append(make(group))
+        return requests
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def _layout(self) -> dict[int, list[Key]]:
+        """This client's keys, from its own init or else from the servers' layouts."""
+        if self._keys is None:
+            replies = self._call_all([(s, "Layout", ps_pb2.LayoutRequest(), self.deadline_s)
+                                      for s in range(len(self._stubs))])
+            keys = {s: [Key(k.name, tuple(k.tensor_shape), k.start, k.stop) for k in r.keys]
+                    for s, r in enumerate(replies)}
+            if not any(keys.values()):
+                raise RuntimeError("the servers hold no parameters yet: call init() first")
+            self._set_keys(keys)
+        return self._keys
+
+    def _set_keys(self, keys: dict[int, list[Key]]) -> None:
+        self._keys = keys
+        self._shapes = {k.name: k.tensor_shape for ks in keys.values() for k in ks}
+
+    # -- the verbs ------------------------------------------------------------------------
+
+    def init(
+        self,
+        params: Mapping[str, np.ndarray],
+        optimizer: str = "sgd",
+        *,
+        placement: str = "round_robin",
+        split_bytes: int | None = None,
+        **settings,
+    ) -> Placement:
+        """Place `params` on the servers and give them their first values and the optimizer.
+
+        Any worker may call it: the first initialisation wins, a repeat with the same layout
+        is accepted (the values already there stay), one with other shapes is refused.
+        `settings` are OptimizerConfig fields (lr, momentum, beta1, ...).
+        """
+        config = OptimizerConfig(name=optimizer, **settings)
+        arrays = {}
+        for name, value in params.items():
+            value = np.asarray(value)
+            if value.dtype != np.float32:
+                raise TypeError(f"params[{name!r}] must be float32, got {value.dtype}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"params[{name!r}] holds inf or NaN")
+            arrays[name] = np.ascontiguousarray(value).reshape(-1)
+        specs = [TensorSpec(name, np.shape(params[name])) for name in arrays]
+        layout = place(specs, len(self._stubs), placement, split_bytes)
+        keys = cut(layout, self.chunk_bytes)
+        settings_msg = ps_pb2.OptimizerSettings(
+            name=config.name, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+            beta1=config.beta1, beta2=config.beta2, eps=config.eps,
+            weight_decay=config.weight_decay)
+
+        def request(server: int, group: list[Key]) -> ps_pb2.InitRequest:
+            msg = ps_pb2.InitRequest()
+            msg.optimizer.CopyFrom(settings_msg)
+            for k in keys[server]:
+                msg.keys.add(name=k.name, tensor_shape=k.tensor_shape, start=k.start,
+                             stop=k.stop)
+            for k in group:
+                write_slice(msg.values.add(), k.name, k.start, arrays[k.name][k.start:k.stop])
+            return msg
+
+        per_server = {s: self._batches(ks, lambda g, s=s: request(s, g))
+                      for s, ks in keys.items() if ks}
+        # The first request of each server sets its layout; the rest may then run in parallel.
+        self._call_all([(s, "Init", reqs[0], self.deadline_s) for s, reqs in per_server.items()])
+        self._call_all([(s, "Init", r, self.deadline_s)
+                        for s, reqs in per_server.items() for r in reqs[1:]])
+        self.placement = layout
+        self._set_keys(keys)
+        return layout
+
+    def pull(self, step: int | None = None) -> dict[str, np.ndarray]:
+        """Every tensor, whole. `step`: the step this worker is about to compute (sync and ssp
+        wait until the servers allow it); None: the newest weights at once."""
+        keys = self._layout()
+        wire_step = -1 if step is None else step
+        timeout = self.deadline_s if step is None else self.wait_s
+
+        def request(group: list[Key]) -> ps_pb2.PullRequest:
+            refs = [ps_pb2.KeyRef(name=k.name, start=k.start) for k in group]
+            return ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs)
+
+        calls = [(s, "Pull", r, timeout) for s, ks in keys.items() if ks
+                 for r in self._batches(ks, request)]
+        flat = {name: np.empty(math.prod(shape), np.float32)
+                for name, shape in self._shapes.items()}
+        for reply in self._call_all(calls):
+            for piece in reply.values:
+                values = decode_slice(piece)
+                flat[piece.name][piece.start:piece.start + values.size] = values
+                self._read_versions[(piece.name, piece.start)] = piece.version
+        return {name: flat[name].reshape(shape) for name, shape in self._shapes.items()}
+
+    def push(self, grads: Mapping[str, np.ndarray], step: int) -> PushResult:
+        """Send this worker's gradients of `step` (every tensor) to the servers that hold them.
+
+        A repeat of a step already pushed is acknowledged and not applied again.
+        """
+        keys = self._layout()
+        missing = sorted(set(self._shapes) - set(grads))
+        extra = sorted(set(grads) - set(self._shapes))
+        if missing or extra:
+            raise ValueError(f"push: gradients must cover exactly the model's tensors; "
+                             f"missing {missing}, unknown {extra}")
+        flat = {}
+        for name, shape in self._shapes.items():
+            grad = np.asarray(grads[name])
+            if grad.shape != shape or grad.dtype != np.float32:
+                raise ValueError(f"push: {name!r} must be float32 {shape}, got "
+                                 f"{grad.dtype} {grad.shape}")
+            flat[name] = np.ascontiguousarray(grad).reshape(-1)
+
+        def request(group: list[Key]) -> ps_pb2.PushRequest:
+            msg = ps_pb2.PushRequest(worker=self.worker_id, step=step)
+            for k in group:
+                write_slice(msg.grads.add(), k.name, k.start, flat[k.name][k.start:k.stop],
+                            self._read_versions.get(k.id, 0))
+            return msg
+
+        calls = [(s, "Push", r, self.deadline_s) for s, ks in keys.items() if ks
+                 for r in self._batches(ks, request)]
+        replies = self._call_all(calls)
+        return PushResult(
+            accepted=sum(r.accepted for r in replies),
+            duplicates=sum(r.duplicates for r in replies),
+            staleness_max=max((r.staleness_max for r in replies), default=0),
+        )
+
+    def versions(self) -> list[dict]:
+        """Per server: initialised, min_version, max_version, clocks (worker -> steps)."""
+        replies = self._call_all([(s, "Version", ps_pb2.VersionRequest(), self.deadline_s)
+                                  for s in range(len(self._stubs))])
+        return [_reply_dict(r) for r in replies]
+
+    def stats(self) -> list[dict]:
+        """Per server: its counters (see StatsReply in proto/ps.proto) and its address."""
+        replies = self._call_all([(s, "Stats", ps_pb2.StatsRequest(), self.deadline_s)
+                                  for s in range(len(self._stubs))])
+        return [dict(_reply_dict(r), index=i, address=self.addresses[i])
+                for i, r in enumerate(replies)]
+
+    def shutdown(self) -> None:
+        """Ask every server to stop."""
+        self._call_all([(s, "Shutdown", ps_pb2.ShutdownRequest(), self.deadline_s)
+                        for s in range(len(self._stubs))])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,88 @@
+"""Optimizers as state plus a step: what a parameter server keeps beside each tensor.
+
+`OptimizerConfig` names the rule and its settings; `Optimizer` holds the per-tensor state
+(momentum buffers, Adam moments and step counts) and applies updates through the kernels.
+The single-process trainer uses the same class, so both sides update weights identically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import adam_update, sgd_update
+
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "Optimizer"]
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"  # "sgd" | "momentum" (SGD with a momentum buffer) | "adam"
+    lr: float = 0.1  # step size; the staleness policy may scale it per update
+    momentum: float = 0.9  # used by "momentum" only
+    nesterov: bool = False  # used by "momentum" only
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.999  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's denominator guard
+    weight_decay: float = 0.0  # L2 penalty added to the gradient, as torch.optim does
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+class Optimizer:
+    """Per-tensor optimizer state for a set of named float32 tensors, updated in place."""
+
+    def __init__(self, config: OptimizerConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.config = config
+        self.state: dict[str, dict[str, np.ndarray | int]] = {}
+        for name, shape in shapes.items():
+            if config.name == "momentum":
+                # A buffer of -0.0 gives torch's first step (buf = g) bit for bit, since
+                # momentum * -0.0 + g == g even for g = -0.0 (a +0.0 buffer would make it +0.0).
+                self.state[name] = {"buf": np.full(shape, -0.0, np.float32)}
+            elif config.name == "adam":
+                self.state[name] = {
+                    "m": np.zeros(shape, np.float32),
+                    "v": np.zeros(shape, np.float32),
+                    "step": 0,
+                }
+            else:
+                self.state[name] = {}
+
+    def step(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float | None = None) -> None:
+        """Apply one update to `param` (in place) from `grad`; `lr` overrides the configured one."""
+        cfg = self.config
+        lr = cfg.lr if lr is None else lr
+        state = self.state[name]
+        if cfg.name == "adam":
+            # The count advances only once the kernel accepted the update (a refusal changes
+            # nothing).
+            adam_update(
+                param, grad, state["m"], state["v"], state["step"] + 1, lr,
+                beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            )
+            state["step"] += 1
+        elif cfg.name == "momentum":
+            sgd_update(
+                param, grad, lr, momentum=cfg.momentum, buf=state["buf"],
+                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+            )
+        else:
+            sgd_update(param, grad, lr, weight_decay=cfg.weight_decay)

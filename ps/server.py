@@ -1,0 +1,128 @@
+"""A parameter-server process: the store behind a gRPC server, with health and reflection.
+
+`serve(...)` starts one in this process and returns at once; `python -m ps.server` runs one
+until it is shut down (by the Shutdown call, SIGTERM or Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ps import ps_pb2, ps_pb2_grpc
+from ps.service import ParameterServerServicer
+from ps.store import Store, StoreConfig
+from ps.wire import MAX_MESSAGE_BYTES
+
+__all__ = ["RunningServer", "SERVICE_NAME", "serve"]
+
+SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server: its gRPC handle, bound port and store."""
+
+    server: grpc.Server
+    port: int
+    host: str
+    store: Store
+    _stopped: threading.Event
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Refuse new calls, wake waiting ones, let calls in flight finish for `grace` s."""
+        self.store.close()
+        self.server.stop(grace).wait(grace + 5)
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; False if `timeout` passed first."""
+        return self._stopped.wait(timeout)
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    mode: str = "sync",
+    workers: int = 1,
+    staleness: int = 0,
+    *,
+    staleness_lr: bool = False,
+    max_staleness: int | None = None,
+    threads: int | None = None,
+) -> RunningServer:
+    """Start a parameter server on host:port (0: a free port) and return it running."""
+    store = Store(StoreConfig(mode=mode, workers=workers, staleness=staleness,
+                              staleness_lr=staleness_lr, max_staleness=max_staleness))
+    # Pulls that wait on a barrier hold a thread each; the pool leaves room for every worker's
+    # waiting pulls (a few chunks each) and their pushes, so waiting can never starve the
+    # pushes that would end the wait.
+    pool = ThreadPoolExecutor(max_workers=threads or 8 * (workers + 1) + 8,
+                              thread_name_prefix="ps-handler")
+    server = grpc.server(pool, options=[
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    stopped = threading.Event()
+    running: RunningServer | None = None
+
+    def shutdown_soon() -> None:
+        # Answer the Shutdown call first, then stop from another thread.
+        threading.Thread(target=lambda: running.stop(), daemon=True).start()
+
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(
+        ParameterServerServicer(store, shutdown_soon), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0 or (port and bound != port):
+        raise OSError(f"cannot bind {host}:{port}: is the port in use?")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, bound, host, store, stopped)
+    return running
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ps.server",
+                                     description="Run one tinyps parameter server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--mode", choices=("sync", "async", "ssp"), default="sync")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--staleness", type=int, default=0)
+    parser.add_argument("--staleness-lr", action="store_true")
+    parser.add_argument("--max-staleness", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        running = serve(args.host, args.port, args.mode, args.workers, args.staleness,
+                        staleness_lr=args.staleness_lr, max_staleness=args.max_staleness)
+    except (ValueError, OSError) as err:
+        print(f"ps.server: error: {err}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: running.stop())
+    print(f"listening on {running.address}", flush=True)
+    running.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

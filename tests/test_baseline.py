@@ -1,0 +1,61 @@
+"""The single-process trainer: the accuracy the issue asks for, repeatable by seed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tinyps.cli import main
+from worker.baseline import TrainConfig, train_single_process
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    return train_single_process(TrainConfig(dataset="digits", hidden=(128,), seed=0))
+
+
+def test_digits_mlp_reaches_95_percent(digits_run):
+    assert digits_run.test_accuracy >= 0.95
+    assert digits_run.epoch_losses[-1] < digits_run.epoch_losses[0] / 5
+
+
+def test_training_is_repeatable_by_seed(digits_run):
+    again = train_single_process(TrainConfig(dataset="digits", hidden=(128,), epochs=30, seed=0))
+    assert again.test_accuracy == digits_run.test_accuracy
+    for name, value in digits_run.params.items():
+        np.testing.assert_array_equal(again.params[name], value)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("momentum", 0.01), ("adam", 1e-3)])
+def test_other_optimizers_learn_digits(optimizer, lr):
+    result = train_single_process(
+        TrainConfig(dataset="digits", optimizer=optimizer, lr=lr, epochs=8, seed=1))
+    assert result.test_accuracy >= 0.93
+
+
+def test_train_command_prints_json(capsys):
+    assert main(["train", "--epochs", "2", "--json", "--seed", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 * 45  # 1,437 training images in batches of 32
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--epochs", "0"], "expected an integer >= 1"),
+        (["train", "--hidden", "12,x"], "comma-separated integers"),
+        (["train", "--lr", "-1"], "positive finite"),
+        (["train", "--optimizer", "rmsprop"], "invalid choice"),
+    ],
+)
+def test_bad_flags_are_refused_with_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_dataset_is_a_clear_error_not_a_traceback(capsys):
+    assert main(["train", "--dataset", "nosuch", "--epochs", "1"]) == 2
+    assert "nosuch" in capsys.readouterr().err

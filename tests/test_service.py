@@ -1,0 +1,169 @@
+"""The gRPC service end to end: status codes for bad requests, health and reflection for
+stock clients, large tensors in chunks, and the committed generated code."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from ps import ps_pb2, ps_pb2_grpc
+from ps.client import PSClient, PSError
+from ps.server import SERVICE_NAME, serve
+from ps.wire import write_slice
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = {"dense0.weight": np.ones((3, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
+
+
+@pytest.fixture
+def server():
+    running = serve(mode="async", workers=2)
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield ps_pb2_grpc.ParameterServerStub(channel)
+
+
+@pytest.fixture
+def initialised(server):
+    with PSClient([server.address]) as client:
+        client.init(PARAMS, "sgd", lr=0.5)
+    return server
+
+
+def _push(name="dense0.bias", values=None, step=0, worker=0, **slice_fields):
+    values = np.ones(2, np.float32) if values is None else values
+    piece = write_slice(ps_pb2.Slice(), name, 0, values)
+    for field, value in slice_fields.items():
+        if field == "shape":
+            del piece.shape[:]
+            piece.shape.extend(value)
+        else:
+            setattr(piece, field, value)
+    return ps_pb2.PushRequest(worker=worker, step=step, grads=[piece])
+
+
+def _code(call, request):
+    with pytest.raises(grpc.RpcError) as err:
+        call(request, timeout=10)
+    return err.value.code(), err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (_push(values=np.ones(3, np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+         "expected float32 (2,)"),
+        (_push(dtype="float64"), grpc.StatusCode.INVALID_ARGUMENT, "dtype 'float64'"),
+        (_push(data=b"\x00" * 7), grpc.StatusCode.INVALID_ARGUMENT, "needs 8 bytes, got 7"),
+        (_push(shape=[-2]), grpc.StatusCode.INVALID_ARGUMENT, "negative dimension"),
+        (_push(values=np.array([1, np.inf], np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+         "inf or NaN"),
+        (_push(name="dense9.bias"), grpc.StatusCode.NOT_FOUND, "no tensor 'dense9.bias'"),
+        (_push(step=5), grpc.StatusCode.OUT_OF_RANGE, "beyond worker 0's next step 0"),
+        (_push(step=-1), grpc.StatusCode.OUT_OF_RANGE, "step must be >= 0"),
+        (_push(worker=7), grpc.StatusCode.INVALID_ARGUMENT, "worker 7 is out of range"),
+    ],
+)
+def test_bad_pushes_get_their_status_and_change_nothing(initialised, stub, request_, code, words):
+    got_code, details = _code(stub.Push, request_)
+    assert got_code == code
+    assert words in details
+    with PSClient([initialised.address]) as client:
+        np.testing.assert_array_equal(client.pull()["dense0.bias"], 0.0)
+        assert client.stats()[0]["pushes"] == 0
+        assert client.versions()[0]["clocks"] == {0: 0, 1: 0}
+
+
+def test_push_before_init_is_a_failed_precondition(stub):
+    code, details = _code(stub.Push, _push())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not initialised" in details
+
+
+def test_pull_of_an_unknown_tensor_is_not_found(initialised, stub):
+    code, details = _code(stub.Pull, ps_pb2.PullRequest(keys=[ps_pb2.KeyRef(name="x")], step=-1))
+    assert code == grpc.StatusCode.NOT_FOUND and "'x'" in details
+
+
+def test_a_second_init_with_other_shapes_is_refused(initialised):
+    with PSClient([initialised.address]) as client:
+        with pytest.raises(PSError, match="FAILED_PRECONDITION.*another layout"):
+            client.init({"dense0.weight": np.ones((4, 2), np.float32),
+                          "dense0.bias": np.zeros(2, np.float32)}, "sgd", lr=0.5)
+        client.init(PARAMS, "sgd", lr=0.5)  # the same layout again: accepted
+        np.testing.assert_array_equal(client.pull()["dense0.weight"], 1.0)
+
+
+def test_client_refuses_bad_gradients_before_sending(initialised):
+    with PSClient([initialised.address]) as client:
+        client.pull()
+        with pytest.raises(ValueError, match="missing"):
+            client.push({"dense0.weight": np.ones((3, 2), np.float32)}, 0)
+        with pytest.raises(ValueError, match=r"must be float32 \(2,\)"):
+            client.push({"dense0.weight": np.ones((3, 2), np.float32),
+                         "dense0.bias": np.ones(3, np.float32)}, 0)
+
+
+def test_a_replayed_push_is_applied_once(initialised, stub):
+    request = _push()
+    assert stub.Push(request, timeout=10).accepted == 1
+    for _ in range(3):
+        reply = stub.Push(request, timeout=10)
+        assert (reply.accepted, reply.duplicates) == (0, 1)
+    with PSClient([initialised.address]) as client:
+        np.testing.assert_array_equal(client.pull()["dense0.bias"], -0.5)
+
+
+def test_health_answers_a_plain_grpc_client(server):
+    with grpc.insecure_channel(server.address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for service in ("", SERVICE_NAME):
+            reply = check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service_to_a_plain_grpc_client(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        replies = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def test_a_256_mib_tensor_pulls_and_pushes(server):
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((8192, 8192), dtype=np.float32)  # 256 MiB
+    with PSClient([server.address], deadline_s=120) as client:
+        client.init({"big": big}, "sgd", lr=1.0)
+        pulled = client.pull()["big"]
+        np.testing.assert_array_equal(pulled, big)
+        del pulled
+        grad = np.full(big.shape, 0.5, np.float32)
+        assert client.push({"big": grad}, 0).accepted == 64  # 64 keys of 4 MiB
+        del grad
+        big -= np.float32(0.5)
+        np.testing.assert_array_equal(client.pull()["big"], big)
+
+
+def test_generated_code_is_fresh(tmp_path):
+    """ps_pb2*.py must be what `make proto` makes from proto/ps.proto today."""
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-Ips={ROOT / 'proto'}",
+         f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}",
+         str(ROOT / "proto" / "ps.proto")],
+        check=True, timeout=60,
+    )
+    for name in ("ps_pb2.py", "ps_pb2_grpc.py", "ps_pb2.pyi"):
+        fresh = (tmp_path / "ps" / name).read_text()
+        assert fresh == (ROOT / "ps" / name).read_text(), f"ps/{name} is stale: run make proto"

@@ -1,0 +1,119 @@
+"""The single-process trainer: the baseline that every distributed run is compared with.
+
+Same model, data, kernels and optimizer as a cluster run, with no servers in between, so that
+any difference a distributed run shows comes from distribution alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ps.optimizer import Optimizer, OptimizerConfig
+from worker.data import augment_shifts, load_dataset
+from worker.model import MLP
+
+__all__ = ["TrainConfig", "TrainResult", "train_single_process"]
+
+# on_step(step, total_steps, loss): called after every update, e.g. to drive a progress bar.
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "digits"  # a load_dataset name: digits | synthetic | mnist:DIR | csv:PATH
+    hidden: tuple[int, ...] = (128,)  # hidden layer widths; input and output come from the data
+    epochs: int = 30  # passes over the training split
+    batch_size: int = 32  # examples per update
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | momentum | adam
+    momentum: float = 0.9  # for the momentum optimizer
+    weight_decay: float = 0.0
+    augment: bool = False  # random one-pixel shifts of image data sets, per batch
+    seed: int = 0  # fixes the split, the initial weights and the batch order
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        self.optimizer_config()  # validates the optimizer settings now, not mid-run
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            name=self.optimizer, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: float
+    test_loss: float
+    final_train_loss: float  # mean loss of the last epoch's batches
+    steps: int
+    wall_s: float
+    samples_per_s: float
+    params: dict[str, np.ndarray] = field(repr=False)
+    epoch_losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The result as plain JSON-ready values (no arrays)."""
+        return {
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "final_train_loss": self.final_train_loss,
+            "steps": self.steps,
+            "wall_s": self.wall_s,
+            "samples_per_s": self.samples_per_s,
+            "epoch_losses": self.epoch_losses,
+        }
+
+
+def train_single_process(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResult:
+    """Train an MLP with minibatch SGD/Adam in this process and evaluate it on the test split."""
+    data = load_dataset(config.dataset, seed=config.seed)
+    model = MLP((data.n_features, *config.hidden, data.n_classes), seed=config.seed)
+    params = model.init_params()
+    optimizer = Optimizer(config.optimizer_config(), model.param_shapes())
+    rng = np.random.default_rng(config.seed)
+
+    n = len(data.X_train)
+    batches_per_epoch = -(-n // config.batch_size)
+    total = config.epochs * batches_per_epoch
+    step = 0
+    epoch_losses: list[float] = []
+    start = time.perf_counter()
+    for _ in range(config.epochs):
+        order = rng.permutation(n)
+        losses = []
+        for first in range(0, n, config.batch_size):
+            idx = order[first : first + config.batch_size]
+            X = data.X_train[idx]
+            if config.augment and data.image_shape is not None:
+                X = augment_shifts(X, data.image_shape, rng)
+            loss, grads = model.loss_and_grads(params, X, data.y_train[idx])
+            for name, grad in grads.items():
+                optimizer.step(name, params[name], grad)
+            losses.append(loss)
+            step += 1
+            if on_step is not None:
+                on_step(step, total, loss)
+        epoch_losses.append(float(np.mean(losses)))
+    wall = time.perf_counter() - start
+
+    test_loss, test_acc = model.evaluate(params, data.X_test, data.y_test)
+    return TrainResult(
+        test_accuracy=test_acc,
+        test_loss=test_loss,
+        final_train_loss=epoch_losses[-1],
+        steps=step,
+        wall_s=wall,
+        samples_per_s=config.epochs * n / wall,
+        params=params,
+        epoch_losses=epoch_losses,
+    )

@@ -1,0 +1,121 @@
+"""The loop a worker process runs: pull, compute gradients on its shard, push; and what it saw.
+
+The consistency mode lives on the servers: the worker always asks for the step it is about to
+compute, and the servers decide whether to answer at once (async), after a barrier (sync) or
+within the staleness bound (ssp).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ps.client import PSClient
+from worker.model import MLP
+from worker.partition import Shard
+from worker.preprocess import augment_shifts
+
+__all__ = ["StepRecord", "WorkerConfig", "batches", "run_worker"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    steps: int  # steps (pushes) this worker makes
+    batch_size: int = 32  # examples per step
+    seed: int = 0  # with the worker id, fixes the batch order
+    shuffle: bool = True  # False: walk the shard in order (exact-equivalence tests)
+    augment: bool = False  # one-pixel shifts of image batches
+    slowdown: float = 1.0  # an injected straggler: compute takes this many times as long
+    delay_s: float = 0.0  # an injected straggler: extra seconds per step
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"steps must be >= 0 and batch_size >= 1, got steps={self.steps}, "
+                             f"batch_size={self.batch_size}")
+        if self.slowdown < 1.0 or self.delay_s < 0.0:
+            raise ValueError(f"slowdown must be >= 1 and delay_s >= 0, got {self.slowdown}, "
+                             f"{self.delay_s}")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One worker step, as metrics.jsonl records it."""
+
+    time: float  # seconds since the origin (the run's start), at the end of the step
+    worker: int
+    step: int
+    loss: float
+    staleness: int  # the stalest of this step's gradients when the servers applied them
+    samples: int
+    wait_s: float  # time spent in pull and push: waiting on servers and the wire
+    compute_s: float  # forward and backward (and any injected slowdown)
+    pulled: float  # seconds since the origin when the pull returned (the step began)
+    pushing: float  # seconds since the origin when the push began
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+    """Endless index batches over range(n): epoch after epoch, reshuffled by rng if given.
+
+    Every batch is full (an epoch's last partial batch is left out), so that W workers of
+    batch b see exactly what one process of batch W*b sees; a shard smaller than one batch
+    gives the whole shard each step.
+    """
+    if n < 1:
+        raise ValueError("cannot draw batches from an empty shard")
+    size = min(batch_size, n)
+    while True:
+        order = rng.permutation(n) if rng is not None else np.arange(n)
+        for first in range(0, n - size + 1, size):
+            yield order[first : first + size]
+
+
+def run_worker(
+    client: PSClient,
+    model: MLP,
+    shard: Shard,
+    config: WorkerConfig,
+    image_shape: tuple[int, int] | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+    origin: float | None = None,
+) -> list[StepRecord]:
+    """Run `config.steps` steps against the servers behind `client`; return what each saw.
+
+    `origin` is a time.monotonic() reading that the record times count from (default: now);
+    processes given the same origin have comparable times, as the clock is system-wide.
+    """
+    rng = np.random.default_rng((config.seed, client.worker_id))
+    order = batches(len(shard), config.batch_size, rng if config.shuffle else None)
+    records: list[StepRecord] = []
+    start = time.monotonic() if origin is None else origin
+    for step in range(config.steps):
+        t0 = time.monotonic()
+        params = client.pull(step)
+        t1 = time.monotonic()
+        idx = next(order)
+        X = shard.X[idx]
+        if config.augment and image_shape is not None:
+            X = augment_shifts(X, image_shape, rng)
+        loss, grads = model.loss_and_grads(params, X, shard.y[idx])
+        t2 = time.monotonic()
+        extra = (config.slowdown - 1.0) * (t2 - t1) + config.delay_s
+        if extra > 0:
+            time.sleep(extra)  # the injected straggler: simulated compute, not synchronisation
+        t3 = time.monotonic()
+        pushed = client.push(grads, step)
+        t4 = time.monotonic()
+        record = StepRecord(
+            time=t4 - start, worker=client.worker_id, step=step, loss=loss,
+            staleness=pushed.staleness_max, samples=len(idx),
+            wait_s=(t1 - t0) + (t4 - t3), compute_s=t3 - t1,
+            pulled=t1 - start, pushing=t3 - start,
+        )
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    return records

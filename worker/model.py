@@ -1,0 +1,128 @@
+"""The multi-layer perceptron that tinyps trains, written functionally.
+
+Parameters are a plain dict of named arrays, not attributes of the model, so that they can live
+on parameter servers: a worker pulls the dict, asks the model for gradients, and pushes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kernels import bias_relu_forward, relu_backward, softmax_cross_entropy
+
+__all__ = ["MLP"]
+
+Params = dict[str, np.ndarray]
+
+# Rows per forward pass in evaluate(): bounds the memory of evaluating a large test set.
+_EVAL_CHUNK = 4096
+
+
+class MLP:
+    """Dense layers with ReLU between them and softmax cross-entropy on top.
+
+    `sizes` lists the widths from input to output, e.g. (64, 128, 10). Layer i holds
+    `dense{i}.weight` of shape (in, out) and `dense{i}.bias` of shape (out,).
+    """
+
+    def __init__(self, sizes: Sequence[int], seed: int = 0) -> None:
+        sizes = tuple(int(s) for s in sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"sizes needs an input and an output width, got {sizes}")
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"every layer width must be >= 1, got sizes {sizes}")
+        self.sizes = sizes
+        self.seed = seed
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def _fans(self) -> list[tuple[int, int]]:
+        """(fan_in, fan_out) of each layer."""
+        return [(self.sizes[i], self.sizes[i + 1]) for i in range(self.n_layers)]
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every parameter, in layer order (weight before bias)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, (fan_in, fan_out) in enumerate(self._fans()):
+            shapes[f"dense{i}.weight"] = (fan_in, fan_out)
+            shapes[f"dense{i}.bias"] = (fan_out,)
+        return shapes
+
+    def init_params(self) -> Params:
+        """He-normal weights (std sqrt(2 / fan_in), right for ReLU) and zero biases, float32.
+
+        Drawn layer by layer from one generator seeded with `seed`, so a seed fixes the model.
+        """
+        rng = np.random.default_rng(self.seed)
+        params: Params = {}
+        for i, (fan_in, fan_out) in enumerate(self._fans()):
+            std = np.float32(np.sqrt(2.0 / fan_in))
+            params[f"dense{i}.weight"] = rng.standard_normal((fan_in, fan_out), np.float32) * std
+            params[f"dense{i}.bias"] = np.zeros(fan_out, np.float32)
+        return params
+
+    def _check(self, params: Params, X: np.ndarray) -> None:
+        missing = [name for name in self.param_shapes() if name not in params]
+        if missing:
+            raise KeyError(f"params lack {missing}")
+        for name, shape in self.param_shapes().items():
+            if params[name].shape != shape:
+                raise ValueError(f"{name} has shape {params[name].shape}, the model needs {shape}")
+        if X.ndim != 2 or X.shape[1] != self.sizes[0]:
+            raise ValueError(f"X must have shape (batch, {self.sizes[0]}), got {X.shape}")
+
+    def _forward(self, params: Params, X: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Logits, and the input of every layer (the activations backward needs)."""
+        inputs = [X]
+        h = X
+        for i in range(self.n_layers):
+            z = h @ params[f"dense{i}.weight"]  # (batch, out)
+            if i < self.n_layers - 1:
+                h = bias_relu_forward(z, params[f"dense{i}.bias"])
+                inputs.append(h)
+            else:
+                h = z + params[f"dense{i}.bias"]
+        return inputs, h
+
+    def loss_and_grads(self, params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
+        """Mean cross-entropy of the batch and its gradient with respect to every parameter."""
+        X = np.asarray(X, dtype=np.float32)
+        self._check(params, X)
+        inputs, logits = self._forward(params, X)
+        loss, d = softmax_cross_entropy(logits, y)  # d: (batch, out) of the last layer
+        grads: Params = {}
+        for i in reversed(range(self.n_layers)):
+            grads[f"dense{i}.weight"] = inputs[i].T @ d  # (in, out)
+            grads[f"dense{i}.bias"] = d.sum(axis=0)
+            if i > 0:
+                # inputs[i] is the ReLU output of layer i-1: its mask gates the gradient.
+                d = relu_backward(d @ params[f"dense{i}.weight"].T, inputs[i])
+        return loss, {name: grads[name] for name in self.param_shapes()}
+
+    def logits(self, params: Params, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        self._check(params, X)
+        return self._forward(params, X)[1]
+
+    def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """The most likely class of each row of X."""
+        return np.argmax(self.logits(params, X), axis=1)
+
+    def evaluate(self, params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """(mean loss, accuracy) over the whole of X, y."""
+        y = np.asarray(y)
+        if len(X) == 0:
+            raise ValueError("cannot evaluate on an empty set")
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, len(X), _EVAL_CHUNK):
+            logits = self.logits(params, X[start : start + _EVAL_CHUNK])
+            labels = y[start : start + _EVAL_CHUNK]
+            loss, _ = softmax_cross_entropy(logits, labels)
+            loss_sum += loss * len(labels)
+            correct += int(np.sum(np.argmax(logits, axis=1) == labels))
+        return loss_sum / len(X), correct / len(X)
