@@ -1,5 +1,9 @@
 """Transport speed: tinyps pull/push against a raw gRPC bytes echo, chunks against one message.
 
+A worker step moves the model twice: gradients up, weights down. The raw echo does the same
+(bytes up, the same bytes down) with no work in between; tinyps also checks and applies the
+gradients. Both use 4 MiB messages, four in flight.
+
 Run with `make bench`. The servers run in their own processes (as in a real cluster, and so
 that client and server do not share one interpreter lock); each comparison alternates its two
 contenders round by round. Prints a table and writes benchmarks/results/transport.json.
@@ -21,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import Comparison, compare  # noqa: E402
 
 from ps.client import PSClient  # noqa: E402
+from ps.memory import keep_freed_buffers  # noqa: E402
 from ps.wire import MAX_MESSAGE_BYTES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transport.json"
@@ -33,8 +38,7 @@ _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 
 
 def _echo_server(ports) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
+    keep_freed_buffers()
     server = grpc.server(ThreadPoolExecutor(max_workers=16), options=_OPTIONS)
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
     server.add_generic_rpc_handlers(
@@ -48,6 +52,7 @@ def _echo_server(ports) -> None:
 def _ps_server(ports) -> None:
     from ps.server import serve
 
+    keep_freed_buffers()
     running = serve(mode="async", workers=1)
     ports.put(running.port)
     running.wait()
@@ -77,6 +82,7 @@ class RawEcho:
 
 
 def transport_comparisons() -> tuple[list[Comparison], dict]:
+    keep_freed_buffers()  # in every process of the run, the echo's included
     echo_proc, echo_addr = _start(_echo_server)
     ps_proc, ps_addr = _start(_ps_server)
     try:
@@ -97,10 +103,17 @@ def transport_comparisons() -> tuple[list[Comparison], dict]:
             client.push(grad, step["n"])
             step["n"] += 1
 
+        def fused(client: PSClient) -> None:
+            client.push_pull(grad, step["n"])
+            step["n"] += 1
+
         runs = [
-            compare("pull+push 64 MiB vs raw echo (4 MiB chunks)",
-                    ("tinyps pull + push", lambda: pull_push(chunked)),
+            compare("push+pull 64 MiB (one PushPull) vs raw echo",
+                    ("tinyps push_pull", lambda: fused(chunked)),
                     ("raw bytes echo", lambda: echo.chunked(chunks)), goal=0.7, rounds=7),
+            compare("pull, then push 64 MiB vs raw echo",
+                    ("tinyps pull; push", lambda: pull_push(chunked)),
+                    ("raw bytes echo", lambda: echo.chunked(chunks)), rounds=7),
             compare("64 MiB as 4 MiB chunks vs one message (raw echo)",
                     ("16 x 4 MiB, 4 in flight", lambda: echo.chunked(chunks)),
                     ("1 x 64 MiB", lambda: echo.one(payload)), goal=1.3, rounds=7),

@@ -12,11 +12,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from itertools import zip_longest
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from ps import ps_pb2, ps_pb2_grpc
+from ps.codec import decode_pull_reply, encode_push_request
 from ps.keys import DEFAULT_CHUNK_BYTES, Key, KeyId, cut
 from ps.optimizer import OptimizerConfig
 from ps.placement import Placement, TensorSpec, place
@@ -25,6 +29,8 @@ from ps.wire import MAX_MESSAGE_BYTES, decode_slice, write_slice
 __all__ = ["PSClient", "PSError", "PushResult"]
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+T = TypeVar("T")
 
 
 class PSError(RuntimeError):
@@ -55,6 +61,21 @@ def _reply_dict(msg) -> dict:
             value = list(value)
         out[field.name] = value
     return out
+
+
+def _methods(channel: grpc.Channel) -> dict[str, Callable]:
+    """The service's methods on a channel. Pull replies and Push requests are bytes that
+    ps.codec reads and writes (the same wire format, without protobuf's copies)."""
+    stub = ps_pb2_grpc.ParameterServerStub(channel)
+    methods = {name: getattr(stub, name)
+               for name in ("Init", "Layout", "Version", "Stats", "Shutdown")}
+    prefix = "/tinyps.ParameterServer/"
+    methods["Pull"] = channel.unary_unary(
+        prefix + "Pull", request_serializer=ps_pb2.PullRequest.SerializeToString)
+    methods["Push"] = channel.unary_unary(
+        prefix + "Push", response_deserializer=ps_pb2.PushReply.FromString)
+    methods["PushPull"] = channel.unary_unary(prefix + "PushPull")
+    return methods
 
 
 class PSClient:
@@ -94,7 +115,7 @@ class PSClient:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
-        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._stubs = [_methods(c) for c in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=len(addresses) * in_flight,
                                         thread_name_prefix="psclient")
         self.placement: Placement | None = None
@@ -106,7 +127,7 @@ class PSClient:
 
     def _call(self, server: int, method: str, request, timeout: float):
         """One unary call with a deadline, retried with backoff while the server is down."""
-        rpc = getattr(self._stubs[server], method)
+        rpc = self._stubs[server][method]
         delay, give_up = 0.05, time.monotonic() + self.retry_s
         while True:
             try:
@@ -118,25 +139,33 @@ class PSClient:
                     continue
                 raise PSError(self.addresses[server], err.code(), err.details()) from None
 
-    def _call_all(self, calls: list[tuple[int, str, object, float]]) -> list:
-        """Run calls (server, method, request, timeout) in parallel; replies in call order."""
-        if len(calls) == 1:
-            return [self._call(*calls[0])]
-        futures = [self._pool.submit(self._call, *c) for c in calls]
+    def _run(self, tasks: list[Callable[[], T]]) -> list[T]:
+        """Run tasks on the client's threads in parallel (inline if one); results in order."""
+        if len(tasks) == 1:
+            return [tasks[0]()]
+        futures = [self._pool.submit(task) for task in tasks]
         return [f.result() for f in futures]
 
-    def _batches(self, keys: list[Key], make: Callable[[list[Key]], object]) -> list:
-        """Group a server's keys into requests of at most chunk_bytes of values each."""
-        requests, group, size = [], [], 0
-        for key in keys:
-            if group and size + 4 * key.size > self.chunk_bytes:
-                requests.append(make(group))
-                group, size = [], 0
-            group.append(key)
-            size += 4 * key.size
-        if group:
-            requests.append(make(group))
-        return requests
+    def _call_all(self, calls: list[tuple[int, str, object, float]]) -> list:
+        """Run calls (server, method, request, timeout) in parallel; replies in call order."""
+        return self._run([partial(self._call, *c) for c in calls])
+
+    def _groups(self, keys: dict[int, list[Key]]) -> list[tuple[int, list[Key]]]:
+        """(server, keys) of every request: each server's keys in groups of at most
+        chunk_bytes, the servers taking turns so that each has requests in flight at once."""
+        per_server = []
+        for server, server_keys in keys.items():
+            groups, group, size = [], [], 0
+            for key in server_keys:
+                if group and size + 4 * key.size > self.chunk_bytes:
+                    groups.append(group)
+                    group, size = [], 0
+                group.append(key)
+                size += 4 * key.size
+            if group:
+                groups.append(group)
+            per_server.append([(server, g) for g in groups])
+        return [item for turn in zip_longest(*per_server) for item in turn if item]
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -200,12 +229,14 @@ class PSClient:
                 write_slice(msg.values.add(), k.name, k.start, arrays[k.name][k.start:k.stop])
             return msg
 
-        per_server = {s: self._batches(ks, lambda g, s=s: request(s, g))
-                      for s, ks in keys.items() if ks}
+        groups = self._groups(keys)
+        first = {}
+        for server, group in groups:
+            first.setdefault(server, group)
         # The first request of each server sets its layout; the rest may then run in parallel.
-        self._call_all([(s, "Init", reqs[0], self.deadline_s) for s, reqs in per_server.items()])
-        self._call_all([(s, "Init", r, self.deadline_s)
-                        for s, reqs in per_server.items() for r in reqs[1:]])
+        self._call_all([(s, "Init", request(s, g), self.deadline_s) for s, g in first.items()])
+        self._call_all([(s, "Init", request(s, g), self.deadline_s) for s, g in groups
+                        if g is not first[s]])
         self.placement = layout
         self._set_keys(keys)
         return layout
@@ -216,21 +247,15 @@ class PSClient:
         keys = self._layout()
         wire_step = -1 if step is None else step
         timeout = self.deadline_s if step is None else self.wait_s
+        flat = self._empty()
 
-        def request(group: list[Key]) -> ps_pb2.PullRequest:
+        def fetch(server: int, group: list[Key]) -> list[tuple[KeyId, int]]:
             refs = [ps_pb2.KeyRef(name=k.name, start=k.start) for k in group]
-            return ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs)
+            request = ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs)
+            return self._unpack(self._call(server, "Pull", request, timeout), flat)[0]
 
-        calls = [(s, "Pull", r, timeout) for s, ks in keys.items() if ks
-                 for r in self._batches(ks, request)]
-        flat = {name: np.empty(math.prod(shape), np.float32)
-                for name, shape in self._shapes.items()}
-        for reply in self._call_all(calls):
-            for piece in reply.values:
-                values = decode_slice(piece)
-                flat[piece.name][piece.start:piece.start + values.size] = values
-                self._read_versions[(piece.name, piece.start)] = piece.version
-        return {name: flat[name].reshape(shape) for name, shape in self._shapes.items()}
+        self._finish(self._run([partial(fetch, s, g) for s, g in self._groups(keys)]))
+        return self._shaped(flat)
 
     def push(self, grads: Mapping[str, np.ndarray], step: int) -> PushResult:
         """Send this worker's gradients of `step` (every tensor) to the servers that hold them.
@@ -238,34 +263,85 @@ class PSClient:
         A repeat of a step already pushed is acknowledged and not applied again.
         """
         keys = self._layout()
-        missing = sorted(set(self._shapes) - set(grads))
-        extra = sorted(set(grads) - set(self._shapes))
-        if missing or extra:
-            raise ValueError(f"push: gradients must cover exactly the model's tensors; "
-                             f"missing {missing}, unknown {extra}")
-        flat = {}
-        for name, shape in self._shapes.items():
-            grad = np.asarray(grads[name])
-            if grad.shape != shape or grad.dtype != np.float32:
-                raise ValueError(f"push: {name!r} must be float32 {shape}, got "
-                                 f"{grad.dtype} {grad.shape}")
-            flat[name] = np.ascontiguousarray(grad).reshape(-1)
+        flat = self._flatten("push", grads)
 
-        def request(group: list[Key]) -> ps_pb2.PushRequest:
-            msg = ps_pb2.PushRequest(worker=self.worker_id, step=step)
-            for k in group:
-                write_slice(msg.grads.add(), k.name, k.start, flat[k.name][k.start:k.stop],
-                            self._read_versions.get(k.id, 0))
-            return msg
+        def send(server: int, group: list[Key]) -> ps_pb2.PushReply:
+            payload = self._encode(step, group, flat)
+            return self._call(server, "Push", payload, self.deadline_s)
 
-        calls = [(s, "Push", r, self.deadline_s) for s, ks in keys.items() if ks
-                 for r in self._batches(ks, request)]
-        replies = self._call_all(calls)
+        replies = self._run([partial(send, s, g) for s, g in self._groups(keys)])
         return PushResult(
             accepted=sum(r.accepted for r in replies),
             duplicates=sum(r.duplicates for r in replies),
             staleness_max=max((r.staleness_max for r in replies), default=0),
         )
+
+    def push_pull(
+        self, grads: Mapping[str, np.ndarray], step: int
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """push(grads, step), then pull(step + 1), in one round trip per request (ps-lite's
+        PushPull). Returns (every tensor for the next step, the push's stalest gradient)."""
+        keys = self._layout()
+        grads_flat = self._flatten("push_pull", grads)
+        flat = self._empty()
+
+        def exchange(server: int, group: list[Key]) -> tuple[list[tuple[KeyId, int]], int]:
+            payload = self._encode(step, group, grads_flat)
+            return self._unpack(self._call(server, "PushPull", payload, self.wait_s), flat)
+
+        results = self._run([partial(exchange, s, g) for s, g in self._groups(keys)])
+        self._finish([versions for versions, _ in results])
+        return self._shaped(flat), max((staleness for _, staleness in results), default=0)
+
+    # -- helpers of the verbs -------------------------------------------------------------
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {name: np.empty(math.prod(shape), np.float32)
+                for name, shape in self._shapes.items()}
+
+    def _shaped(self, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: flat[name].reshape(shape) for name, shape in self._shapes.items()}
+
+    def _flatten(self, verb: str, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Checked, flat float32 views of a full set of gradients (no copy when possible)."""
+        missing = sorted(set(self._shapes) - set(grads))
+        extra = sorted(set(grads) - set(self._shapes))
+        if missing or extra:
+            raise ValueError(f"{verb}: gradients must cover exactly the model's tensors; "
+                             f"missing {missing}, unknown {extra}")
+        flat = {}
+        for name, shape in self._shapes.items():
+            grad = np.asarray(grads[name])
+            if grad.shape != shape or grad.dtype != np.float32:
+                raise ValueError(f"{verb}: {name!r} must be float32 {shape}, got "
+                                 f"{grad.dtype} {grad.shape}")
+            flat[name] = np.ascontiguousarray(grad).reshape(-1)
+        return flat
+
+    def _encode(self, step: int, group: list[Key], flat: dict[str, np.ndarray]) -> bytes:
+        """PushRequest bytes for a group of keys. Called on the thread that sends them, so
+        that the copy overlaps the other calls in flight."""
+        return encode_push_request(self.worker_id, step, [
+            (k.name, k.start, flat[k.name][k.start:k.stop], self._read_versions.get(k.id, 0))
+            for k in group])
+
+    @staticmethod
+    def _unpack(reply: bytes, flat: dict[str, np.ndarray]) -> tuple[list[tuple[KeyId, int]], int]:
+        """Copy PullReply values into `flat`; return (key versions, staleness_max). Called on
+        the receiving thread: NumPy releases the interpreter lock while it copies, so copies
+        overlap the calls still on the wire."""
+        pieces, staleness = decode_pull_reply(reply)
+        versions = []
+        for piece in pieces:
+            values = decode_slice(piece)
+            flat[piece.name][piece.start:piece.start + values.size] = values
+            versions.append(((piece.name, piece.start), piece.version))
+        return versions, staleness
+
+    def _finish(self, versions: list[list[tuple[KeyId, int]]]) -> None:
+        """Remember the versions read: the next push reports them, for staleness."""
+        for group in versions:
+            self._read_versions.update(group)
 
     def versions(self) -> list[dict]:
         """Per server: initialised, min_version, max_version, clocks (worker -> steps)."""

@@ -91,10 +91,12 @@ class PullRequest(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ...) -> None: ...
 
 class PullReply(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "staleness_max")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[Slice]
-    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
+    staleness_max: int
+    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("worker", "step", "grads")

@@ -49,6 +49,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_ps__pb2.PushRequest.SerializeToString,
                 response_deserializer=ps_dot_ps__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushPull = channel.unary_unary(
+                '/tinyps.ParameterServer/PushPull',
+                request_serializer=ps_dot_ps__pb2.PushRequest.SerializeToString,
+                response_deserializer=ps_dot_ps__pb2.PullReply.FromString,
+                _registered_method=True)
         self.Layout = channel.unary_unary(
                 '/tinyps.ParameterServer/Layout',
                 request_serializer=ps_dot_ps__pb2.LayoutRequest.SerializeToString,
@@ -88,6 +93,14 @@ class ParameterServerServicer:
 
     def Push(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPull(self, request, context):
+        """ps-lite's PushPull: push a step's gradients and get back the weights of the same keys
+        for the next step (waiting as a Pull of step + 1 would), in one round trip.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -133,6 +146,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=ps_dot_ps__pb2.PushRequest.FromString,
                     response_serializer=ps_dot_ps__pb2.PushReply.SerializeToString,
+            ),
+            'PushPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=ps_dot_ps__pb2.PushRequest.FromString,
+                    response_serializer=ps_dot_ps__pb2.PullReply.SerializeToString,
             ),
             'Layout': grpc.unary_unary_rpc_method_handler(
                     servicer.Layout,
@@ -236,6 +254,33 @@ class ParameterServer:
             '/tinyps.ParameterServer/Push',
             ps_dot_ps__pb2.PushRequest.SerializeToString,
             ps_dot_ps__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinyps.ParameterServer/PushPull',
+            ps_dot_ps__pb2.PushRequest.SerializeToString,
+            ps_dot_ps__pb2.PullReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,14 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ps import ps_pb2, ps_pb2_grpc
-from ps.service import ParameterServerServicer
+from ps.memory import keep_freed_buffers
+from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server
 from ps.store import Store, StoreConfig
 from ps.wire import MAX_MESSAGE_BYTES
 
 __all__ = ["RunningServer", "SERVICE_NAME", "serve"]
 
-SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 
 @dataclass
@@ -83,8 +82,7 @@ def serve(
         # Answer the Shutdown call first, then stop from another thread.
         threading.Thread(target=lambda: running.stop(), daemon=True).start()
 
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(
-        ParameterServerServicer(store, shutdown_soon), server)
+    add_to_server(ParameterServerServicer(store, shutdown_soon), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -111,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--staleness-lr", action="store_true")
     parser.add_argument("--max-staleness", type=int, default=None)
     args = parser.parse_args(argv)
+    keep_freed_buffers()
     try:
         running = serve(args.host, args.port, args.mode, args.workers, args.staleness,
                         staleness_lr=args.staleness_lr, max_staleness=args.max_staleness)

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import grpc
 
 from ps import ps_pb2, ps_pb2_grpc
-from ps.keys import Key
+from ps.codec import CodecError, decode_push_request, encode_pull_reply
+from ps.keys import Key, KeyId
 from ps.optimizer import OptimizerConfig
 from ps.store import (
     BadRequest,
@@ -25,14 +26,17 @@ from ps.store import (
     UnknownKey,
     WaitTimeout,
 )
-from ps.wire import WireError, decode_slice, write_slice
+from ps.wire import WireError, decode_slice
 
-__all__ = ["ParameterServerServicer"]
+__all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_to_server"]
+
+SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 _STATUS = {
     UnknownKey: grpc.StatusCode.NOT_FOUND,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     WireError: grpc.StatusCode.INVALID_ARGUMENT,
+    CodecError: grpc.StatusCode.INVALID_ARGUMENT,
     NotInitialised: grpc.StatusCode.FAILED_PRECONDITION,
     LayoutConflict: grpc.StatusCode.FAILED_PRECONDITION,
     StepOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
@@ -89,7 +93,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], object]):
         try:
             return fn()
-        except (StoreError, WireError) as err:
+        except (StoreError, WireError, CodecError) as err:
             context.abort(_STATUS[type(err)], str(err))
 
     def Init(self, request, context):
@@ -103,29 +107,50 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return self._call(context, run)
 
     def Pull(self, request, context):
+        """Answers PullReply bytes, written by ps.codec (see add_to_server)."""
         def run():
             key_ids = [(k.name, k.start) for k in request.keys] or None
-            got = self._store.pull(key_ids, request.worker, request.step, _wait_budget(context))
-            reply = ps_pb2.PullReply()
-            for key, values, version in got:
-                write_slice(reply.values.add(), key.name, key.start, values, version)
-            self._count(sent=4 * sum(values.size for _, values, _ in got))
-            return reply
+            payload = self._store.pull(
+                key_ids, request.worker, request.step, _wait_budget(context),
+                read=lambda got: encode_pull_reply(
+                    [(k.name, k.start, values, version) for k, values, version in got]))
+            self._count(sent=len(payload))
+            return payload
 
         return self._call(context, run)
 
-    def Push(self, request, context):
+    def _push(self, request: bytes) -> tuple[int, int, tuple[int, int, int], list[KeyId]]:
+        """Decode PushRequest bytes (in place) and hand the gradients to the store."""
+        worker, step, slices = decode_push_request(request)
+        grads = {}
+        for s in slices:
+            if (s.name, s.start) in grads:
+                raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
+            grads[(s.name, s.start)] = (decode_slice(s), s.version)
+        result = self._store.push(worker, step, grads)
+        self._count(received=sum(g.nbytes for g, _ in grads.values()))
+        return worker, step, result, list(grads)
+
+    def Push(self, request: bytes, context):
+        """Takes PushRequest bytes, read in place by ps.codec (see add_to_server)."""
         def run():
-            grads = {}
-            for s in request.grads:
-                if (s.name, s.start) in grads:
-                    raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
-                grads[(s.name, s.start)] = (decode_slice(s), s.version)
-            accepted, duplicates, staleness = self._store.push(
-                request.worker, request.step, grads)
-            self._count(received=sum(g.nbytes for g, _ in grads.values()))
+            _, _, (accepted, duplicates, staleness), _ = self._push(request)
             return ps_pb2.PushReply(accepted=accepted, duplicates=duplicates,
                                     staleness_max=staleness)
+
+        return self._call(context, run)
+
+    def PushPull(self, request: bytes, context):
+        """Push, then pull the same keys for the next step: PullReply bytes (ps.codec)."""
+        def run():
+            worker, step, (_, _, staleness), key_ids = self._push(request)
+            payload = self._store.pull(
+                key_ids, worker, step + 1, _wait_budget(context),
+                read=lambda got: encode_pull_reply(
+                    [(k.name, k.start, values, version) for k, values, version in got],
+                    staleness))
+            self._count(sent=len(payload))
+            return payload
 
         return self._call(context, run)
 
@@ -147,3 +172,30 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Shutdown(self, request, context):
         self._on_shutdown()
         return ps_pb2.ShutdownReply()
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+    """Register the service. As the generated add_ParameterServerServicer_to_server, except
+    that Pull replies and Push requests go through ps.codec rather than protobuf objects:
+    the same bytes on the wire, a fraction of the copies."""
+    def handler(method, request_type, reply_type, raw_request=False, raw_reply=False):
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=None if raw_request else request_type.FromString,
+            response_serializer=None if raw_reply else reply_type.SerializeToString,
+        )
+
+    pb = ps_pb2
+    handlers = {
+        "Init": handler(servicer.Init, pb.InitRequest, pb.InitReply),
+        "Pull": handler(servicer.Pull, pb.PullRequest, pb.PullReply, raw_reply=True),
+        "Push": handler(servicer.Push, pb.PushRequest, pb.PushReply, raw_request=True),
+        "PushPull": handler(servicer.PushPull, pb.PushRequest, pb.PullReply, raw_request=True,
+                            raw_reply=True),
+        "Layout": handler(servicer.Layout, pb.LayoutRequest, pb.LayoutReply),
+        "Version": handler(servicer.Version, pb.VersionRequest, pb.VersionReply),
+        "Stats": handler(servicer.Stats, pb.StatsRequest, pb.StatsReply),
+        "Shutdown": handler(servicer.Shutdown, pb.ShutdownRequest, pb.ShutdownReply),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

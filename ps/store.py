@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,6 +24,8 @@ __all__ = [
 ]
 
 MODES = ("sync", "async", "ssp")
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -168,18 +172,23 @@ class Store:
         worker: int,
         step: int,
         timeout: float,
-    ) -> list[tuple[Key, np.ndarray, int]]:
-        """Copies of the values of `key_ids` (None: all), with their versions.
+        read: Callable[[list[tuple[Key, np.ndarray, int]]], T] | None = None,
+    ) -> T | list[tuple[Key, np.ndarray, int]]:
+        """The values of `key_ids` (None: all) with their versions, as (key, values, version).
 
         step < 0, or async mode: at once. sync: once every key has applied `step` updates.
         ssp: once the slowest worker's clock is at least step - K. Waits at most `timeout` s.
+
+        Without `read`, the values are copies. With it, `read` is called under the lock with
+        views of the live values and its result returned: a reader that serialises them makes
+        its one copy a consistent snapshot too, instead of copying twice.
         """
         with self._cond:
             self._check_ready()
             slots = self._select(key_ids)
             if step >= 0 and self.config.mode != "async":
                 self._check_worker(worker)
-                clock = self._clock(worker)
+                clock = self._clock(worker, slots)
                 if step > clock:
                     raise StepOutOfRange(
                         f"pull: worker {worker} asked for step {step}, but its next step is "
@@ -188,12 +197,15 @@ class Store:
                 self._wait(lambda: self._ready(slots, step), timeout,
                            f"pull of step {step} by worker {worker}")
             self._counters.pulls += 1
-            return [(s.key, s.value.copy(), s.version) for s in slots]
+            if read is None:
+                return [(s.key, s.value.copy(), s.version) for s in slots]
+            return read([(s.key, s.value, s.version) for s in slots])
 
     def _ready(self, slots: list[_Slot], step: int) -> bool:
         if self.config.mode == "sync":
             return all(s.version >= step for s in slots)
-        return self._min_clock() >= step - self.config.staleness  # ssp
+        # ssp, key by key: every worker has pushed at least step - K steps of these keys.
+        return self._min_clock(slots) >= step - self.config.staleness
 
     # -- push -----------------------------------------------------------------------------
 
@@ -367,12 +379,13 @@ class Store:
             return list(self._slots.values())
         return [self._slot(k, "pull") for k in key_ids]
 
-    def _clock(self, worker: int) -> int:
-        """Steps of `worker` this server has received in full (every key pushed)."""
-        return min(int(s.next_step[worker]) for s in self._slots.values())
+    def _clock(self, worker: int, slots: list[_Slot] | None = None) -> int:
+        """Steps of `worker` received in full for `slots` (default: every key here)."""
+        slots = self._slots.values() if slots is None else slots
+        return min(int(s.next_step[worker]) for s in slots)
 
-    def _min_clock(self) -> int:
-        return min(self._clock(w) for w in range(self.config.workers))
+    def _min_clock(self, slots: list[_Slot] | None = None) -> int:
+        return min(self._clock(w, slots) for w in range(self.config.workers))
 
     def _wait(self, predicate, timeout: float, what: str) -> None:
         if predicate():

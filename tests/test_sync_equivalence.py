@@ -48,18 +48,18 @@ def _single_process(model, shards, config):
 
 
 @pytest.mark.parametrize(
-    ("workers", "servers", "optimizer", "settings"),
+    ("workers", "servers", "optimizer", "settings", "fused"),
     [
-        (2, 1, "sgd", {"lr": 0.1}),
-        (2, 2, "sgd", {"lr": 0.1}),
-        (3, 1, "sgd", {"lr": 0.1}),
-        (3, 2, "sgd", {"lr": 0.1}),
-        (3, 2, "momentum", {"lr": 0.05, "momentum": 0.9}),
-        (2, 2, "adam", {"lr": 0.01}),
+        (2, 1, "sgd", {"lr": 0.1}, True),
+        (2, 2, "sgd", {"lr": 0.1}, False),
+        (3, 1, "sgd", {"lr": 0.1}, False),
+        (3, 2, "sgd", {"lr": 0.1}, True),
+        (3, 2, "momentum", {"lr": 0.05, "momentum": 0.9}, True),
+        (2, 2, "adam", {"lr": 0.01}, False),
     ],
 )
 def test_sync_workers_equal_one_process_with_the_whole_batch(workers, servers, optimizer,
-                                                             settings):
+                                                             settings, fused):
     model = MLP(SIZES, seed=3)
     shards = _shards(*_data(workers), workers)
     running = [serve(mode="sync", workers=workers) for _ in range(servers)]
@@ -72,7 +72,8 @@ def test_sync_workers_equal_one_process_with_the_whole_batch(workers, servers, o
             with PSClient(addresses, worker_id=w, chunk_bytes=1024, deadline_s=30) as client:
                 client.init(model.init_params(), optimizer, split_bytes=1000, **settings)
                 run_worker(client, model, shards[w],
-                           WorkerConfig(steps=STEPS, batch_size=BATCH, shuffle=False))
+                           WorkerConfig(steps=STEPS, batch_size=BATCH, shuffle=False,
+                                        fused=fused))
         except Exception as err:  # reported below: a thread cannot fail the test itself
             errors.append(err)
 

@@ -2,7 +2,8 @@
 
 The consistency mode lives on the servers: the worker always asks for the step it is about to
 compute, and the servers decide whether to answer at once (async), after a barrier (sync) or
-within the staleness bound (ssp).
+within the staleness bound (ssp). By default a step's push and the next step's pull travel as
+one PushPull round trip; `fused=False` makes them two calls, as a textbook draws them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class WorkerConfig:
     augment: bool = False  # one-pixel shifts of image batches
     slowdown: float = 1.0  # an injected straggler: compute takes this many times as long
     delay_s: float = 0.0  # an injected straggler: extra seconds per step
+    fused: bool = True  # push and pull the next step's weights in one round trip (PushPull)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -93,9 +95,10 @@ def run_worker(
     order = batches(len(shard), config.batch_size, rng if config.shuffle else None)
     records: list[StepRecord] = []
     start = time.monotonic() if origin is None else origin
+    t0 = time.monotonic()
+    params = client.pull(0) if config.steps else {}
+    pull_s = time.monotonic() - t0
     for step in range(config.steps):
-        t0 = time.monotonic()
-        params = client.pull(step)
         t1 = time.monotonic()
         idx = next(order)
         X = shard.X[idx]
@@ -107,14 +110,23 @@ def run_worker(
         if extra > 0:
             time.sleep(extra)  # the injected straggler: simulated compute, not synchronisation
         t3 = time.monotonic()
-        pushed = client.push(grads, step)
-        t4 = time.monotonic()
+        last = step == config.steps - 1
+        if config.fused and not last:
+            params, staleness = client.push_pull(grads, step)
+            t4 = t5 = time.monotonic()
+        else:
+            staleness = client.push(grads, step).staleness_max
+            t4 = time.monotonic()
+            if not last:
+                params = client.pull(step + 1)
+            t5 = time.monotonic()
         record = StepRecord(
             time=t4 - start, worker=client.worker_id, step=step, loss=loss,
-            staleness=pushed.staleness_max, samples=len(idx),
-            wait_s=(t1 - t0) + (t4 - t3), compute_s=t3 - t1,
+            staleness=staleness, samples=len(idx),
+            wait_s=pull_s + (t4 - t3), compute_s=t3 - t1,
             pulled=t1 - start, pushing=t3 - start,
         )
+        pull_s = t5 - t4  # the next step's pull, counted as that step's wait
         records.append(record)
         if on_step is not None:
             on_step(record)

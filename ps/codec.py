@@ -1,0 +1,208 @@
+"""The protobuf wire format of the two messages that carry tensors, without the copies.
+
+PullReply and PushRequest (proto/ps.proto) carry almost all the bytes tinyps moves. The
+protobuf runtime copies a bytes field each time it is set, read, serialised or parsed; for
+MiB-sized tensors those copies cost more than the network. This module writes and reads
+exactly the same wire format by hand: tensor bytes are copied once on the way out and read in
+place on the way in. Any protobuf library parses what it writes (a test checks both ways).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "WireSlice", "decode_pull_reply", "decode_push_request", "encode_pull_reply",
+    "encode_push_request",
+]
+
+# Wire types (protobuf encoding spec): varint, 64-bit, length-delimited, 32-bit.
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+class CodecError(ValueError):
+    """Bytes that are not a well-formed message of the expected type."""
+
+
+@dataclass(frozen=True)
+class WireSlice:
+    """A decoded Slice; `data` is a view of the received message, not a copy."""
+
+    name: str
+    start: int
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+    version: int
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # negative int32/int64: ten bytes of two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint((field << 3) | wire_type)
+
+
+def _slice_parts(name: str, start: int, values: np.ndarray, version: int) -> list:
+    """A Slice's fields in field order; default values left out, as protobuf does."""
+    data = memoryview(np.ascontiguousarray(values, dtype="<f4")).cast("B")
+    encoded_name = name.encode()
+    packed_shape = _varint(values.size)
+    head = [_tag(1, _LEN), _varint(len(encoded_name)), encoded_name]
+    if start:
+        head += [_tag(2, _VARINT), _varint(start)]
+    head += [_tag(3, _LEN), b"\x07float32", _tag(4, _LEN), _varint(len(packed_shape)),
+             packed_shape]
+    if len(data):
+        head += [_tag(5, _LEN), _varint(len(data))]
+    tail = [_tag(6, _VARINT), _varint(version)] if version else []
+    header = b"".join(head)
+    body = [header, data] if len(data) else [header]
+    return body + tail
+
+
+def _message(field: int, parts: list) -> list:
+    size = sum(len(p) for p in parts)
+    return [_tag(field, _LEN), _varint(size), *parts]
+
+
+def encode_pull_reply(
+    items: list[tuple[str, int, np.ndarray, int]], staleness_max: int = 0
+) -> bytes:
+    """PullReply bytes from (name, start, float32 values, version) per key."""
+    parts = []
+    for name, start, values, version in items:
+        parts += _message(1, _slice_parts(name, start, values, version))
+    if staleness_max:
+        parts += [_tag(2, _VARINT), _varint(staleness_max)]
+    return b"".join(parts)  # the one copy of the tensor bytes
+
+
+def encode_push_request(
+    worker: int, step: int, items: list[tuple[str, int, np.ndarray, int]]
+) -> bytes:
+    """PushRequest bytes from a worker id, a step and (name, start, grad, version) per key."""
+    parts = []
+    if worker:
+        parts += [_tag(1, _VARINT), _varint(worker)]
+    if step:
+        parts += [_tag(2, _VARINT), _varint(step)]
+    for name, start, values, version in items:
+        parts += _message(3, _slice_parts(name, start, values, version))
+    return b"".join(parts)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf):
+            raise CodecError("message ends inside a varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise CodecError("varint longer than ten bytes")
+
+
+def _signed(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fields(buf: memoryview):
+    """Yield (field number, wire type, value) of a message; LEN values are views."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise CodecError("field number 0")
+        if wire_type == _VARINT:
+            value, pos = _read_varint(buf, pos)
+        elif wire_type == _LEN:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > len(buf):
+                raise CodecError(f"field {field} claims {size} bytes, {len(buf) - pos} remain")
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire_type in (_I64, _I32):
+            width = 8 if wire_type == _I64 else 4
+            if pos + width > len(buf):
+                raise CodecError(f"field {field} ends early")
+            value, pos = buf[pos:pos + width], pos + width
+        else:
+            raise CodecError(f"field {field} has unsupported wire type {wire_type}")
+        yield field, wire_type, value
+
+
+def _decode_slice(buf: memoryview) -> WireSlice:
+    name, start, dtype, shape, data, version = "", 0, "", [], memoryview(b""), 0
+    for field, wire_type, value in _fields(buf):
+        if field == 1 and wire_type == _LEN:
+            name = _text(value)
+        elif field == 2 and wire_type == _VARINT:
+            start = _signed(value)
+        elif field == 3 and wire_type == _LEN:
+            dtype = _text(value)
+        elif field == 4 and wire_type == _LEN:  # packed
+            pos = 0
+            while pos < len(value):
+                dim, pos = _read_varint(value, pos)
+                shape.append(_signed(dim))
+        elif field == 4 and wire_type == _VARINT:  # unpacked: also legal
+            shape.append(_signed(value))
+        elif field == 5 and wire_type == _LEN:
+            data = value
+        elif field == 6 and wire_type == _VARINT:
+            version = _signed(value)
+    return WireSlice(name, start, dtype, tuple(shape), data, version)
+
+
+def _text(view: memoryview) -> str:
+    try:
+        return bytes(view).decode()
+    except UnicodeDecodeError:
+        raise CodecError("a string field is not UTF-8") from None
+
+
+def decode_pull_reply(payload: bytes) -> tuple[list[WireSlice], int]:
+    """(slices, staleness_max) of PullReply bytes."""
+    slices, staleness_max = [], 0
+    for field, wire_type, value in _fields(memoryview(payload)):
+        if field == 1 and wire_type == _LEN:
+            slices.append(_decode_slice(value))
+        elif field == 2 and wire_type == _VARINT:
+            staleness_max = _signed(value)
+    return slices, staleness_max
+
+
+def decode_push_request(payload: bytes) -> tuple[int, int, list[WireSlice]]:
+    """(worker, step, slices) of PushRequest bytes."""
+    worker, step, slices = 0, 0, []
+    for field, wire_type, value in _fields(memoryview(payload)):
+        if field == 1 and wire_type == _VARINT:
+            worker = _signed(value)
+            worker = (worker + (1 << 31)) % (1 << 32) - (1 << 31)  # int32
+        elif field == 2 and wire_type == _VARINT:
+            step = _signed(value)
+        elif field == 3 and wire_type == _LEN:
+            slices.append(_decode_slice(value))
+    return worker, step, slices

@@ -1,0 +1,120 @@
+"""ps.codec writes and reads exactly protobuf's wire format for PullReply and PushRequest."""
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ps import ps_pb2, ps_pb2_grpc
+from ps.client import PSClient
+from ps.codec import (
+    CodecError,
+    decode_pull_reply,
+    decode_push_request,
+    encode_pull_reply,
+    encode_push_request,
+)
+from ps.server import serve
+from ps.wire import decode_slice, write_slice
+
+names = st.text(min_size=1, max_size=12)
+items = st.lists(
+    st.tuples(names, st.integers(0, 2**40), st.integers(0, 40), st.integers(0, 2**40)),
+    max_size=4,
+)
+
+
+def _arrays(spec, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(n, s, rng.standard_normal(size, dtype=np.float32), v) for n, s, size, v in spec]
+
+
+def _protobuf_reply(arrays):
+    msg = ps_pb2.PullReply()
+    for name, start, values, version in arrays:
+        write_slice(msg.values.add(), name, start, values, version)
+    return msg
+
+
+@settings(deadline=None, max_examples=60)
+@given(items)
+def test_pull_reply_bytes_are_protobufs_bytes(spec):
+    arrays = _arrays(spec)
+    ours = encode_pull_reply(arrays)
+    assert ours == _protobuf_reply(arrays).SerializeToString()
+    pieces, staleness = decode_pull_reply(ours)
+    assert staleness == 0
+    for piece, (name, start, values, version) in zip(pieces, arrays, strict=True):
+        assert (piece.name, piece.start, piece.version) == (name, start, version)
+        np.testing.assert_array_equal(decode_slice(piece), values)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(-2**31, 2**31 - 1), st.integers(-2**63, 2**63 - 1), items)
+def test_push_request_round_trips_through_protobuf(worker, step, spec):
+    arrays = _arrays(spec, seed=1)
+    ours = encode_push_request(worker, step, arrays)
+    parsed = ps_pb2.PushRequest.FromString(ours)
+    assert (parsed.worker, parsed.step) == (worker, step)
+    theirs = ps_pb2.PushRequest(worker=worker, step=step)
+    for name, start, values, version in arrays:
+        write_slice(theirs.grads.add(), name, start, values, version)
+    assert ours == theirs.SerializeToString()
+    got_worker, got_step, slices = decode_push_request(theirs.SerializeToString())
+    assert (got_worker, got_step, len(slices)) == (worker, step, len(arrays))
+
+
+def test_pull_reply_carries_the_push_staleness():
+    arrays = _arrays([("w", 0, 3, 7)])
+    ours = encode_pull_reply(arrays, staleness_max=5)
+    expected = _protobuf_reply(arrays)
+    expected.staleness_max = 5
+    assert ours == expected.SerializeToString()
+    assert decode_pull_reply(ours)[1] == 5
+
+
+def test_reading_accepts_unpacked_shapes_and_skips_unknown_fields():
+    # Slice{name: "w", shape: [2] unpacked, data: 8 bytes, field 9: varint 1, field 10: fixed64}
+    data = np.array([1.5, -2.0], "<f4").tobytes()
+    slice_bytes = (b"\x0a\x01w" + b"\x1a\x07float32" + b"\x20\x02" + b"\x2a\x08" + data
+                   + b"\x48\x01" + b"\x51" + b"\x00" * 8)
+    payload = b"\x0a" + bytes([len(slice_bytes)]) + slice_bytes
+    (piece,), _ = decode_pull_reply(payload)
+    assert piece.shape == (2,)
+    np.testing.assert_array_equal(decode_slice(piece), [1.5, -2.0])
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x1a\x05\x0a\x01", "claims 5 bytes"),
+        (b"\x08\xff\xff", "ends inside a varint"),
+        (b"\x08" + b"\xff" * 11, "longer than ten bytes"),
+        (b"\x00\x01", "field number 0"),
+        (b"\x0b", "unsupported wire type 3"),
+        (b"\x1a\x03\x0a\x01\xff", "not UTF-8"),
+    ],
+)
+def test_malformed_bytes_are_refused(payload, message):
+    with pytest.raises(CodecError, match=message):
+        decode_push_request(payload)
+
+
+def test_a_malformed_push_is_invalid_argument_not_a_crash():
+    running = serve(mode="async", workers=1)
+    try:
+        with PSClient([running.address]) as client:
+            client.init({"w": np.ones(2, np.float32)}, "sgd", lr=1.0)
+        with grpc.insecure_channel(running.address) as channel:
+            push = channel.unary_unary("/tinyps.ParameterServer/Push")
+            with pytest.raises(grpc.RpcError) as err:
+                push(b"\x1a\x05\x0a\x01", timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # A stock generated stub reads our hand-written Pull reply as a PullReply.
+            reply = ps_pb2_grpc.ParameterServerStub(channel).Pull(
+                ps_pb2.PullRequest(step=-1), timeout=10)
+        assert reply.values[0].name == "w"
+        np.testing.assert_array_equal(decode_slice(reply.values[0]), [1.0, 1.0])
+    finally:
+        running.stop(0)
