@@ -30,6 +30,7 @@ test-slow: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/python benchmarks/bench_transport.py
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
