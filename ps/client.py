@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import ps_pb2, ps_pb2_grpc
 from ps.codec import decode_pull_reply, encode_push_request
@@ -26,7 +27,7 @@ from ps.optimizer import OptimizerConfig
 from ps.placement import Placement, TensorSpec, place
 from ps.wire import MAX_MESSAGE_BYTES, decode_slice, write_slice
 
-__all__ = ["PSClient", "PSError", "PushResult"]
+__all__ = ["PSClient", "PSError", "PushResult", "wait_healthy"]
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
@@ -61,6 +62,23 @@ def _reply_dict(msg) -> dict:
             value = list(value)
         out[field.name] = value
     return out
+
+
+def wait_healthy(addresses: Sequence[str], timeout: float) -> list[str]:
+    """Ask each server's standard gRPC health service, waiting up to `timeout` s for it to
+    come up; return the addresses that are not SERVING (empty: all are)."""
+    bad = []
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+                    wait_for_ready=True)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    bad.append(address)
+            except grpc.RpcError:
+                bad.append(address)
+    return bad
 
 
 def _methods(channel: grpc.Channel) -> dict[str, Callable]:

@@ -82,8 +82,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._store = store
         self._on_shutdown = on_shutdown
         self._lock = threading.Lock()
-        self._bytes_in = 0  # payload bytes received in Init and Push
-        self._bytes_out = 0  # payload bytes sent in Pull
+        self._bytes_in = 0  # message bytes of the pushes taken (Init not counted)
+        self._bytes_out = 0  # message bytes of the pulls answered
 
     def _count(self, received: int = 0, sent: int = 0) -> None:
         with self._lock:
@@ -101,7 +101,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             keys = [_key(spec) for spec in request.keys]
             values = {(s.name, s.start): decode_slice(s) for s in request.values}
             created, pending = self._store.init(keys, _optimizer(request.optimizer), values)
-            self._count(received=sum(v.nbytes for v in values.values()))
             return ps_pb2.InitReply(created=created, keys_pending=pending)
 
         return self._call(context, run)
@@ -128,7 +127,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
             grads[(s.name, s.start)] = (decode_slice(s), s.version)
         result = self._store.push(worker, step, grads)
-        self._count(received=sum(g.nbytes for g, _ in grads.values()))
+        self._count(received=len(request))
         return worker, step, result, list(grads)
 
     def Push(self, request: bytes, context):

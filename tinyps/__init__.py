@@ -1,0 +1,10 @@
+"""tinyps: a parameter-server training system for teaching distributed deep learning.
+
+The front door: `tinyps.launch(...)` runs a cluster to the end, `tinyps.cluster(...)` keeps
+servers up for hands-on work, and the `tinyps` command does both from a terminal.
+"""
+
+from tinyps.api import Cluster, cluster, launch
+from tinyps.config import LaunchConfig
+
+__all__ = ["Cluster", "LaunchConfig", "cluster", "launch"]

@@ -1,5 +1,10 @@
 """The `tinyps` command: one sub-command per job, each a thin layer over the library.
 
+    tinyps launch     a whole cluster on this machine, with a progress bar and a report
+    tinyps server     one parameter server          tinyps worker     one worker
+    tinyps status     a running cluster, live       tinyps placement  where tensors would go
+    tinyps train      the single-process baseline
+
 The command owns the terminal (progress bars, tables, exit codes); the library never prints.
 """
 
@@ -7,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
+
+
+# -- argument types: each names the problem in its message ------------------------------
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -36,6 +47,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -46,30 +67,269 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _slow_worker(text: str) -> tuple[int, float]:
+    index, sep, factor = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        parsed = (int(index), float(factor))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WORKER:FACTOR such as 1:5, got {text!r}") from None
+    if parsed[0] < 0 or not parsed[1] >= 1:
+        raise argparse.ArgumentTypeError(f"expected a worker >= 0 and a factor >= 1, got {text!r}")
+    return parsed
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    for p in parts:
+        host, sep, port = p.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {p!r}")
+    if not parts:
+        raise argparse.ArgumentTypeError("expected at least one HOST:PORT")
+    return parts
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits",
+                   help="digits | synthetic | mnist:DIR | csv:PATH (default: digits)")
+    p.add_argument("--hidden", type=_int_list, default=(128,),
+                   help="hidden layer widths, comma separated (default: 128)")
+
+
+def _training_flags(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    p.add_argument("--epochs", type=_positive_int, default=epochs,
+                   help=f"passes over the training set (default: {epochs})")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="examples per step, per worker (default: 32)")
+    p.add_argument("--lr", type=_positive_float, default=lr, help=f"step size (default: {lr})")
+    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help="for --optimizer momentum (default: 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _consistency_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("sync", "async", "ssp"), default="sync",
+                   help="sync: a barrier per step; async: apply on arrival; ssp: bounded "
+                        "staleness (default: sync)")
+    p.add_argument("--staleness", type=_natural, default=0,
+                   help="ssp's bound K: no worker more than K steps ahead of the slowest")
+    p.add_argument("--staleness-lr", action="store_true",
+                   help="async/ssp: divide each step by its gradient's staleness "
+                        "(Zhang et al. 2016)")
+    p.add_argument("--max-staleness", type=_natural, default=None,
+                   help="async/ssp: drop gradients staler than this (counted)")
+
+
+def _placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--placement", default="size_balanced",
+                   help="round_robin | size_balanced | per layer, e.g. dense0=1,dense1=0")
+    p.add_argument("--split-bytes", type=_positive_int, default=None,
+                   help="split tensors larger than this many bytes into row ranges")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tinyps", description="A parameter-server training system for teaching."
-    )
+        prog="tinyps", description="A parameter-server training system for teaching.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    launch = commands.add_parser("launch", help="start a cluster on this machine and train")
+    launch.add_argument("--servers", type=_positive_int, default=2)
+    launch.add_argument("--workers", type=_positive_int, default=2)
+    _consistency_flags(launch)
+    _model_flags(launch)
+    _training_flags(launch, epochs=20, lr=0.1)
+    launch.add_argument("--steps", type=_positive_int, default=None,
+                        help="steps per worker (overrides --epochs)")
+    _placement_flags(launch)
+    launch.add_argument("--partition", choices=("iid", "label_skew"), default="iid")
+    launch.add_argument("--alpha", type=_positive_float, default=0.5,
+                        help="label_skew's Dirichlet concentration (smaller: more skew)")
+    launch.add_argument("--slow-worker", type=_slow_worker, default=None, metavar="I:FACTOR",
+                        help="make worker I compute FACTOR times slower (a straggler)")
+    launch.add_argument("--precision", choices=("fp32",), default="fp32")
+    launch.add_argument("--no-fused", dest="fused", action="store_false",
+                        help="pull and push in two calls instead of one PushPull")
+    launch.add_argument("--run-dir", default=None, help="default: runs/<time>-<mode>-...")
+    launch.add_argument("--json", action="store_true",
+                        help="print summary.json as the last line of standard output")
+    launch.set_defaults(run=_run_launch)
+
+    server = commands.add_parser("server", help="run one parameter server")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=_natural, default=0, help="0: a free port")
+    server.add_argument("--workers", type=_positive_int, default=1)
+    _consistency_flags(server)
+    server.add_argument("--ready-file", type=Path, default=None,
+                        help="write HOST:PORT here once serving")
+    server.set_defaults(run=_run_server)
+
+    worker = commands.add_parser("worker", help="run one worker against running servers")
+    worker.add_argument("--servers", type=_addresses, required=True,
+                        help="server addresses, comma separated, in server order")
+    worker.add_argument("--index", type=_natural, required=True, help="this worker's id")
+    worker.add_argument("--workers", type=_positive_int, required=True)
+    _model_flags(worker)
+    _training_flags(worker, epochs=20, lr=0.1)
+    worker.add_argument("--steps", type=_positive_int, default=None)
+    _placement_flags(worker)
+    worker.add_argument("--partition", choices=("iid", "label_skew"), default="iid")
+    worker.add_argument("--alpha", type=_positive_float, default=0.5)
+    worker.add_argument("--slowdown", type=float, default=1.0,
+                        help="compute this many times slower (an injected straggler)")
+    worker.add_argument("--no-fused", dest="fused", action="store_false")
+    worker.add_argument("--metrics", type=Path, default=None,
+                        help="append one JSON line per step here")
+    worker.add_argument("--start-time", type=float, default=None,
+                        help="the run's start (Unix time); metrics count from it")
+    worker.set_defaults(run=_run_worker)
+
+    status = commands.add_parser("status", help="show a running cluster, live")
+    status.add_argument("addresses", nargs="+", help="server addresses HOST:PORT")
+    status.add_argument("--once", action="store_true", help="print the table once and exit")
+    status.add_argument("--interval", type=_positive_float, default=1.0,
+                        help="seconds between refreshes (default: 1)")
+    status.set_defaults(run=_run_status)
+
+    placement = commands.add_parser("placement",
+                                    help="print where a model's tensors would go")
+    placement.add_argument("--servers", type=_positive_int, default=2)
+    _model_flags(placement)
+    _placement_flags(placement)
+    placement.set_defaults(run=_run_placement)
+
     train = commands.add_parser(
-        "train", help="train the MLP in this one process (the baseline for distributed runs)"
-    )
-    train.add_argument("--dataset", default="digits",
-                       help="digits | synthetic | mnist:DIR | csv:PATH (default: digits)")
-    train.add_argument("--hidden", type=_int_list, default=(128,),
-                       help="hidden layer widths, comma separated (default: 128)")
-    train.add_argument("--epochs", type=_positive_int, default=30)
-    train.add_argument("--batch-size", type=_positive_int, default=32)
-    train.add_argument("--lr", type=_positive_float, default=0.05)
-    train.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="sgd")
+        "train", help="train the MLP in this one process (the baseline for distributed runs)")
+    _model_flags(train)
+    _training_flags(train, epochs=30, lr=0.05)
     train.add_argument("--augment", action="store_true",
                        help="random one-pixel shifts of image batches")
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--json", action="store_true",
                        help="print the result as JSON on the last line of standard output")
     train.set_defaults(run=_run_train)
     return parser
+
+
+# -- the commands -------------------------------------------------------------------------
+
+
+def _run_launch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tinyps.config import LaunchConfig
+    from tinyps.launcher import launch
+
+    config = LaunchConfig(
+        servers=args.servers, workers=args.workers, mode=args.mode, staleness=args.staleness,
+        staleness_lr=args.staleness_lr, max_staleness=args.max_staleness,
+        dataset=args.dataset, hidden=args.hidden, epochs=args.epochs, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        momentum=args.momentum, placement=args.placement, split_bytes=args.split_bytes,
+        partition=args.partition, alpha=args.alpha, slow_worker=args.slow_worker,
+        precision=args.precision, seed=args.seed, fused=args.fused, run_dir=args.run_dir,
+    )
+    def progress(done: int, total: int, losses: dict[int, float], samples_per_s: float) -> None:
+        if bar.total != total:
+            bar.reset(total=total)
+        loss = sum(losses.values()) / len(losses)
+        bar.set_postfix_str(f"loss {loss:.4f}, {samples_per_s:,.0f} samples/s", refresh=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()  # training is over; evaluation and the report follow
+
+    from tinyps.launcher import model_placement
+    from tinyps.summary import format_summary
+    from worker.data import load_dataset
+
+    print(model_placement(config, load_dataset(config.dataset, seed=config.seed)).table(),
+          flush=True)
+    bar = tqdm(total=None, unit="step", desc=config.mode, file=sys.stderr, dynamic_ncols=True)
+    try:
+        summary, run_dir = launch(config, progress=progress)
+    finally:
+        bar.close()
+    print(format_summary(summary, run_dir))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from ps.memory import keep_freed_buffers
+    from ps.server import serve
+    from tinyps.processes import die_with_parent
+
+    die_with_parent()
+    keep_freed_buffers()
+    running = serve(args.host, args.port, args.mode, args.workers, args.staleness,
+                    staleness_lr=args.staleness_lr, max_staleness=args.max_staleness)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: running.stop())
+    print(f"tinyps server: {args.mode} for {args.workers} workers on {running.address}",
+          file=sys.stderr, flush=True)
+    if args.ready_file is not None:  # written whole, then renamed: a reader never sees half
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(running.address + "\n")
+        tmp.replace(args.ready_file)
+    running.wait()
+    print("tinyps server: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from tinyps.processes import die_with_parent
+    from worker.process import WorkerSettings, run_worker_process
+
+    die_with_parent()
+    settings = WorkerSettings(
+        servers=args.servers, index=args.index, workers=args.workers, dataset=args.dataset,
+        hidden=args.hidden, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+        placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
+        alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
+        metrics=args.metrics, start_time=args.start_time,
+    )
+    records = run_worker_process(settings)
+    last = records[-1] if records else None
+    print(f"tinyps worker {args.index}: {len(records)} steps"
+          + (f", last loss {last.loss:.4f}" if last else ""), file=sys.stderr)
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from ps.client import PSClient
+    from tinyps.status import status_table
+
+    with PSClient(list(args.addresses), deadline_s=5.0, retry_s=2.0) as client:
+        previous, before = None, time.monotonic()
+        while True:
+            stats = client.stats()
+            now = time.monotonic()
+            table = status_table(stats, previous, now - before)
+            if args.once:
+                print(table)
+                return 0
+            print("\x1b[2J\x1b[H" + table, flush=True)  # clear the screen, then draw
+            previous, before = stats, now
+            time.sleep(args.interval)  # the refresh interval of a live view
+
+
+def _run_placement(args: argparse.Namespace) -> int:
+    from ps.placement import TensorSpec, place
+    from worker.data import load_dataset
+    from worker.model import MLP
+
+    data = load_dataset(args.dataset)
+    model = MLP((data.n_features, *args.hidden, data.n_classes))
+    specs = [TensorSpec(n, s) for n, s in model.param_shapes().items()]
+    print(place(specs, args.servers, args.placement, args.split_bytes).table())
+    return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -80,7 +340,7 @@ def _run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         dataset=args.dataset, hidden=args.hidden, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        augment=args.augment, seed=args.seed,
+        momentum=args.momentum, augment=args.augment, seed=args.seed,
     )
     bar = tqdm(total=None, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True)
 
@@ -95,20 +355,26 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train_single_process(config, on_step=on_step)
     finally:
         bar.close()
-    summary = result.summary()
     print(
         f"{config.dataset}: test accuracy {result.test_accuracy:.2%}, test loss "
         f"{result.test_loss:.4f}, {result.steps} steps in {result.wall_s:.1f} s "
         f"({result.samples_per_s:,.0f} samples/s)"
     )
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(result.summary()))
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that a launcher stops its children on the way out (a
+    # server installs its own graceful handler).
+    previous = signal.signal(signal.SIGTERM, _interrupt) if args.command != "server" else None
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as err:
@@ -118,6 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tinyps {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a failed run (a process died, a server refused): no traceback
+        from ps.client import PSError
+        from tinyps.launcher import LaunchError
+
+        if isinstance(err, LaunchError | PSError):
+            print(f"tinyps {args.command}: {err}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

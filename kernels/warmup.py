@@ -1,0 +1,53 @@
+"""Compile every kernel once, so that a process that follows finds them in Numba's cache.
+
+The launcher calls `warm_up()` before it starts workers: with `cache=True`, each kernel is
+compiled once for the machine instead of once per process, and the processes start faster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
+from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
+from kernels.norms import all_finite, clip_by_global_norm, global_norm
+from kernels.optim import adam_update, sgd_update
+from kernels.precision import (
+    bf16_decode,
+    bf16_encode,
+    fp16_decode,
+    fp16_encode,
+    round_to_bf16,
+    round_to_fp16,
+)
+
+__all__ = ["warm_up"]
+
+
+def warm_up() -> None:
+    """Call each kernel on tiny arrays of the types that training uses."""
+    x = np.ones((2, 3), np.float32)
+    v = np.ones(3, np.float32)
+    round_to_fp16(x)
+    fp16_decode(fp16_encode(x))
+    round_to_bf16(x)
+    bf16_decode(bf16_encode(x))
+    bias_relu_forward(x, v)
+    relu_backward(x, x)
+    softmax_cross_entropy(x, np.zeros(2, np.int64))
+    p, g = np.ones(3, np.float32), np.ones(3, np.float32)
+    sgd_update(p, g, 0.1)
+    sgd_update(p, g, 0.1, momentum=0.9, buf=np.zeros(3, np.float32))
+    adam_update(p, g, np.zeros(3, np.float32), np.zeros(3, np.float32), 1, 1e-3)
+    stack = np.ones((3, 3), np.float32)
+    aggregate_mean(stack)
+    aggregate_median(stack)
+    aggregate_trimmed_mean(stack, 0.34)
+    all_finite(v)
+    global_norm([v])
+    clip_by_global_norm([np.ones(3, np.float32)], 1.0)
+    # Pulled weights and pushed gradients arrive as read-only views of message bytes, a
+    # distinct type for Numba: compile those variants too.
+    frozen = np.frombuffer(np.ones(3, np.float32).tobytes(), np.float32)
+    all_finite(frozen)
+    sgd_update(p, frozen, 0.1)

@@ -1,0 +1,124 @@
+"""The settings of a run: one dataclass that the command line, the Python API and config.json
+share. Every check runs here, before any process starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ps.optimizer import OPTIMIZERS, OptimizerConfig
+from ps.placement import TensorSpec, place
+from ps.store import MODES
+from worker.partition import PARTITION_SCHEMES
+
+__all__ = ["LaunchConfig"]
+
+PRECISIONS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    servers: int = 2  # parameter-server processes
+    workers: int = 2  # worker processes
+    mode: str = "sync"  # sync | async | ssp
+    staleness: int = 0  # ssp's bound K, in steps
+    staleness_lr: bool = False  # async/ssp: divide each step by its gradient's staleness
+    max_staleness: int | None = None  # async/ssp: drop gradients staler than this
+    dataset: str = "digits"  # digits | synthetic | mnist:DIR | csv:PATH
+    hidden: tuple[int, ...] = (128,)  # hidden layer widths
+    epochs: int = 20  # passes of each worker over its shard (unless steps is given)
+    steps: int | None = None  # steps per worker; overrides epochs
+    batch_size: int = 32  # per worker
+    lr: float = 0.1
+    optimizer: str = "sgd"  # sgd | momentum | adam
+    momentum: float = 0.9  # for the momentum optimizer
+    placement: str = "size_balanced"  # round_robin | size_balanced | "dense0=1,dense1=0"
+    split_bytes: int | None = None  # split tensors larger than this across servers
+    partition: str = "iid"  # iid | label_skew
+    alpha: float = 0.5  # label_skew's Dirichlet concentration (smaller: more skew)
+    slow_worker: tuple[int, float] | None = None  # (worker, factor): an injected straggler
+    precision: str = "fp32"
+    seed: int = 0
+    fused: bool = True  # push a step and pull the next in one round trip
+    run_dir: str | None = None  # default: runs/<time>-<mode>
+    host: str = "127.0.0.1"  # where the servers listen
+    startup_timeout_s: float = 60.0  # for every process to report ready
+
+    def __post_init__(self) -> None:
+        hidden = self.hidden
+        if isinstance(hidden, int):
+            hidden = (hidden,)
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+        if self.slow_worker is not None:
+            object.__setattr__(self, "slow_worker", (int(self.slow_worker[0]),
+                                                     float(self.slow_worker[1])))
+        self._check()
+
+    def _check(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
+        need(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        need(self.staleness >= 0, f"staleness must be >= 0, got {self.staleness}")
+        need(self.mode == "ssp" or self.staleness == 0,
+             f"staleness (the ssp bound) is for --mode ssp, not {self.mode}")
+        need(self.mode != "sync" or (not self.staleness_lr and self.max_staleness is None),
+             "staleness_lr and max_staleness are for async and ssp: sync has no stale gradients")
+        need(self.max_staleness is None or self.max_staleness >= 0,
+             f"max_staleness must be >= 0, got {self.max_staleness}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(all(h >= 1 for h in self.hidden), f"hidden widths must be >= 1, got {self.hidden}")
+        need(self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        OptimizerConfig(name=self.optimizer, lr=self.lr, momentum=self.momentum)
+        need(self.partition in PARTITION_SCHEMES,
+             f"partition must be one of {', '.join(PARTITION_SCHEMES)}, got {self.partition!r}")
+        need(self.alpha > 0 and math.isfinite(self.alpha), f"alpha must be > 0, got {self.alpha}")
+        need(self.precision in PRECISIONS,
+             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        need(self.split_bytes is None or self.split_bytes >= 1,
+             f"split_bytes must be >= 1, got {self.split_bytes}")
+        if self.slow_worker is not None:
+            index, factor = self.slow_worker
+            need(0 <= index < self.workers,
+                 f"slow worker {index} is not one of workers 0..{self.workers - 1}")
+            need(factor >= 1.0, f"slow worker factor must be >= 1, got {factor}")
+        need(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
+        # The placement names layers; check it against the model's layers now (the widths
+        # of input and output come from the data, but the names do not depend on them).
+        sizes = (1, *self.hidden, 1)
+        specs = [TensorSpec(f"dense{i}.{kind}", shape)
+                 for i in range(len(sizes) - 1)
+                 for kind, shape in (("weight", (sizes[i], sizes[i + 1])),
+                                     ("bias", (sizes[i + 1],)))]
+        place(specs, self.servers, self.placement, self.split_bytes)
+
+    @property
+    def staleness_bound(self) -> int | None:
+        """What summary.json reports: 0 for sync, K for ssp, None (no bound) for async."""
+        return {"sync": 0, "ssp": self.staleness, "async": None}[self.mode]
+
+    def slowdown(self, worker: int) -> float:
+        if self.slow_worker and self.slow_worker[0] == worker:
+            return self.slow_worker[1]
+        return 1.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> LaunchConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}")
+        return cls(**data)
+
+    def default_run_dir(self, stamp: str) -> Path:
+        return Path("runs") / f"{stamp}-{self.mode}-s{self.servers}w{self.workers}"

@@ -1,0 +1,77 @@
+"""report.png: four plots that show what a run did, drawn from metrics.jsonl and summary.json.
+
+Loss over time per worker; the staleness histogram of applied gradients; each worker's time
+split into waiting and computing; and bytes and updates per server (how load was spread).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["write_report"]
+
+
+def write_report(records: list[dict], summary: dict, path: Path) -> Path:
+    """Draw the report of a run into `path` (PNG) and return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no window, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    per_worker: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        per_worker[r["worker"]].append(r)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    bound = summary["staleness_bound"]
+    title = (f"{summary['mode']}{'' if bound in (None, 0) else f' (K={bound})'}: "
+             f"{summary['servers']} servers, {summary['workers']} workers, "
+             f"test accuracy {summary['test_accuracy']:.1%}")
+    fig.suptitle(title)
+
+    ax = axes[0][0]
+    for w in sorted(per_worker):
+        rs = sorted(per_worker[w], key=lambda r: r["step"])
+        ax.plot([r["time"] for r in rs], [r["loss"] for r in rs], lw=0.8, label=f"worker {w}")
+    ax.set(xlabel="seconds since start", ylabel="training loss (batch)", yscale="log",
+           title="loss over time")
+    ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    hist = summary["staleness_histogram"]
+    ax.bar(range(len(hist)), hist, width=0.8, color="tab:orange")
+    ax.set_xlim(-0.6, max(len(hist), 4) - 0.4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="staleness (updates missed)", ylabel="applied gradients",
+           title=f"staleness: mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}")
+
+    ax = axes[1][0]
+    workers = sorted(per_worker)
+    waited = [sum(r["wait_s"] for r in per_worker[w]) for w in workers]
+    computed = [sum(r["compute_s"] for r in per_worker[w]) for w in workers]
+    ax.bar(workers, computed, label="compute", color="tab:green")
+    ax.bar(workers, waited, bottom=computed, label="waiting on servers", color="tab:red")
+    ax.set(xlabel="worker", ylabel="seconds", title="where each worker's time went",
+           xticks=workers)
+    ax.legend(fontsize=8)
+
+    ax = axes[1][1]
+    servers = [s["index"] for s in summary["per_server"]]
+    mib_in = [s["bytes_in"] / 2**20 for s in summary["per_server"]]
+    mib_out = [s["bytes_out"] / 2**20 for s in summary["per_server"]]
+    width = 0.4
+    ax.bar([i - width / 2 for i in servers], mib_in, width, label="pushed to (MiB)")
+    ax.bar([i + width / 2 for i in servers], mib_out, width, label="pulled from (MiB)")
+    ax.set(xlabel="server", ylabel="MiB", title="traffic and updates per server",
+           xticks=servers)
+    twin = ax.twinx()
+    twin.plot(servers, [s["updates"] for s in summary["per_server"]], "ko-", label="updates")
+    twin.set_ylabel("updates applied")
+    twin.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="lower left")
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

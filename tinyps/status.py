@@ -1,0 +1,49 @@
+"""`tinyps status`: a running cluster as a table, from the servers' own counters.
+
+One row per server (what it holds, how busy it is, how stale the gradients it applies are)
+and one line of worker clocks: load that other parameter servers hide, shown.
+"""
+
+from __future__ import annotations
+
+__all__ = ["status_table"]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def status_table(stats: list[dict], previous: list[dict] | None = None,
+                 interval_s: float = 0.0) -> str:
+    """The table for one snapshot of `PSClient.stats()`; rates need the previous snapshot."""
+    header = ("server", "address", "mode", "tensors", "held", "push/s", "pull/s", "waiting",
+              "staleness mean/max", "versions")
+    rows = [header]
+    for i, s in enumerate(stats):
+        if previous and interval_s > 0:
+            push_rate = f"{(s['pushes'] - previous[i]['pushes']) / interval_s:.1f}"
+            pull_rate = f"{(s['pulls'] - previous[i]['pulls']) / interval_s:.1f}"
+        else:
+            push_rate = pull_rate = "-"
+        mean = s["staleness_sum"] / s["staleness_count"] if s["staleness_count"] else 0.0
+        rows.append((
+            str(s["index"]), s["address"], s["mode"], str(len(s["tensors"])),
+            _size(s["bytes_held"]), push_rate, pull_rate, str(s["waiting"]),
+            f"{mean:.2f} / {s['staleness_max']}", f"{s['min_version']}..{s['max_version']}",
+        ))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    clocks: dict[int, int] = {}
+    for s in stats:  # a worker's clock: the steps every server has received from it
+        for worker, clock in s["clocks"].items():
+            clocks[worker] = min(clock, clocks.get(worker, clock))
+    if clocks:
+        lines.append("worker clocks (steps pushed): "
+                     + ", ".join(f"{w}: {c}" for w, c in sorted(clocks.items())))
+    return "\n".join(lines)

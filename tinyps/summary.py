@@ -1,0 +1,104 @@
+"""summary.json: what a run did, from the workers' step records and the servers' counters.
+
+Every figure is computed from what was recorded (nothing is estimated): staleness from the
+servers' histograms of applied gradients, waiting from the workers' own clocks, bytes from
+the servers' counters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ps.placement import Placement
+from tinyps.config import LaunchConfig
+
+__all__ = ["build_summary", "format_summary"]
+
+# final_train_loss: the mean of each worker's last steps, so that one noisy batch does not
+# decide it.
+_LAST_STEPS = 10
+
+
+def build_summary(
+    config: LaunchConfig,
+    records: list[dict],
+    stats: list[dict],
+    test_loss: float,
+    test_accuracy: float,
+    placement: Placement,
+    wall_s: float,
+    steps_per_worker: int,
+    restarts: int = 0,
+) -> dict:
+    per_worker: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        per_worker[r["worker"]].append(r)
+    hist: list[int] = []
+    for s in stats:
+        for staleness, count in enumerate(s["staleness_histogram"]):
+            hist.extend([0] * (staleness + 1 - len(hist)))
+            hist[staleness] += count
+    applied = sum(hist)
+    train_start = min((r["pulled"] for r in records), default=0.0)
+    train_end = max((r["time"] for r in records), default=0.0)
+    last_losses = [r["loss"] for rs in per_worker.values()
+                   for r in sorted(rs, key=lambda r: r["step"])[-_LAST_STEPS:]]
+    wait_fraction = []
+    for w in range(config.workers):
+        waited = sum(r["wait_s"] for r in per_worker.get(w, []))
+        computed = sum(r["compute_s"] for r in per_worker.get(w, []))
+        wait_fraction.append(waited / (waited + computed) if waited + computed else 0.0)
+    return {
+        "mode": config.mode,
+        "servers": config.servers,
+        "workers": config.workers,
+        "staleness_bound": config.staleness_bound,
+        "precision": config.precision,
+        "dataset": config.dataset,
+        "optimizer": config.optimizer,
+        "epochs": config.epochs,
+        "steps_per_worker": steps_per_worker,
+        "wall_s": wall_s,
+        "train_s": train_end - train_start,
+        "samples_per_s": (sum(r["samples"] for r in records) / (train_end - train_start)
+                          if train_end > train_start else 0.0),
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "final_train_loss": sum(last_losses) / len(last_losses) if last_losses else None,
+        "staleness_mean": sum(s * n for s, n in enumerate(hist)) / applied if applied else 0.0,
+        "staleness_max": max((s for s, n in enumerate(hist) if n), default=0),
+        "staleness_histogram": hist,
+        "wait_fraction": wait_fraction,
+        "dropped_stale": sum(s["dropped_stale"] for s in stats),
+        # An update of the model = one optimizer step of every key; the busiest key counts it.
+        "updates_applied": max((s["max_version"] for s in stats), default=0),
+        "bytes_pushed": sum(s["bytes_in"] for s in stats),
+        "bytes_pulled": sum(s["bytes_out"] for s in stats),
+        "restarts": restarts,
+        "per_server": [
+            {"index": s["index"], "address": s["address"], "tensors": s["tensors"],
+             "params": s["params"], "bytes_in": s["bytes_in"], "bytes_out": s["bytes_out"],
+             "updates": s["max_version"]}
+            for s in stats
+        ],
+        "placement": placement.as_summary(),
+    }
+
+
+def format_summary(summary: dict, run_dir) -> str:
+    """The summary as a few lines for a terminal."""
+    bound = summary["staleness_bound"]
+    mode = summary["mode"] + ("" if bound in (None, 0) else f" (K={bound})")
+    waits = ", ".join(f"{w:.0%}" for w in summary["wait_fraction"])
+    return "\n".join([
+        f"{mode}: {summary['servers']} servers, {summary['workers']} workers, "
+        f"{summary['steps_per_worker']} steps each, {summary['dataset']}",
+        f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}, "
+        f"final train loss {summary['final_train_loss']:.4f}",
+        f"{summary['samples_per_s']:,.0f} samples/s over {summary['train_s']:.1f} s of "
+        f"training ({summary['wall_s']:.1f} s in all); time waiting on servers: {waits}",
+        f"staleness mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}; "
+        f"{summary['updates_applied']} updates; {summary['bytes_pushed'] / 2**20:.1f} MiB "
+        f"pushed, {summary['bytes_pulled'] / 2**20:.1f} MiB pulled",
+        f"run directory: {run_dir}",
+    ])
