@@ -111,6 +111,7 @@ class Store:
         self._optimizer: Optimizer | None = None
         self._pending_values = 0  # keys still without values
         self._counters = _Counters()
+        self._started: set[int] = set()  # workers that have asked for step 0
         self._closed = False
 
     # -- initialisation -------------------------------------------------------------------
@@ -186,6 +187,15 @@ class Store:
         with self._cond:
             self._check_ready()
             slots = self._select(key_ids)
+            if step == 0:
+                # The start line: a run begins when all W workers have asked for step 0, so
+                # that no worker races ahead while the others are still starting up.
+                self._check_worker(worker)
+                self._started.add(worker)
+                self._cond.notify_all()
+                self._wait(lambda: len(self._started) == self.config.workers, timeout,
+                           f"worker {worker} waiting at the start for "
+                           f"{self.config.workers - len(self._started)} more workers")
             if step >= 0 and self.config.mode != "async":
                 self._check_worker(worker)
                 clock = self._clock(worker, slots)

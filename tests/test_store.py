@@ -147,14 +147,33 @@ def test_gradients_staler_than_the_limit_are_dropped_and_counted():
     assert store.stats()["dropped_stale"] == 1
 
 
+def _start(store, workers):
+    """Every worker asks for step 0 at once (the start line waits for all of them)."""
+    threads = [threading.Thread(target=store.pull, args=(None, w, 0, 10.0))
+               for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_a_run_starts_when_every_worker_has_asked_for_step_0():
+    store = _store("async", workers=2)
+    with pytest.raises(WaitTimeout, match="waiting at the start for 1 more workers"):
+        store.pull(None, 0, 0, timeout=0.05)
+    _start(store, 2)
+    store.pull(None, 0, 0, timeout=0.05)  # once started, step 0 is answered at once
+
+
 def test_ssp_holds_a_worker_within_k_clocks_of_the_slowest():
     store = _store("ssp", workers=2, staleness=1)
+    _start(store, 2)
     for step in range(2):  # worker 0 runs ahead: clocks 2 and 0
         store.pull(None, 0, step, 1.0)
         store.push(0, step, {W_KEY.id: (_grad(0.0), step)})
     with pytest.raises(WaitTimeout):
         store.pull(None, 0, 2, timeout=0.05)  # 2 - 0 > K = 1
-    store.pull(None, 1, 0, 1.0)
     store.push(1, 0, {W_KEY.id: (_grad(0.0), 0)})
     store.pull(None, 0, 2, timeout=1.0)  # 2 - 1 <= K: answered
 

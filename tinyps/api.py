@@ -19,7 +19,7 @@ from pathlib import Path
 from ps.client import PSClient
 from tinyps.config import LaunchConfig
 from tinyps.launcher import launch as _launch
-from tinyps.launcher import start_servers
+from tinyps.launcher import prepare_run_dir, start_servers
 from tinyps.processes import Child, end_all
 from tinyps.status import status_table
 
@@ -69,7 +69,7 @@ class Cluster:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         self.run_dir = (Path(config.run_dir) if config.run_dir
                         else Path("runs") / f"{stamp}-cluster-{config.mode}")
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(self.run_dir)
         self._children: list[Child]
         self._children, self.addresses = start_servers(config, self.run_dir)
         self._clients: list[PSClient] = []

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from ps.client import PSClient, wait_healthy
 from ps.memory import keep_freed_buffers
 from ps.placement import Placement, TensorSpec, place
@@ -136,6 +138,24 @@ def model_placement(config: LaunchConfig, data: Dataset) -> Placement:
     return place(specs, config.servers, config.placement, config.split_bytes)
 
 
+_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.png", "model.npz",
+              "*.address",
+              "logs/*.log", "metrics/*.jsonl")
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Make `run_dir` ready for a new run: new, empty, or an earlier run's (whose files are
+    removed, so that nothing of it mixes into this one). Anything else is refused."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.json").exists():
+        raise ValueError(f"run directory {run_dir} holds files of something other than a "
+                         f"tinyps run; choose another --run-dir")
+    for pattern in _RUN_FILES:
+        for path in run_dir.glob(pattern):
+            path.unlink()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics").mkdir(exist_ok=True)
+
+
 def _warm_numba_cache() -> None:
     """Compile (or load) every kernel once here, so that the workers find them cached."""
     import kernels.warmup
@@ -149,8 +169,7 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics").mkdir(exist_ok=True)
+    prepare_run_dir(run_dir)
     (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
     data = load_dataset(config.dataset, seed=config.seed)
@@ -174,7 +193,7 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         children += workers
         records = _follow(workers, servers, _Follower(metric_files), steps * config.workers,
                           progress)
-        summary = _finish(config, data, placement, addresses, records, steps, started)
+        summary, params = _finish(config, data, placement, addresses, records, steps, started)
     finally:
         end_all(children)
 
@@ -183,6 +202,7 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         for r in records:
             f.write(json.dumps(r) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    np.savez(run_dir / "model.npz", **params)  # the trained weights, to evaluate offline
     write_report(records, summary, run_dir / "report.png")
     return summary, run_dir
 
@@ -216,7 +236,7 @@ def _follow(workers: list[Child], servers: list[Child], follower: _Follower, tot
 
 
 def _finish(config: LaunchConfig, data: Dataset, placement: Placement, addresses: list[str],
-            records: list[dict], steps: int, started: float) -> dict:
+            records: list[dict], steps: int, started: float) -> tuple[dict, dict]:
     """Counters and the final model from the servers, evaluated here; then stop the servers."""
     with PSClient(addresses) as client:
         stats = client.stats()
@@ -224,5 +244,6 @@ def _finish(config: LaunchConfig, data: Dataset, placement: Placement, addresses
         client.shutdown()
     model = MLP((data.n_features, *config.hidden, data.n_classes))
     test_loss, test_accuracy = model.evaluate(params, data.X_test, data.y_test)
-    return build_summary(config, records, stats, test_loss, test_accuracy, placement,
-                         time.time() - started, steps)
+    summary = build_summary(config, records, stats, test_loss, test_accuracy, placement,
+                            time.time() - started, steps)
+    return summary, params

@@ -98,6 +98,10 @@ def run_worker(
     t0 = time.monotonic()
     params = client.pull(0) if config.steps else {}
     pull_s = time.monotonic() - t0
+    if config.steps:
+        # One untimed pass loads the compiled kernels, so that step 0's compute time (and a
+        # straggler's slowdown of it) is the model's, not the loading of machine code.
+        model.loss_and_grads(params, shard.X[:1], shard.y[:1])
     for step in range(config.steps):
         t1 = time.monotonic()
         idx = next(order)
