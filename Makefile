@@ -20,7 +20,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 demo: $(VENV)/.runtime
-	$(BIN)/tinyps train --dataset digits
+	$(BIN)/tinyps launch --servers 2 --workers 2 --mode sync --dataset digits
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
@@ -31,6 +31,7 @@ test-slow: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_kernels.py
 	$(BIN)/python benchmarks/bench_transport.py
+	$(BIN)/python benchmarks/bench_cluster.py
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 
 import grpc
+import numpy as np
 
 from ps import ps_pb2, ps_pb2_grpc
 from ps.codec import CodecError, decode_push_request, encode_pull_reply
@@ -84,6 +85,22 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._lock = threading.Lock()
         self._bytes_in = 0  # message bytes of the pushes taken (Init not counted)
         self._bytes_out = 0  # message bytes of the pulls answered
+        self._last_reply: tuple[tuple, bytes] | None = None  # see _encode
+
+    def _encode(self, got: list[tuple[Key, np.ndarray, int]], staleness: int = 0) -> bytes:
+        """PullReply bytes for (key, values, version) triples; runs under the store's lock.
+
+        The last reply is kept: in sync mode all W workers ask for the same keys at the same
+        versions, and the keys and versions say exactly what the bytes hold, so W-1 of them
+        get it without encoding again.
+        """
+        signature = (tuple((k.name, k.start, version) for k, _, version in got), staleness)
+        if self._last_reply is not None and self._last_reply[0] == signature:
+            return self._last_reply[1]
+        payload = encode_pull_reply(
+            [(k.name, k.start, values, version) for k, values, version in got], staleness)
+        self._last_reply = (signature, payload)
+        return payload
 
     def _count(self, received: int = 0, sent: int = 0) -> None:
         with self._lock:
@@ -109,10 +126,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """Answers PullReply bytes, written by ps.codec (see add_to_server)."""
         def run():
             key_ids = [(k.name, k.start) for k in request.keys] or None
-            payload = self._store.pull(
-                key_ids, request.worker, request.step, _wait_budget(context),
-                read=lambda got: encode_pull_reply(
-                    [(k.name, k.start, values, version) for k, values, version in got]))
+            payload = self._store.pull(key_ids, request.worker, request.step,
+                                       _wait_budget(context), read=self._encode)
             self._count(sent=len(payload))
             return payload
 
@@ -143,11 +158,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """Push, then pull the same keys for the next step: PullReply bytes (ps.codec)."""
         def run():
             worker, step, (_, _, staleness), key_ids = self._push(request)
-            payload = self._store.pull(
-                key_ids, worker, step + 1, _wait_budget(context),
-                read=lambda got: encode_pull_reply(
-                    [(k.name, k.start, values, version) for k, values, version in got],
-                    staleness))
+            payload = self._store.pull(key_ids, worker, step + 1, _wait_budget(context),
+                                       read=lambda got: self._encode(got, staleness))
             self._count(sent=len(payload))
             return payload
 

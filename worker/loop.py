@@ -53,6 +53,8 @@ class StepRecord:
     staleness: int  # the stalest of this step's gradients when the servers applied them
     samples: int
     wait_s: float  # time spent in pull and push: waiting on servers and the wire
+    pull_s: float  # the part of wait_s spent pulling this step's weights (0 when fused)
+    push_s: float  # the part spent pushing (with fused PushPull: the whole round trip)
     compute_s: float  # forward and backward (and any injected slowdown)
     pulled: float  # seconds since the origin when the pull returned (the step began)
     pushing: float  # seconds since the origin when the push began
@@ -127,7 +129,7 @@ def run_worker(
         record = StepRecord(
             time=t4 - start, worker=client.worker_id, step=step, loss=loss,
             staleness=staleness, samples=len(idx),
-            wait_s=pull_s + (t4 - t3), compute_s=t3 - t1,
+            wait_s=pull_s + (t4 - t3), pull_s=pull_s, push_s=t4 - t3, compute_s=t3 - t1,
             pulled=t1 - start, pushing=t3 - start,
         )
         pull_s = t5 - t4  # the next step's pull, counted as that step's wait
