@@ -1,14 +1,11 @@
 """A parameter-server process: the store behind a gRPC server, with health and reflection.
 
-`serve(...)` starts one in this process and returns at once; `python -m ps.server` runs one
-until it is shut down (by the Shutdown call, SIGTERM or Ctrl-C).
+`serve(...)` starts one in this process and returns at once; `tinyps server` runs one as a
+process of its own until it is shut down (by the Shutdown call, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations
 
-import argparse
-import signal
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +14,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ps.memory import keep_freed_buffers
 from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server
 from ps.store import Store, StoreConfig
 from ps.wire import MAX_MESSAGE_BYTES
@@ -88,40 +84,15 @@ def serve(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # newer gRPC raises where older ones returned 0
+        bound = 0
     if bound == 0 or (port and bound != port):
+        server.stop(0)
         raise OSError(f"cannot bind {host}:{port}: is the port in use?")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server, bound, host, store, stopped)
     return running
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ps.server",
-                                     description="Run one tinyps parameter server.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--mode", choices=("sync", "async", "ssp"), default="sync")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--staleness", type=int, default=0)
-    parser.add_argument("--staleness-lr", action="store_true")
-    parser.add_argument("--max-staleness", type=int, default=None)
-    args = parser.parse_args(argv)
-    keep_freed_buffers()
-    try:
-        running = serve(args.host, args.port, args.mode, args.workers, args.staleness,
-                        staleness_lr=args.staleness_lr, max_staleness=args.max_staleness)
-    except (ValueError, OSError) as err:
-        print(f"ps.server: error: {err}", file=sys.stderr)
-        return 2
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: running.stop())
-    print(f"listening on {running.address}", flush=True)
-    running.wait()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -159,3 +159,14 @@ def test_placement_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "dense0.weight  64x128  32,768  2" in out
     assert "strategy dense0=2,dense1=0,dense2=1" in out
+
+
+def test_a_server_on_a_taken_port_fails_with_a_clear_error(capsys):
+    from ps.server import serve
+
+    running = serve(mode="sync", workers=1)
+    try:
+        assert main(["server", "--port", str(running.port)]) == 2
+        assert f"cannot bind 127.0.0.1:{running.port}" in capsys.readouterr().err
+    finally:
+        running.stop(0)

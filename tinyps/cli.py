@@ -377,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if args.command != "server" else None
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad settings or data: one clear line, not a traceback.
+    except (ValueError, OSError) as err:
+        # Bad settings, data or address: one clear line, not a traceback.
         print(f"tinyps {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

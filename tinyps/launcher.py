@@ -245,5 +245,5 @@ def _finish(config: LaunchConfig, data: Dataset, placement: Placement, addresses
     model = MLP((data.n_features, *config.hidden, data.n_classes))
     test_loss, test_accuracy = model.evaluate(params, data.X_test, data.y_test)
     summary = build_summary(config, records, stats, test_loss, test_accuracy, placement,
-                            time.time() - started, steps)
+                            time.time() - started, steps, len(data.X_train))
     return summary, params

@@ -28,6 +28,7 @@ def build_summary(
     placement: Placement,
     wall_s: float,
     steps_per_worker: int,
+    n_train: int,
     restarts: int = 0,
 ) -> dict:
     per_worker: dict[int, list[dict]] = defaultdict(list)
@@ -56,7 +57,9 @@ def build_summary(
         "precision": config.precision,
         "dataset": config.dataset,
         "optimizer": config.optimizer,
-        "epochs": config.epochs,
+        # Passes over the training set: as configured, or what --steps amounted to.
+        "epochs": (config.epochs if config.steps is None else
+                   round(steps_per_worker * config.workers * config.batch_size / n_train, 2)),
         "steps_per_worker": steps_per_worker,
         "wall_s": wall_s,
         "train_s": train_end - train_start,
