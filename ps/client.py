@@ -21,13 +21,13 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import ps_pb2, ps_pb2_grpc
-from ps.codec import decode_pull_reply, encode_push_request
+from ps.codec import PullReplyView, decode_pull_reply, encode_push_request
 from ps.keys import DEFAULT_CHUNK_BYTES, Key, KeyId, cut
 from ps.optimizer import OptimizerConfig
 from ps.placement import Placement, TensorSpec, place
-from ps.wire import MAX_MESSAGE_BYTES, decode_slice, write_slice
+from ps.wire import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode_slice, write_slice
 
-__all__ = ["PSClient", "PSError", "PushResult", "wait_healthy"]
+__all__ = ["PSClient", "PSError", "PushPullResult", "PushResult", "wait_healthy"]
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
@@ -42,6 +42,13 @@ class PSError(RuntimeError):
         self.address = address
         self.code = code
         self.details = details
+
+
+@dataclass(frozen=True)
+class PushPullResult:
+    params: dict[str, np.ndarray]  # every tensor, for the next step
+    staleness_max: int  # the stalest gradient this push had applied
+    step_skipped: bool  # the step was skipped for inf/NaN (sync: by any worker)
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ class PSClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         in_flight: int = 4,
         retry_s: float = 30.0,
+        wire_dtype: str = "float32",
     ) -> None:
         addresses = list(addresses)
         if not addresses:
@@ -123,6 +131,10 @@ class PSClient:
         if not 4 <= chunk_bytes <= MAX_MESSAGE_BYTES // 2:
             raise ValueError(f"chunk_bytes must be in [4, {MAX_MESSAGE_BYTES // 2}], "
                              f"got {chunk_bytes}")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, "
+                             f"got {wire_dtype!r}")
+        self.wire_dtype = wire_dtype  # weights are pulled and gradients pushed in this format
         self.addresses = addresses
         self.worker_id = worker_id
         self.deadline_s = deadline_s  # every call but a waiting pull
@@ -267,24 +279,28 @@ class PSClient:
         timeout = self.deadline_s if step is None else self.wait_s
         flat = self._empty()
 
-        def fetch(server: int, group: list[Key]) -> list[tuple[KeyId, int]]:
+        def fetch(server: int, group: list[Key]) -> PullReplyView:
             refs = [ps_pb2.KeyRef(name=k.name, start=k.start) for k in group]
-            request = ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs)
-            return self._unpack(self._call(server, "Pull", request, timeout), flat)[0]
+            request = ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs,
+                                         dtype=self.wire_dtype)
+            return self._unpack(self._call(server, "Pull", request, timeout), flat)
 
         self._finish(self._run([partial(fetch, s, g) for s, g in self._groups(keys)]))
         return self._shaped(flat)
 
-    def push(self, grads: Mapping[str, np.ndarray], step: int) -> PushResult:
+    def push(self, grads: Mapping[str, np.ndarray] | None, step: int, *, scale: float = 1.0,
+             skip: bool = False) -> PushResult:
         """Send this worker's gradients of `step` (every tensor) to the servers that hold them.
 
-        A repeat of a step already pushed is acknowledged and not applied again.
+        scale: the gradients carry this loss scale; servers divide it out in fp32.
+        skip: this worker found inf or NaN; grads may be None, the step counts, nothing is
+        applied. A repeat of a step already pushed is acknowledged and not applied again.
         """
         keys = self._layout()
-        flat = self._flatten("push", grads)
+        flat = None if skip else self._flatten("push", grads)
 
         def send(server: int, group: list[Key]) -> ps_pb2.PushReply:
-            payload = self._encode(step, group, flat)
+            payload = self._encode(step, group, flat, scale)
             return self._call(server, "Push", payload, self.deadline_s)
 
         replies = self._run([partial(send, s, g) for s, g in self._groups(keys)])
@@ -294,22 +310,24 @@ class PSClient:
             staleness_max=max((r.staleness_max for r in replies), default=0),
         )
 
-    def push_pull(
-        self, grads: Mapping[str, np.ndarray], step: int
-    ) -> tuple[dict[str, np.ndarray], int]:
+    def push_pull(self, grads: Mapping[str, np.ndarray] | None, step: int, *,
+                  scale: float = 1.0, skip: bool = False) -> PushPullResult:
         """push(grads, step), then pull(step + 1), in one round trip per request (ps-lite's
-        PushPull). Returns (every tensor for the next step, the push's stalest gradient)."""
+        PushPull): the next step's weights, the stalest gradient applied, and whether the step
+        was skipped (sync: by any worker, so that every worker's loss scaler hears of it)."""
         keys = self._layout()
-        grads_flat = self._flatten("push_pull", grads)
+        grads_flat = None if skip else self._flatten("push_pull", grads)
         flat = self._empty()
 
-        def exchange(server: int, group: list[Key]) -> tuple[list[tuple[KeyId, int]], int]:
-            payload = self._encode(step, group, grads_flat)
+        def exchange(server: int, group: list[Key]) -> PullReplyView:
+            payload = self._encode(step, group, grads_flat, scale)
             return self._unpack(self._call(server, "PushPull", payload, self.wait_s), flat)
 
-        results = self._run([partial(exchange, s, g) for s, g in self._groups(keys)])
-        self._finish([versions for versions, _ in results])
-        return self._shaped(flat), max((staleness for _, staleness in results), default=0)
+        replies = self._run([partial(exchange, s, g) for s, g in self._groups(keys)])
+        self._finish(replies)
+        return PushPullResult(self._shaped(flat),
+                              max((r.staleness_max for r in replies), default=0),
+                              any(r.step_skipped for r in replies))
 
     # -- helpers of the verbs -------------------------------------------------------------
 
@@ -336,30 +354,31 @@ class PSClient:
             flat[name] = np.ascontiguousarray(grad).reshape(-1)
         return flat
 
-    def _encode(self, step: int, group: list[Key], flat: dict[str, np.ndarray]) -> bytes:
-        """PushRequest bytes for a group of keys. Called on the thread that sends them, so
-        that the copy overlaps the other calls in flight."""
+    def _encode(self, step: int, group: list[Key], flat: dict[str, np.ndarray] | None,
+                scale: float) -> bytes:
+        """PushRequest bytes for a group of keys (flat None: a skipped step, no values).
+        Called on the thread that sends them, so that the copy overlaps other calls."""
+        empty = np.zeros(0, np.float32)
         return encode_push_request(self.worker_id, step, [
-            (k.name, k.start, flat[k.name][k.start:k.stop], self._read_versions.get(k.id, 0))
-            for k in group])
+            (k.name, k.start, empty if flat is None else flat[k.name][k.start:k.stop],
+             self._read_versions.get(k.id, 0))
+            for k in group], self.wire_dtype, 0.0 if scale == 1.0 else scale, flat is None)
 
     @staticmethod
-    def _unpack(reply: bytes, flat: dict[str, np.ndarray]) -> tuple[list[tuple[KeyId, int]], int]:
-        """Copy PullReply values into `flat`; return (key versions, staleness_max). Called on
-        the receiving thread: NumPy releases the interpreter lock while it copies, so copies
-        overlap the calls still on the wire."""
-        pieces, staleness = decode_pull_reply(reply)
-        versions = []
-        for piece in pieces:
+    def _unpack(reply: bytes, flat: dict[str, np.ndarray]) -> PullReplyView:
+        """Copy PullReply values into `flat` and return the reply. Called on the receiving
+        thread: NumPy releases the interpreter lock while it copies, so copies overlap the
+        calls still on the wire."""
+        view = decode_pull_reply(reply)
+        for piece in view.slices:
             values = decode_slice(piece)
             flat[piece.name][piece.start:piece.start + values.size] = values
-            versions.append(((piece.name, piece.start), piece.version))
-        return versions, staleness
+        return view
 
-    def _finish(self, versions: list[list[tuple[KeyId, int]]]) -> None:
+    def _finish(self, replies: list[PullReplyView]) -> None:
         """Remember the versions read: the next push reports them, for staleness."""
-        for group in versions:
-            self._read_versions.update(group)
+        for reply in replies:
+            self._read_versions.update(((p.name, p.start), p.version) for p in reply.slices)
 
     def versions(self) -> list[dict]:
         """Per server: initialised, min_version, max_version, clocks (worker -> steps)."""

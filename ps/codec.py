@@ -9,13 +9,16 @@ place on the way in. Any protobuf library parses what it writes (a test checks b
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 
+from kernels import bf16_encode, fp16_encode
+
 __all__ = [
-    "WireSlice", "decode_pull_reply", "decode_push_request", "encode_pull_reply",
-    "encode_push_request",
+    "PullReplyView", "PushRequestView", "WireSlice", "decode_pull_reply", "decode_push_request",
+    "encode_pull_reply", "encode_push_request",
 ]
 
 # Wire types (protobuf encoding spec): varint, 64-bit, length-delimited, 32-bit.
@@ -38,6 +41,22 @@ class WireSlice:
     version: int
 
 
+@dataclass(frozen=True)
+class PullReplyView:
+    slices: list[WireSlice]
+    staleness_max: int
+    step_skipped: bool
+
+
+@dataclass(frozen=True)
+class PushRequestView:
+    worker: int
+    step: int
+    slices: list[WireSlice]
+    grad_scale: float  # 1.0 when the message left it unset
+    skip: bool
+
+
 # -- writing ------------------------------------------------------------------------------
 
 
@@ -56,16 +75,24 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint((field << 3) | wire_type)
 
 
-def _slice_parts(name: str, start: int, values: np.ndarray, version: int) -> list:
+# 16-bit formats travel as their bit patterns, made by the rounding kernels in one pass.
+_PACK = {"float32": lambda v: np.ascontiguousarray(v, dtype="<f4"),
+         "float16": lambda v: fp16_encode(np.ascontiguousarray(v, dtype=np.float32)),
+         "bfloat16": lambda v: bf16_encode(np.ascontiguousarray(v, dtype=np.float32))}
+
+
+def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
+                 dtype: str = "float32") -> list:
     """A Slice's fields in field order; default values left out, as protobuf does."""
-    data = memoryview(np.ascontiguousarray(values, dtype="<f4")).cast("B")
+    data = memoryview(_PACK[dtype](values)).cast("B")
     encoded_name = name.encode()
+    encoded_dtype = dtype.encode()
     packed_shape = _varint(values.size)
     head = [_tag(1, _LEN), _varint(len(encoded_name)), encoded_name]
     if start:
         head += [_tag(2, _VARINT), _varint(start)]
-    head += [_tag(3, _LEN), b"\x07float32", _tag(4, _LEN), _varint(len(packed_shape)),
-             packed_shape]
+    head += [_tag(3, _LEN), _varint(len(encoded_dtype)), encoded_dtype,
+             _tag(4, _LEN), _varint(len(packed_shape)), packed_shape]
     if len(data):
         head += [_tag(5, _LEN), _varint(len(data))]
     tail = [_tag(6, _VARINT), _varint(version)] if version else []
@@ -80,19 +107,23 @@ def _message(field: int, parts: list) -> list:
 
 
 def encode_pull_reply(
-    items: list[tuple[str, int, np.ndarray, int]], staleness_max: int = 0
+    items: list[tuple[str, int, np.ndarray, int]], staleness_max: int = 0,
+    step_skipped: bool = False, dtype: str = "float32",
 ) -> bytes:
-    """PullReply bytes from (name, start, float32 values, version) per key."""
+    """PullReply bytes from (name, start, float32 values, version) per key, sent as `dtype`."""
     parts = []
     for name, start, values, version in items:
-        parts += _message(1, _slice_parts(name, start, values, version))
+        parts += _message(1, _slice_parts(name, start, values, version, dtype))
     if staleness_max:
         parts += [_tag(2, _VARINT), _varint(staleness_max)]
+    if step_skipped:
+        parts += [_tag(3, _VARINT), b"\x01"]
     return b"".join(parts)  # the one copy of the tensor bytes
 
 
 def encode_push_request(
-    worker: int, step: int, items: list[tuple[str, int, np.ndarray, int]]
+    worker: int, step: int, items: list[tuple[str, int, np.ndarray, int]],
+    dtype: str = "float32", grad_scale: float = 0.0, skip: bool = False,
 ) -> bytes:
     """PushRequest bytes from a worker id, a step and (name, start, grad, version) per key."""
     parts = []
@@ -101,7 +132,11 @@ def encode_push_request(
     if step:
         parts += [_tag(2, _VARINT), _varint(step)]
     for name, start, values, version in items:
-        parts += _message(3, _slice_parts(name, start, values, version))
+        parts += _message(3, _slice_parts(name, start, values, version, dtype))
+    if grad_scale:
+        parts += [_tag(4, _I64), struct.pack("<d", grad_scale)]
+    if skip:
+        parts += [_tag(5, _VARINT), b"\x01"]
     return b"".join(parts)
 
 
@@ -183,20 +218,20 @@ def _text(view: memoryview) -> str:
         raise CodecError("a string field is not UTF-8") from None
 
 
-def decode_pull_reply(payload: bytes) -> tuple[list[WireSlice], int]:
-    """(slices, staleness_max) of PullReply bytes."""
-    slices, staleness_max = [], 0
+def decode_pull_reply(payload: bytes) -> PullReplyView:
+    slices, staleness_max, skipped = [], 0, False
     for field, wire_type, value in _fields(memoryview(payload)):
         if field == 1 and wire_type == _LEN:
             slices.append(_decode_slice(value))
         elif field == 2 and wire_type == _VARINT:
             staleness_max = _signed(value)
-    return slices, staleness_max
+        elif field == 3 and wire_type == _VARINT:
+            skipped = bool(value)
+    return PullReplyView(slices, staleness_max, skipped)
 
 
-def decode_push_request(payload: bytes) -> tuple[int, int, list[WireSlice]]:
-    """(worker, step, slices) of PushRequest bytes."""
-    worker, step, slices = 0, 0, []
+def decode_push_request(payload: bytes) -> PushRequestView:
+    worker, step, slices, scale, skip = 0, 0, [], 0.0, False
     for field, wire_type, value in _fields(memoryview(payload)):
         if field == 1 and wire_type == _VARINT:
             worker = _signed(value)
@@ -205,4 +240,8 @@ def decode_push_request(payload: bytes) -> tuple[int, int, list[WireSlice]]:
             step = _signed(value)
         elif field == 3 and wire_type == _LEN:
             slices.append(_decode_slice(value))
-    return worker, step, slices
+        elif field == 4 and wire_type == _I64:
+            (scale,) = struct.unpack("<d", value)
+        elif field == 5 and wire_type == _VARINT:
+            skip = bool(value)
+    return PushRequestView(worker, step, slices, scale or 1.0, skip)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bps/ps.proto\x12\x06tinyps\"a\n\x05Slice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0f\n\x07version\x18\x06 \x01(\x03\"J\n\x07KeySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctensor_shape\x18\x02 \x03(\x03\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\"\x92\x01\n\x11OptimizerSettings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\x10\n\x08nesterov\x18\x04 \x01(\x08\x12\r\n\x05\x62\x65ta1\x18\x05 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x07 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\"y\n\x0bInitRequest\x12,\n\toptimizer\x18\x01 \x01(\x0b\x32\x19.tinyps.OptimizerSettings\x12\x1d\n\x04keys\x18\x02 \x03(\x0b\x32\x0f.tinyps.KeySpec\x12\x1d\n\x06values\x18\x03 \x03(\x0b\x32\r.tinyps.Slice\"2\n\tInitReply\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x14\n\x0ckeys_pending\x18\x02 \x01(\x03\"%\n\x06KeyRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\"I\n\x0bPullRequest\x12\x0e\n\x06worker\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1c\n\x04keys\x18\x03 \x03(\x0b\x32\x0e.tinyps.KeyRef\"A\n\tPullReply\x12\x1d\n\x06values\x18\x01 \x03(\x0b\x32\r.tinyps.Slice\x12\x15\n\rstaleness_max\x18\x02 \x01(\x03\"I\n\x0bPushRequest\x12\x0e\n\x06worker\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1c\n\x05grads\x18\x03 \x03(\x0b\x32\r.tinyps.Slice\"H\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x15\n\rstaleness_max\x18\x03 \x01(\x03\"\x0f\n\rLayoutRequest\",\n\x0bLayoutReply\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.tinyps.KeySpec\"\x10\n\x0eVersionRequest\"\xae\x01\n\x0cVersionReply\x12\x13\n\x0binitialised\x18\x01 \x01(\x08\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\x12\x13\n\x0bmax_version\x18\x03 \x01(\x03\x12\x30\n\x06\x63locks\x18\x04 \x03(\x0b\x32 .tinyps.VersionReply.ClocksEntry\x1a-\n\x0b\x43locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x0e\n\x0cStatsRequest\"\xf1\x03\n\nStatsReply\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x17\n\x0fstaleness_bound\x18\x03 \x01(\x05\x12\x0f\n\x07tensors\x18\x04 \x03(\t\x12\x0c\n\x04keys\x18\x05 \x01(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x12\n\nbytes_held\x18\x07 \x01(\x03\x12\x0e\n\x06pushes\x18\x08 \x01(\x03\x12\r\n\x05pulls\x18\t \x01(\x03\x12\x0f\n\x07updates\x18\n \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x0b \x01(\x03\x12\x11\n\tbytes_out\x18\x0c \x01(\x03\x12\x17\n\x0fstaleness_count\x18\r \x01(\x03\x12\x15\n\rstaleness_sum\x18\x0e \x01(\x03\x12\x15\n\rstaleness_max\x18\x0f \x01(\x03\x12\x1b\n\x13staleness_histogram\x18\x10 \x03(\x03\x12\x15\n\rdropped_stale\x18\x11 \x01(\x03\x12\x0f\n\x07waiting\x18\x12 \x01(\x05\x12.\n\x06\x63locks\x18\x13 \x03(\x0b\x32\x1e.tinyps.StatsReply.ClocksEntry\x12\x13\n\x0bmin_version\x18\x14 \x01(\x03\x12\x13\n\x0bmax_version\x18\x15 \x01(\x03\x1a-\n\x0b\x43locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\xb3\x03\n\x0fParameterServer\x12.\n\x04Init\x12\x13.tinyps.InitRequest\x1a\x11.tinyps.InitReply\x12.\n\x04Pull\x12\x13.tinyps.PullRequest\x1a\x11.tinyps.PullReply\x12.\n\x04Push\x12\x13.tinyps.PushRequest\x1a\x11.tinyps.PushReply\x12\x32\n\x08PushPull\x12\x13.tinyps.PushRequest\x1a\x11.tinyps.PullReply\x12\x34\n\x06Layout\x12\x15.tinyps.LayoutRequest\x1a\x13.tinyps.LayoutReply\x12\x37\n\x07Version\x12\x16.tinyps.VersionRequest\x1a\x14.tinyps.VersionReply\x12\x31\n\x05Stats\x12\x14.tinyps.StatsRequest\x1a\x12.tinyps.StatsReply\x12:\n\x08Shutdown\x12\x17.tinyps.ShutdownRequest\x1a\x15.tinyps.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bps/ps.proto\x12\x06tinyps\"a\n\x05Slice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0f\n\x07version\x18\x06 \x01(\x03\"J\n\x07KeySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctensor_shape\x18\x02 \x03(\x03\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\"\x92\x01\n\x11OptimizerSettings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\x10\n\x08nesterov\x18\x04 \x01(\x08\x12\r\n\x05\x62\x65ta1\x18\x05 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x07 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\"y\n\x0bInitRequest\x12,\n\toptimizer\x18\x01 \x01(\x0b\x32\x19.tinyps.OptimizerSettings\x12\x1d\n\x04keys\x18\x02 \x03(\x0b\x32\x0f.tinyps.KeySpec\x12\x1d\n\x06values\x18\x03 \x03(\x0b\x32\r.tinyps.Slice\"2\n\tInitReply\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x14\n\x0ckeys_pending\x18\x02 \x01(\x03\"%\n\x06KeyRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\"X\n\x0bPullRequest\x12\x0e\n\x06worker\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1c\n\x04keys\x18\x03 \x03(\x0b\x32\x0e.tinyps.KeyRef\x12\r\n\x05\x64type\x18\x04 \x01(\t\"W\n\tPullReply\x12\x1d\n\x06values\x18\x01 \x03(\x0b\x32\r.tinyps.Slice\x12\x15\n\rstaleness_max\x18\x02 \x01(\x03\x12\x14\n\x0cstep_skipped\x18\x03 \x01(\x08\"k\n\x0bPushRequest\x12\x0e\n\x06worker\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1c\n\x05grads\x18\x03 \x03(\x0b\x32\r.tinyps.Slice\x12\x12\n\ngrad_scale\x18\x04 \x01(\x01\x12\x0c\n\x04skip\x18\x05 \x01(\x08\"H\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x15\n\rstaleness_max\x18\x03 \x01(\x03\"\x0f\n\rLayoutRequest\",\n\x0bLayoutReply\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.tinyps.KeySpec\"\x10\n\x0eVersionRequest\"\xae\x01\n\x0cVersionReply\x12\x13\n\x0binitialised\x18\x01 \x01(\x08\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\x12\x13\n\x0bmax_version\x18\x03 \x01(\x03\x12\x30\n\x06\x63locks\x18\x04 \x03(\x0b\x32 .tinyps.VersionReply.ClocksEntry\x1a-\n\x0b\x43locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x0e\n\x0cStatsRequest\"\x88\x04\n\nStatsReply\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x17\n\x0fstaleness_bound\x18\x03 \x01(\x05\x12\x0f\n\x07tensors\x18\x04 \x03(\t\x12\x0c\n\x04keys\x18\x05 \x01(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x12\n\nbytes_held\x18\x07 \x01(\x03\x12\x0e\n\x06pushes\x18\x08 \x01(\x03\x12\r\n\x05pulls\x18\t \x01(\x03\x12\x0f\n\x07updates\x18\n \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x0b \x01(\x03\x12\x11\n\tbytes_out\x18\x0c \x01(\x03\x12\x17\n\x0fstaleness_count\x18\r \x01(\x03\x12\x15\n\rstaleness_sum\x18\x0e \x01(\x03\x12\x15\n\rstaleness_max\x18\x0f \x01(\x03\x12\x1b\n\x13staleness_histogram\x18\x10 \x03(\x03\x12\x15\n\rdropped_stale\x18\x11 \x01(\x03\x12\x0f\n\x07waiting\x18\x12 \x01(\x05\x12.\n\x06\x63locks\x18\x13 \x03(\x0b\x32\x1e.tinyps.StatsReply.ClocksEntry\x12\x13\n\x0bmin_version\x18\x14 \x01(\x03\x12\x13\n\x0bmax_version\x18\x15 \x01(\x03\x12\x15\n\rskipped_steps\x18\x16 \x01(\x03\x1a-\n\x0b\x43locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\xb3\x03\n\x0fParameterServer\x12.\n\x04Init\x12\x13.tinyps.InitRequest\x1a\x11.tinyps.InitReply\x12.\n\x04Pull\x12\x13.tinyps.PullRequest\x1a\x11.tinyps.PullReply\x12.\n\x04Push\x12\x13.tinyps.PushRequest\x1a\x11.tinyps.PushReply\x12\x32\n\x08PushPull\x12\x13.tinyps.PushRequest\x1a\x11.tinyps.PullReply\x12\x34\n\x06Layout\x12\x15.tinyps.LayoutRequest\x1a\x13.tinyps.LayoutReply\x12\x37\n\x07Version\x12\x16.tinyps.VersionRequest\x1a\x14.tinyps.VersionReply\x12\x31\n\x05Stats\x12\x14.tinyps.StatsRequest\x1a\x12.tinyps.StatsReply\x12:\n\x08Shutdown\x12\x17.tinyps.ShutdownRequest\x1a\x15.tinyps.ShutdownReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYREF']._serialized_start=522
   _globals['_KEYREF']._serialized_end=559
   _globals['_PULLREQUEST']._serialized_start=561
-  _globals['_PULLREQUEST']._serialized_end=634
-  _globals['_PULLREPLY']._serialized_start=636
-  _globals['_PULLREPLY']._serialized_end=701
-  _globals['_PUSHREQUEST']._serialized_start=703
-  _globals['_PUSHREQUEST']._serialized_end=776
-  _globals['_PUSHREPLY']._serialized_start=778
-  _globals['_PUSHREPLY']._serialized_end=850
-  _globals['_LAYOUTREQUEST']._serialized_start=852
-  _globals['_LAYOUTREQUEST']._serialized_end=867
-  _globals['_LAYOUTREPLY']._serialized_start=869
-  _globals['_LAYOUTREPLY']._serialized_end=913
-  _globals['_VERSIONREQUEST']._serialized_start=915
-  _globals['_VERSIONREQUEST']._serialized_end=931
-  _globals['_VERSIONREPLY']._serialized_start=934
-  _globals['_VERSIONREPLY']._serialized_end=1108
-  _globals['_VERSIONREPLY_CLOCKSENTRY']._serialized_start=1063
-  _globals['_VERSIONREPLY_CLOCKSENTRY']._serialized_end=1108
-  _globals['_STATSREQUEST']._serialized_start=1110
-  _globals['_STATSREQUEST']._serialized_end=1124
-  _globals['_STATSREPLY']._serialized_start=1127
-  _globals['_STATSREPLY']._serialized_end=1624
-  _globals['_STATSREPLY_CLOCKSENTRY']._serialized_start=1063
-  _globals['_STATSREPLY_CLOCKSENTRY']._serialized_end=1108
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1626
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1643
-  _globals['_SHUTDOWNREPLY']._serialized_start=1645
-  _globals['_SHUTDOWNREPLY']._serialized_end=1660
-  _globals['_PARAMETERSERVER']._serialized_start=1663
-  _globals['_PARAMETERSERVER']._serialized_end=2098
+  _globals['_PULLREQUEST']._serialized_end=649
+  _globals['_PULLREPLY']._serialized_start=651
+  _globals['_PULLREPLY']._serialized_end=738
+  _globals['_PUSHREQUEST']._serialized_start=740
+  _globals['_PUSHREQUEST']._serialized_end=847
+  _globals['_PUSHREPLY']._serialized_start=849
+  _globals['_PUSHREPLY']._serialized_end=921
+  _globals['_LAYOUTREQUEST']._serialized_start=923
+  _globals['_LAYOUTREQUEST']._serialized_end=938
+  _globals['_LAYOUTREPLY']._serialized_start=940
+  _globals['_LAYOUTREPLY']._serialized_end=984
+  _globals['_VERSIONREQUEST']._serialized_start=986
+  _globals['_VERSIONREQUEST']._serialized_end=1002
+  _globals['_VERSIONREPLY']._serialized_start=1005
+  _globals['_VERSIONREPLY']._serialized_end=1179
+  _globals['_VERSIONREPLY_CLOCKSENTRY']._serialized_start=1134
+  _globals['_VERSIONREPLY_CLOCKSENTRY']._serialized_end=1179
+  _globals['_STATSREQUEST']._serialized_start=1181
+  _globals['_STATSREQUEST']._serialized_end=1195
+  _globals['_STATSREPLY']._serialized_start=1198
+  _globals['_STATSREPLY']._serialized_end=1718
+  _globals['_STATSREPLY_CLOCKSENTRY']._serialized_start=1134
+  _globals['_STATSREPLY_CLOCKSENTRY']._serialized_end=1179
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1720
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1737
+  _globals['_SHUTDOWNREPLY']._serialized_start=1739
+  _globals['_SHUTDOWNREPLY']._serialized_end=1754
+  _globals['_PARAMETERSERVER']._serialized_start=1757
+  _globals['_PARAMETERSERVER']._serialized_end=2192
 # @@protoc_insertion_point(module_scope)

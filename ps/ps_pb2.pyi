@@ -81,32 +81,40 @@ class KeyRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker", "step", "keys")
+    __slots__ = ("worker", "step", "keys", "dtype")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker: int
     step: int
     keys: _containers.RepeatedCompositeFieldContainer[KeyRef]
-    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class PullReply(_message.Message):
-    __slots__ = ("values", "staleness_max")
+    __slots__ = ("values", "staleness_max", "step_skipped")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
+    STEP_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[Slice]
     staleness_max: int
-    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ...) -> None: ...
+    step_skipped: bool
+    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("worker", "step", "grads")
+    __slots__ = ("worker", "step", "grads", "grad_scale", "skip")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
     worker: int
     step: int
     grads: _containers.RepeatedCompositeFieldContainer[Slice]
-    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
+    grad_scale: float
+    skip: bool
+    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., grad_scale: _Optional[float] = ..., skip: _Optional[bool] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "duplicates", "staleness_max")
@@ -156,7 +164,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version")
+    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version", "skipped_steps")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +193,7 @@ class StatsReply(_message.Message):
     CLOCKS_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     workers: int
     staleness_bound: int
@@ -206,7 +215,8 @@ class StatsReply(_message.Message):
     clocks: _containers.ScalarMap[int, int]
     min_version: int
     max_version: int
-    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ...) -> None: ...
+    skipped_steps: int
+    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from ps import ps_pb2, ps_pb2_grpc
-from ps.codec import CodecError, decode_push_request, encode_pull_reply
+from ps.codec import CodecError, PushRequestView, decode_push_request, encode_pull_reply
 from ps.keys import Key, KeyId
 from ps.optimizer import OptimizerConfig
 from ps.store import (
@@ -27,7 +27,7 @@ from ps.store import (
     UnknownKey,
     WaitTimeout,
 )
-from ps.wire import WireError, decode_slice
+from ps.wire import WIRE_DTYPES, WireError, decode_slice
 
 __all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_to_server"]
 
@@ -56,6 +56,12 @@ def _wait_budget(context: grpc.ServicerContext) -> float:
     if remaining is None:
         return _DEFAULT_WAIT_S
     return max(0.0, min(remaining - 0.05, _DEFAULT_WAIT_S * 10))
+
+
+def _wire_dtype(name: str) -> str:
+    if name not in WIRE_DTYPES:
+        raise WireError(f"dtype {name!r} is not one of {', '.join(WIRE_DTYPES)}")
+    return name
 
 
 def _key(spec: ps_pb2.KeySpec) -> Key:
@@ -87,18 +93,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._bytes_out = 0  # message bytes of the pulls answered
         self._last_reply: tuple[tuple, bytes] | None = None  # see _encode
 
-    def _encode(self, got: list[tuple[Key, np.ndarray, int]], staleness: int = 0) -> bytes:
+    def _encode(self, got: list[tuple[Key, np.ndarray, int]], dtype: str = "float32",
+                staleness: int = 0, skipped: bool = False) -> bytes:
         """PullReply bytes for (key, values, version) triples; runs under the store's lock.
 
         The last reply is kept: in sync mode all W workers ask for the same keys at the same
         versions, and the keys and versions say exactly what the bytes hold, so W-1 of them
         get it without encoding again.
         """
-        signature = (tuple((k.name, k.start, version) for k, _, version in got), staleness)
+        signature = (tuple((k.name, k.start, version) for k, _, version in got), dtype,
+                     staleness, skipped)
         if self._last_reply is not None and self._last_reply[0] == signature:
             return self._last_reply[1]
         payload = encode_pull_reply(
-            [(k.name, k.start, values, version) for k, values, version in got], staleness)
+            [(k.name, k.start, values, version) for k, values, version in got], staleness,
+            skipped, dtype)
         self._last_reply = (signature, payload)
         return payload
 
@@ -126,29 +135,31 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """Answers PullReply bytes, written by ps.codec (see add_to_server)."""
         def run():
             key_ids = [(k.name, k.start) for k in request.keys] or None
+            dtype = _wire_dtype(request.dtype or "float32")
             payload = self._store.pull(key_ids, request.worker, request.step,
-                                       _wait_budget(context), read=self._encode)
+                                       _wait_budget(context),
+                                       read=lambda got: self._encode(got, dtype))
             self._count(sent=len(payload))
             return payload
 
         return self._call(context, run)
 
-    def _push(self, request: bytes) -> tuple[int, int, tuple[int, int, int], list[KeyId]]:
+    def _push(self, request: bytes) -> tuple[PushRequestView, tuple[int, int, int], list[KeyId]]:
         """Decode PushRequest bytes (in place) and hand the gradients to the store."""
-        worker, step, slices = decode_push_request(request)
+        push = decode_push_request(request)
         grads = {}
-        for s in slices:
+        for s in push.slices:
             if (s.name, s.start) in grads:
                 raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
             grads[(s.name, s.start)] = (decode_slice(s), s.version)
-        result = self._store.push(worker, step, grads)
+        result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip)
         self._count(received=len(request))
-        return worker, step, result, list(grads)
+        return push, result, list(grads)
 
     def Push(self, request: bytes, context):
         """Takes PushRequest bytes, read in place by ps.codec (see add_to_server)."""
         def run():
-            _, _, (accepted, duplicates, staleness), _ = self._push(request)
+            _, (accepted, duplicates, staleness), _ = self._push(request)
             return ps_pb2.PushReply(accepted=accepted, duplicates=duplicates,
                                     staleness_max=staleness)
 
@@ -157,9 +168,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def PushPull(self, request: bytes, context):
         """Push, then pull the same keys for the next step: PullReply bytes (ps.codec)."""
         def run():
-            worker, step, (_, _, staleness), key_ids = self._push(request)
-            payload = self._store.pull(key_ids, worker, step + 1, _wait_budget(context),
-                                       read=lambda got: self._encode(got, staleness))
+            push, (_, _, staleness), key_ids = self._push(request)
+            # The weights go back in the format the gradients came in.
+            dtype = _wire_dtype(push.slices[0].dtype if push.slices else "float32")
+            # Runs under the store's lock, after the barrier: the skip decision is made.
+            payload = self._store.pull(
+                key_ids, push.worker, push.step + 1, _wait_budget(context),
+                read=lambda got: self._encode(
+                    got, dtype, staleness, self._store.was_skipped(push.worker, push.step)))
             self._count(sent=len(payload))
             return payload
 

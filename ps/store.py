@@ -26,6 +26,7 @@ __all__ = [
 MODES = ("sync", "async", "ssp")
 
 T = TypeVar("T")
+_SKIPPED = object()  # sync: a step's partial sum once any worker has skipped it
 
 
 class StoreError(Exception):
@@ -112,6 +113,7 @@ class Store:
         self._pending_values = 0  # keys still without values
         self._counters = _Counters()
         self._started: set[int] = set()  # workers that have asked for step 0
+        self._skipped: set = set()  # steps skipped for inf/NaN: sync step, or (worker, step)
         self._closed = False
 
     # -- initialisation -------------------------------------------------------------------
@@ -224,9 +226,15 @@ class Store:
         worker: int,
         step: int,
         grads: dict[KeyId, tuple[np.ndarray, int]],
+        scale: float = 1.0,
+        skip: bool = False,
     ) -> tuple[int, int, int]:
         """Take worker's gradients for `step`: {key: (gradient, version it was computed from)}.
 
+        `scale`: the gradients are multiplied by a loss scale, divided out here in fp32.
+        `skip`: the worker found inf or NaN; its gradients are empty, the step counts, nothing
+        is applied (sync: the whole step is skipped by everyone, so that all W workers and
+        their loss scalers stay in step).
         Returns (keys accepted, keys already pushed for this step: acknowledged, not applied,
         the largest staleness among the gradients applied now).
         Every check runs first: a refused push changes nothing and uses up no step.
@@ -236,10 +244,16 @@ class Store:
             self._check_worker(worker)
             if step < 0:
                 raise StepOutOfRange(f"push: step must be >= 0, got {step}")
+            if not (math.isfinite(scale) and scale > 0):
+                raise BadRequest(f"push: the gradient scale must be finite and > 0, got {scale}")
             fresh = []
             for key_id, (grad, read_version) in grads.items():
                 slot = self._slot(key_id, "push")
-                _check_values("push", slot.key, grad)
+                if skip:
+                    if grad.size:
+                        raise BadRequest(f"push {slot.key}: a skipped step carries no values")
+                else:
+                    _check_values("push", slot.key, grad)
                 expected = int(slot.next_step[worker])
                 if step > expected:
                     raise StepOutOfRange(
@@ -256,30 +270,43 @@ class Store:
             staleness_max = 0
             for slot, grad, read_version in fresh:
                 slot.next_step[worker] += 1
+                if not skip and scale != 1.0:
+                    grad = grad / np.float32(scale)  # unscale in fp32, as GradScaler does
                 if self.config.mode == "sync":
-                    self._accumulate(slot, step, grad)
+                    self._accumulate(slot, step, None if skip else grad)
+                elif skip:
+                    self._skipped.add((worker, step))
                 else:
                     staleness_max = max(staleness_max, self._apply_one(slot, grad, read_version))
             self._counters.pushes += 1
             self._cond.notify_all()
             return len(fresh), len(grads) - len(fresh), staleness_max
 
-    def _accumulate(self, slot: _Slot, step: int, grad: np.ndarray) -> None:
-        """sync: sum the step's gradients; once all W are in, apply their mean as one update."""
-        entry = slot.pending.get(step)
-        if entry is None:
-            slot.pending[step] = [np.array(grad, np.float32, copy=True), 1]
-        else:
+    def _accumulate(self, slot: _Slot, step: int, grad: np.ndarray | None) -> None:
+        """sync: sum the step's gradients; once all W are in, apply their mean as one update.
+
+        grad None: that worker skipped the step (inf or NaN); then nobody's gradient of the
+        step is applied, but the version still advances so that steps and versions stay equal.
+        """
+        entry = slot.pending.setdefault(step, [None, 0])
+        if grad is None:
+            entry[0] = _SKIPPED
+        elif entry[0] is None:
+            entry[0] = np.array(grad, np.float32, copy=True)
+        elif entry[0] is not _SKIPPED:
             entry[0] += grad
-            entry[1] += 1
+        entry[1] += 1
         # Steps complete in order: a worker may push step t+1 before the others finish t.
         while (entry := slot.pending.get(slot.version)) and entry[1] == self.config.workers:
             total, count = slot.pending.pop(slot.version)
-            total /= np.float32(count)
-            self._optimizer.step(str(slot.key), slot.value, total)
+            if total is _SKIPPED:
+                self._skipped.add(slot.version)
+            else:
+                total /= np.float32(count)
+                self._optimizer.step(str(slot.key), slot.value, total)
+                self._counters.updates += 1
+                self._record_staleness(0, count)
             slot.version += 1
-            self._counters.updates += 1
-            self._record_staleness(0, count)
 
     def _apply_one(self, slot: _Slot, grad: np.ndarray, read_version: int) -> int:
         """async / ssp: apply on arrival, unless staler than allowed. Returns the staleness."""
@@ -304,6 +331,11 @@ class Store:
         hist[staleness] += count
 
     # -- inspection -----------------------------------------------------------------------
+
+    def was_skipped(self, worker: int, step: int) -> bool:
+        """Whether `step` was skipped: sync, by any worker; async and ssp, by `worker`."""
+        with self._cond:
+            return (step if self.config.mode == "sync" else (worker, step)) in self._skipped
 
     def layout(self) -> tuple[Key, ...]:
         """The keys this server holds (empty before the first init)."""
@@ -343,6 +375,7 @@ class Store:
                 "staleness_max": max((s for s, n in enumerate(hist) if n), default=0),
                 "staleness_histogram": hist,
                 "dropped_stale": c.dropped_stale,
+                "skipped_steps": len(self._skipped),
                 "waiting": c.waiting,
                 "clocks": clocks,
                 "min_version": vmin,

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from kernels import bf16_decode, fp16_decode
 from ps import ps_pb2
 
 __all__ = ["MAX_MESSAGE_BYTES", "WIRE_DTYPES", "WireError", "decode_slice", "write_slice"]
@@ -17,7 +18,11 @@ __all__ = ["MAX_MESSAGE_BYTES", "WIRE_DTYPES", "WireError", "decode_slice", "wri
 # Clients cut tensors into chunks of a few MiB; this limit only has to exceed one chunk and its
 # framing with room to spare, so that a chunk-size setting never meets it.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-WIRE_DTYPES = {"float32": np.dtype("<f4")}
+# Wire dtype -> the array type of its bytes: 16-bit formats travel as bit patterns (uint16)
+# that the kernels decode to float32.
+WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<u2"),
+               "bfloat16": np.dtype("<u2")}
+_UNPACK = {"float32": lambda a: a, "float16": fp16_decode, "bfloat16": bf16_decode}
 
 
 class WireError(ValueError):
@@ -43,7 +48,8 @@ def write_slice(
 
 
 def decode_slice(msg: ps_pb2.Slice) -> np.ndarray:
-    """The values of a Slice as a read-only float32 array of its shape."""
+    """The values of a Slice as a float32 array of its shape (float32: a read-only view of
+    the message's bytes; 16-bit formats: decoded into a new array)."""
     dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
         raise WireError(f"{msg.name!r}: dtype {msg.dtype!r} is not one of "
@@ -56,4 +62,4 @@ def decode_slice(msg: ps_pb2.Slice) -> np.ndarray:
     if len(data) != want:
         raise WireError(f"{msg.name!r}: shape {list(shape)} of {msg.dtype} needs {want} "
                         f"bytes, got {len(data)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.float32, copy=False)
+    return _UNPACK[msg.dtype](np.frombuffer(data, dtype=dtype)).reshape(shape)

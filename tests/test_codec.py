@@ -43,8 +43,9 @@ def test_pull_reply_bytes_are_protobufs_bytes(spec):
     arrays = _arrays(spec)
     ours = encode_pull_reply(arrays)
     assert ours == _protobuf_reply(arrays).SerializeToString()
-    pieces, staleness = decode_pull_reply(ours)
-    assert staleness == 0
+    reply = decode_pull_reply(ours)
+    pieces = reply.slices
+    assert reply.staleness_max == 0 and not reply.step_skipped
     for piece, (name, start, values, version) in zip(pieces, arrays, strict=True):
         assert (piece.name, piece.start, piece.version) == (name, start, version)
         np.testing.assert_array_equal(decode_slice(piece), values)
@@ -61,8 +62,9 @@ def test_push_request_round_trips_through_protobuf(worker, step, spec):
     for name, start, values, version in arrays:
         write_slice(theirs.grads.add(), name, start, values, version)
     assert ours == theirs.SerializeToString()
-    got_worker, got_step, slices = decode_push_request(theirs.SerializeToString())
-    assert (got_worker, got_step, len(slices)) == (worker, step, len(arrays))
+    got = decode_push_request(theirs.SerializeToString())
+    assert (got.worker, got.step, len(got.slices)) == (worker, step, len(arrays))
+    assert (got.grad_scale, got.skip) == (1.0, False)
 
 
 def test_pull_reply_carries_the_push_staleness():
@@ -71,7 +73,26 @@ def test_pull_reply_carries_the_push_staleness():
     expected = _protobuf_reply(arrays)
     expected.staleness_max = 5
     assert ours == expected.SerializeToString()
-    assert decode_pull_reply(ours)[1] == 5
+    assert decode_pull_reply(ours).staleness_max == 5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_slices_halve_the_bytes_and_decode_to_the_rounded_values(dtype):
+    from kernels import round_to_bf16, round_to_fp16
+
+    values = np.random.default_rng(2).standard_normal(1000, dtype=np.float32)
+    ours = encode_push_request(3, 7, [("w", 0, values, 2)], dtype, grad_scale=1024.0,
+                               skip=False)
+    theirs = ps_pb2.PushRequest.FromString(ours)
+    assert theirs.grad_scale == 1024.0 and theirs.grads[0].dtype == dtype
+    assert len(theirs.grads[0].data) == 2 * values.size
+    got = decode_push_request(ours)
+    assert got.grad_scale == 1024.0
+    rounded = (round_to_fp16 if dtype == "float16" else round_to_bf16)(values)
+    np.testing.assert_array_equal(decode_slice(got.slices[0]), rounded)
+    reply = encode_pull_reply([("w", 0, values, 2)], step_skipped=True, dtype=dtype)
+    assert ps_pb2.PullReply.FromString(reply).step_skipped
+    np.testing.assert_array_equal(decode_slice(decode_pull_reply(reply).slices[0]), rounded)
 
 
 def test_reading_accepts_unpacked_shapes_and_skips_unknown_fields():
@@ -80,7 +101,7 @@ def test_reading_accepts_unpacked_shapes_and_skips_unknown_fields():
     slice_bytes = (b"\x0a\x01w" + b"\x1a\x07float32" + b"\x20\x02" + b"\x2a\x08" + data
                    + b"\x48\x01" + b"\x51" + b"\x00" * 8)
     payload = b"\x0a" + bytes([len(slice_bytes)]) + slice_bytes
-    (piece,), _ = decode_pull_reply(payload)
+    (piece,) = decode_pull_reply(payload).slices
     assert piece.shape == (2,)
     np.testing.assert_array_equal(decode_slice(piece), [1.5, -2.0])
 

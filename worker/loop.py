@@ -118,7 +118,8 @@ def run_worker(
         t3 = time.monotonic()
         last = step == config.steps - 1
         if config.fused and not last:
-            params, staleness = client.push_pull(grads, step)
+            result = client.push_pull(grads, step)
+            params, staleness = result.params, result.staleness_max
             t4 = t5 = time.monotonic()
         else:
             staleness = client.push(grads, step).staleness_max
