@@ -127,6 +127,27 @@ def _consistency_flags(p: argparse.ArgumentParser) -> None:
                    help="async/ssp: drop gradients staler than this (counted)")
 
 
+def _loss_scale(text: str) -> float | str:
+    if text in ("auto", "dynamic", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, dynamic, off or a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a static loss scale must be positive, got {text!r}")
+    return value
+
+
+def _precision_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="worker compute and wire format; servers keep fp32 master weights")
+    p.add_argument("--loss-scale", type=_loss_scale, default="auto",
+                   help="auto (dynamic for fp16, off for bf16), dynamic, off, or a static "
+                        "scale such as 1024")
+
+
 def _placement_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", default="size_balanced",
                    help="round_robin | size_balanced | per layer, e.g. dense0=1,dense1=0")
@@ -153,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label_skew's Dirichlet concentration (smaller: more skew)")
     launch.add_argument("--slow-worker", type=_slow_worker, default=None, metavar="I:FACTOR",
                         help="make worker I compute FACTOR times slower (a straggler)")
-    launch.add_argument("--precision", choices=("fp32",), default="fp32")
+    _precision_flags(launch)
     launch.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push in two calls instead of one PushPull")
     launch.add_argument("--run-dir", default=None, help="default: runs/<time>-<mode>-...")
@@ -184,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--slowdown", type=float, default=1.0,
                         help="compute this many times slower (an injected straggler)")
     worker.add_argument("--no-fused", dest="fused", action="store_false")
+    _precision_flags(worker)
     worker.add_argument("--metrics", type=Path, default=None,
                         help="append one JSON line per step here")
     worker.add_argument("--start-time", type=float, default=None,
@@ -232,7 +254,8 @@ def _run_launch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         momentum=args.momentum, placement=args.placement, split_bytes=args.split_bytes,
         partition=args.partition, alpha=args.alpha, slow_worker=args.slow_worker,
-        precision=args.precision, seed=args.seed, fused=args.fused, run_dir=args.run_dir,
+        precision=args.precision, loss_scale=args.loss_scale, seed=args.seed,
+        fused=args.fused, run_dir=args.run_dir,
     )
     def progress(done: int, total: int, losses: dict[int, float], samples_per_s: float) -> None:
         if bar.total != total:
@@ -293,7 +316,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
         placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
         alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
-        metrics=args.metrics, start_time=args.start_time,
+        metrics=args.metrics, start_time=args.start_time, precision=args.precision,
+        loss_scale=args.loss_scale,
     )
     records = run_worker_process(settings)
     last = records[-1] if records else None

@@ -10,11 +10,12 @@ from pathlib import Path
 from ps.optimizer import OPTIMIZERS, OptimizerConfig
 from ps.placement import TensorSpec, place
 from ps.store import MODES
+from worker.loop import WorkerConfig
 from worker.partition import PARTITION_SCHEMES
+from worker.precision import PRECISIONS
 
 __all__ = ["LaunchConfig"]
 
-PRECISIONS = ("fp32",)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class LaunchConfig:
     partition: str = "iid"  # iid | label_skew
     alpha: float = 0.5  # label_skew's Dirichlet concentration (smaller: more skew)
     slow_worker: tuple[int, float] | None = None  # (worker, factor): an injected straggler
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | fp16 | bf16: worker compute and wire traffic
+    loss_scale: float | str = "auto"  # auto (dynamic for fp16, else off) | dynamic | off | N
     seed: int = 0
     fused: bool = True  # push a step and pull the next in one round trip
     run_dir: str | None = None  # default: runs/<time>-<mode>
@@ -82,6 +84,7 @@ class LaunchConfig:
         need(self.alpha > 0 and math.isfinite(self.alpha), f"alpha must be > 0, got {self.alpha}")
         need(self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        WorkerConfig(steps=1, precision=self.precision, loss_scale=self.loss_scale)
         need(self.split_bytes is None or self.split_bytes >= 1,
              f"split_bytes must be >= 1, got {self.split_bytes}")
         if self.slow_worker is not None:

@@ -87,6 +87,7 @@ def _worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: 
             "--placement", config.placement, "--partition", config.partition,
             "--alpha", repr(config.alpha), "--slowdown", repr(config.slowdown(index)),
             "--seed", str(config.seed), "--metrics", str(metrics),
+            "--precision", config.precision, "--loss-scale", str(config.loss_scale),
             "--start-time", repr(start_time)]
     if config.split_bytes is not None:
         args += ["--split-bytes", str(config.split_bytes)]

@@ -78,6 +78,14 @@ def build_summary(
         "bytes_pushed": sum(s["bytes_in"] for s in stats),
         "bytes_pulled": sum(s["bytes_out"] for s in stats),
         "restarts": restarts,
+        # Mixed precision: the scale at the end (worker 0's), the steps skipped for inf/NaN
+        # gradients, and the share of non-zero fp32 gradient values that became 0 in 16 bits.
+        "loss_scale_final": (sorted(per_worker[0], key=lambda r: r["step"])[-1]["loss_scale"]
+                             if per_worker.get(0) else None),
+        "skipped_steps": max((s["skipped_steps"] for s in stats), default=0),
+        "grad_underflow_fraction": (
+            sum(r["grad_underflow"] for r in records) / nonzero
+            if (nonzero := sum(r["grad_nonzero"] for r in records)) else 0.0),
         "per_server": [
             {"index": s["index"], "address": s["address"], "tensors": s["tensors"],
              "params": s["params"], "bytes_in": s["bytes_in"], "bytes_out": s["bytes_out"],

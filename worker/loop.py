@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from kernels import all_finite
 from ps.client import PSClient
 from worker.model import MLP
 from worker.partition import Shard
+from worker.precision import LossScaler, Precision
 from worker.preprocess import augment_shifts
 
 __all__ = ["StepRecord", "WorkerConfig", "batches", "run_worker"]
@@ -32,6 +34,9 @@ class WorkerConfig:
     slowdown: float = 1.0  # an injected straggler: compute takes this many times as long
     delay_s: float = 0.0  # an injected straggler: extra seconds per step
     fused: bool = True  # push and pull the next step's weights in one round trip (PushPull)
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (the client must travel in the same format)
+    # "auto": dynamic for fp16, off for bf16 and fp32; "dynamic"; "off"; or a static scale.
+    loss_scale: float | str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -40,6 +45,24 @@ class WorkerConfig:
         if self.slowdown < 1.0 or self.delay_s < 0.0:
             raise ValueError(f"slowdown must be >= 1 and delay_s >= 0, got {self.slowdown}, "
                              f"{self.delay_s}")
+        Precision(self.precision)
+        if isinstance(self.loss_scale, str):
+            if self.loss_scale not in ("auto", "dynamic", "off"):
+                raise ValueError(f"loss_scale must be auto, dynamic, off or a number, "
+                                 f"got {self.loss_scale!r}")
+        elif not (self.loss_scale > 0 and np.isfinite(self.loss_scale)):
+            raise ValueError(f"a static loss_scale must be positive, got {self.loss_scale}")
+
+    def scaler(self) -> tuple[LossScaler, bool]:
+        """The loss scaler this config asks for, and whether it adapts (dynamic)."""
+        mode = self.loss_scale
+        if mode == "auto":
+            mode = "dynamic" if self.precision == "fp16" else "off"
+        if mode == "off":
+            return LossScaler(enabled=False), False
+        if mode == "dynamic":
+            return LossScaler(), True
+        return LossScaler(init_scale=float(mode)), False
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,10 @@ class StepRecord:
     compute_s: float  # forward and backward (and any injected slowdown)
     pulled: float  # seconds since the origin when the pull returned (the step began)
     pushing: float  # seconds since the origin when the push began
+    loss_scale: float  # the loss scale this step used (1 without scaling)
+    skipped: bool  # the step's gradients held inf/NaN (sync: any worker's) and were not applied
+    grad_nonzero: int  # mixed precision: fp32 gradient values that were not 0 ...
+    grad_underflow: int  # ... and those of them that became 0 in 16 bits
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +120,11 @@ def run_worker(
     `origin` is a time.monotonic() reading that the record times count from (default: now);
     processes given the same origin have comparable times, as the clock is system-wide.
     """
+    precision = Precision(config.precision)
+    if client.wire_dtype != precision.wire_dtype:
+        raise ValueError(f"the client travels in {client.wire_dtype}, but precision "
+                         f"{precision.name} needs {precision.wire_dtype}")
+    scaler, dynamic = config.scaler()
     rng = np.random.default_rng((config.seed, client.worker_id))
     order = batches(len(shard), config.batch_size, rng if config.shuffle else None)
     records: list[StepRecord] = []
@@ -110,28 +142,38 @@ def run_worker(
         X = shard.X[idx]
         if config.augment and image_shape is not None:
             X = augment_shifts(X, image_shape, rng)
-        loss, grads = model.loss_and_grads(params, X, shard.y[idx])
+        scale = scaler.get_scale()
+        counts: dict[str, int] = {}
+        loss, grads = model.loss_and_grads(params, X, shard.y[idx], precision, scale, counts)
+        found_inf = not all(all_finite(g) for g in grads.values())
         t2 = time.monotonic()
         extra = (config.slowdown - 1.0) * (t2 - t1) + config.delay_s
         if extra > 0:
             time.sleep(extra)  # the injected straggler: simulated compute, not synchronisation
         t3 = time.monotonic()
         last = step == config.steps - 1
+        # A step with inf/NaN gradients is pushed as skipped: it counts, nothing is applied.
+        outgoing = None if found_inf else grads
         if config.fused and not last:
-            result = client.push_pull(grads, step)
+            result = client.push_pull(outgoing, step, scale=scale, skip=found_inf)
             params, staleness = result.params, result.staleness_max
+            skipped = result.step_skipped  # sync: any worker's overflow skips the step for all
             t4 = t5 = time.monotonic()
         else:
-            staleness = client.push(grads, step).staleness_max
+            staleness = client.push(outgoing, step, scale=scale, skip=found_inf).staleness_max
+            skipped = found_inf  # two calls: the push does not hear of other workers' skips
             t4 = time.monotonic()
             if not last:
                 params = client.pull(step + 1)
             t5 = time.monotonic()
+        if dynamic:
+            scaler.update(skipped)
         record = StepRecord(
             time=t4 - start, worker=client.worker_id, step=step, loss=loss,
             staleness=staleness, samples=len(idx),
             wait_s=pull_s + (t4 - t3), pull_s=pull_s, push_s=t4 - t3, compute_s=t3 - t1,
-            pulled=t1 - start, pushing=t3 - start,
+            pulled=t1 - start, pushing=t3 - start, loss_scale=scale, skipped=skipped,
+            grad_nonzero=counts.get("nonzero", 0), grad_underflow=counts.get("underflow", 0),
         )
         pull_s = t5 - t4  # the next step's pull, counted as that step's wait
         records.append(record)

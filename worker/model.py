@@ -11,11 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from kernels import bias_relu_forward, relu_backward, softmax_cross_entropy
+from worker.precision import Precision
 
 __all__ = ["MLP"]
 
 Params = dict[str, np.ndarray]
 
+_FP32 = Precision("fp32")
 # Rows per forward pass in evaluate(): bounds the memory of evaluating a large test set.
 _EVAL_CHUNK = 4096
 
@@ -75,33 +77,67 @@ class MLP:
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"X must have shape (batch, {self.sizes[0]}), got {X.shape}")
 
-    def _forward(self, params: Params, X: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Logits, and the input of every layer (the activations backward needs)."""
-        inputs = [X]
-        h = X
+    def _forward(self, params: Params, X: np.ndarray,
+                 p: Precision = _FP32) -> tuple[list[np.ndarray], np.ndarray]:
+        """Logits, and the input of every layer (the activations backward needs).
+
+        In 16-bit precision the operands of every product and the activations kept for the
+        backward pass are rounded to 16 bits; products accumulate in fp32 (BLAS float32), as
+        tensor cores do; the bias add and the loss stay in fp32.
+        """
+        inputs = [p.round(X)]
+        h = inputs[0]
         for i in range(self.n_layers):
             z = h @ params[f"dense{i}.weight"]  # (batch, out)
             if i < self.n_layers - 1:
-                h = bias_relu_forward(z, params[f"dense{i}.bias"])
+                h = p.round(bias_relu_forward(z, params[f"dense{i}.bias"]))
                 inputs.append(h)
             else:
                 h = z + params[f"dense{i}.bias"]
         return inputs, h
 
-    def loss_and_grads(self, params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
-        """Mean cross-entropy of the batch and its gradient with respect to every parameter."""
+    def loss_and_grads(
+        self, params: Params, X: np.ndarray, y: np.ndarray, precision: Precision | None = None,
+        loss_scale: float = 1.0, counts: dict[str, int] | None = None,
+    ) -> tuple[float, Params]:
+        """Mean cross-entropy of the batch and its gradient with respect to every parameter.
+
+        precision fp16/bf16: weights, activations, the backward signal and the gradients are
+        rounded to 16 bits where hardware would hold them. loss_scale multiplies the loss
+        before the backward pass (the gradients come back scaled; the loss does not).
+        counts, if given, gains "nonzero" (gradient values, of the parameters and of the
+        activations, that were not 0 in fp32) and "underflow" (those of them that became 0 when
+        held in 16 bits).
+        """
+        p = precision or _FP32
         X = np.asarray(X, dtype=np.float32)
         self._check(params, X)
-        inputs, logits = self._forward(params, X)
+        if p.mixed:
+            params = {name: p.round(value) for name, value in params.items()}
+        inputs, logits = self._forward(params, X, p)
         loss, d = softmax_cross_entropy(logits, y)  # d: (batch, out) of the last layer
+        if loss_scale != 1.0:
+            d *= np.float32(loss_scale)
+        d = self._held(p, d, counts)
         grads: Params = {}
         for i in reversed(range(self.n_layers)):
-            grads[f"dense{i}.weight"] = inputs[i].T @ d  # (in, out)
-            grads[f"dense{i}.bias"] = d.sum(axis=0)
+            grads[f"dense{i}.weight"] = self._held(p, inputs[i].T @ d, counts)  # (in, out)
+            grads[f"dense{i}.bias"] = self._held(p, d.sum(axis=0), counts)
             if i > 0:
                 # inputs[i] is the ReLU output of layer i-1: its mask gates the gradient.
-                d = relu_backward(d @ params[f"dense{i}.weight"].T, inputs[i])
+                d = self._held(p, relu_backward(d @ params[f"dense{i}.weight"].T, inputs[i]),
+                               counts)
         return loss, {name: grads[name] for name in self.param_shapes()}
+
+    @staticmethod
+    def _held(p: Precision, grad: np.ndarray, counts: dict[str, int] | None) -> np.ndarray:
+        """A gradient as the format holds it, counting the values that underflow to zero."""
+        held = p.round(grad)
+        if counts is not None and p.mixed:
+            nonzero = grad != 0
+            counts["nonzero"] = counts.get("nonzero", 0) + int(nonzero.sum())
+            counts["underflow"] = counts.get("underflow", 0) + int((nonzero & (held == 0)).sum())
+        return held
 
     def logits(self, params: Params, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)

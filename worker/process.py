@@ -18,6 +18,7 @@ from worker.data import load_dataset
 from worker.loop import StepRecord, WorkerConfig, run_worker
 from worker.model import MLP
 from worker.partition import PARTITION_SCHEMES, partition
+from worker.precision import Precision
 
 __all__ = ["WorkerSettings", "run_worker_process", "steps_for"]
 
@@ -42,6 +43,8 @@ class WorkerSettings:
     slowdown: float = 1.0  # an injected straggler: compute takes this many times as long
     seed: int = 0
     fused: bool = True  # PushPull round trips
+    precision: str = "fp32"  # fp32 | fp16 | bf16: compute and traffic
+    loss_scale: float | str = "auto"  # auto | dynamic | off | a static scale
     metrics: Path | None = None  # append one JSON line per step here
     start_time: float | None = None  # time.time() when the run started (metrics count from it)
     token: str | None = None
@@ -83,7 +86,8 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
     steps = settings.steps or steps_for(len(data.X_train), settings.workers,
                                         settings.batch_size, settings.epochs)
     config = WorkerConfig(steps=steps, batch_size=settings.batch_size, seed=settings.seed,
-                          slowdown=settings.slowdown, fused=settings.fused)
+                          slowdown=settings.slowdown, fused=settings.fused,
+                          precision=settings.precision, loss_scale=settings.loss_scale)
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
     start = settings.start_time if settings.start_time is not None else time.time()
@@ -97,7 +101,8 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
                 out.flush()
 
         with PSClient(list(settings.servers), worker_id=settings.index, token=settings.token,
-                      deadline_s=settings.deadline_s, wait_s=settings.wait_s) as client:
+                      deadline_s=settings.deadline_s, wait_s=settings.wait_s,
+                      wire_dtype=Precision(settings.precision).wire_dtype) as client:
             optimizer = {"sgd": {}, "momentum": {"momentum": settings.momentum},
                          "adam": {}}.get(settings.optimizer, {})
             client.init(model.init_params(), settings.optimizer, placement=settings.placement,

@@ -1,0 +1,120 @@
+"""Mixed precision: the loss scaler against torch.amp.GradScaler, gradient underflow with and
+without scaling, halved traffic, and overflowing steps that are skipped, never applied."""
+
+import numpy as np
+import pytest
+
+import tinyps
+from ps.keys import Key
+from ps.optimizer import OptimizerConfig
+from ps.store import Store, StoreConfig
+from worker.precision import LossScaler, Precision
+
+# Recorded from torch 2.13.0: torch.amp.GradScaler("cpu", init_scale=1024, growth_factor=2,
+# backoff_factor=0.5, growth_interval=3), one step per entry of PATTERN (True: the gradients
+# held inf), get_scale() after each update().
+PATTERN = [False, False, False, True, False, False, False, False, True, True, False, False,
+           False]
+TORCH_SCALES = [1024.0, 1024.0, 2048.0, 1024.0, 1024.0, 1024.0, 2048.0, 2048.0, 1024.0, 512.0,
+                512.0, 512.0, 1024.0]
+
+
+def test_the_scaler_follows_grad_scalers_trajectory():
+    scaler = LossScaler(init_scale=1024.0, growth_factor=2.0, backoff_factor=0.5,
+                        growth_interval=3)
+    seen = []
+    for found_inf in PATTERN:
+        scaler.update(found_inf)
+        seen.append(scaler.get_scale())
+    assert seen == TORCH_SCALES
+
+
+def test_the_scale_is_float32_and_never_grows_to_inf():
+    # torch: GradScaler(init_scale=3e38, growth_interval=1) keeps 3.0000000054977558e+38.
+    scaler = LossScaler(init_scale=3.0e38, growth_interval=1)
+    scaler.update(False)
+    assert scaler.get_scale() == 3.0000000054977558e38
+
+
+def test_scale_and_unscale():
+    scaler = LossScaler(init_scale=8.0)
+    assert scaler.scale(0.5) == 4.0
+    grads = {"w": np.array([8.0, -16.0], np.float32)}
+    assert scaler.unscale(grads) is True
+    np.testing.assert_array_equal(grads["w"], [1.0, -2.0])
+    assert scaler.unscale({"w": np.array([np.inf], np.float32)}) is False
+    off = LossScaler(enabled=False)
+    off.update(True)
+    assert (off.get_scale(), off.scale(0.5)) == (1.0, 0.5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"init_scale": 0.0}, "init_scale"), ({"growth_factor": 1.0}, "growth_factor"),
+    ({"backoff_factor": 1.5}, "backoff_factor"), ({"growth_interval": 0}, "growth_interval"),
+])
+def test_bad_scaler_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LossScaler(**kwargs)
+
+
+def test_sync_skips_a_step_that_any_worker_found_non_finite():
+    key = Key("w", (2,), 0, 2)
+    store = Store(StoreConfig(mode="sync", workers=2))
+    store.init([key], OptimizerConfig("sgd", lr=1.0), {key.id: np.ones(2, np.float32)})
+    store.push(0, 0, {key.id: (np.zeros(0, np.float32), 0)}, skip=True)
+    store.push(1, 0, {key.id: (np.full(2, 4.0, np.float32), 0)}, scale=2.0)
+    _, values, version = store.pull(None, 0, -1, 1.0)[0]
+    np.testing.assert_array_equal(values, 1.0)  # nobody's gradient was applied...
+    assert version == 1  # ...but the step is over: versions still count steps
+    assert store.was_skipped(0, 0) and store.was_skipped(1, 0)
+    store.push(0, 1, {key.id: (np.full(2, 4.0, np.float32), 1)}, scale=2.0)
+    store.push(1, 1, {key.id: (np.full(2, 4.0, np.float32), 1)}, scale=2.0)
+    np.testing.assert_array_equal(store.pull(None, 0, -1, 1.0)[0][1], -1.0)  # 1 - 4/2
+    assert store.stats()["skipped_steps"] == 1
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    settings = {"servers": 2, "workers": 2, "mode": "sync", "epochs": 10, "seed": 0}
+    out = {}
+    for name, extra in {"fp32": {"precision": "fp32"},
+                        "fp16": {"precision": "fp16"},
+                        "fp16_unscaled": {"precision": "fp16", "loss_scale": "off"},
+                        "bf16": {"precision": "bf16"}}.items():
+        out[name], _ = tinyps.launch(run_dir=str(tmp_path_factory.mktemp(name)), **settings,
+                                     **extra)
+    return out
+
+
+def test_loss_scaling_prevents_underflow_and_keeps_fp32_accuracy(runs):
+    unscaled = runs["fp16_unscaled"]["grad_underflow_fraction"]
+    scaled = runs["fp16"]["grad_underflow_fraction"]
+    assert unscaled > 1e-4 and unscaled > 20 * scaled, (unscaled, scaled)
+    assert runs["fp16"]["loss_scale_final"] == 65536.0
+    assert abs(runs["fp16"]["test_accuracy"] - runs["fp32"]["test_accuracy"]) <= 0.01
+    assert abs(runs["bf16"]["test_accuracy"] - runs["fp32"]["test_accuracy"]) <= 0.01
+    assert runs["fp32"]["grad_underflow_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_16_bit_runs_move_half_the_bytes(runs, precision):
+    for key in ("bytes_pushed", "bytes_pulled"):
+        ratio = runs[precision][key] / runs["fp32"][key]
+        assert 0.475 <= ratio <= 0.525, (key, ratio)
+
+
+def test_an_overflowing_step_is_skipped_and_never_reaches_the_weights(tmp_path):
+    # A static scale of 2^24 makes the first layer's fp16 gradients overflow at once.
+    summary, run_dir = tinyps.launch(servers=1, workers=2, mode="sync", steps=30,
+                                     precision="fp16", loss_scale=2.0**24,
+                                     run_dir=str(tmp_path))
+    assert summary["skipped_steps"] > 0
+    weights = np.load(run_dir / "model.npz")
+    assert all(np.isfinite(weights[name]).all() for name in weights.files)
+
+
+def test_precision_names_are_checked():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Precision("fp8")
+    with pytest.raises(ValueError, match="loss_scale must be auto"):
+        tinyps.LaunchConfig(precision="fp16", loss_scale="sometimes")

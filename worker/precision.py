@@ -1,0 +1,106 @@
+"""Mixed precision on a CPU: where values are rounded to 16 bits, and the loss scaler.
+
+`Precision` names a format and rounds arrays to it with the bit-exact kernels; the model calls
+it where hardware would hold 16-bit values. `LossScaler` has the semantics of PyTorch's
+torch.amp.GradScaler: scale the loss so that small gradients survive 16 bits, skip steps whose
+gradients overflowed, and adapt the scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import all_finite, round_to_bf16, round_to_fp16
+
+__all__ = ["PRECISIONS", "LossScaler", "Precision"]
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_WIRE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_ROUND = {"fp16": round_to_fp16, "bf16": round_to_bf16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str = "fp32"  # fp32 | fp16 | bf16
+
+    def __post_init__(self) -> None:
+        if self.name not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.name!r}")
+
+    @property
+    def wire_dtype(self) -> str:
+        """The format weights and gradients travel in."""
+        return _WIRE[self.name]
+
+    @property
+    def mixed(self) -> bool:
+        return self.name != "fp32"
+
+    def round(self, x: np.ndarray) -> np.ndarray:
+        """x rounded to this format (held as float32); fp32 returns x itself."""
+        if not self.mixed:
+            return x
+        return _ROUND[self.name](np.ascontiguousarray(x, dtype=np.float32))
+
+
+class LossScaler:
+    """Dynamic loss scaling, as torch.amp.GradScaler does it (the scale kept in float32).
+
+    scale(loss) -> loss * scale; unscale(grads) divides them in place and says whether all are
+    finite; update(found_inf) backs the scale off after a non-finite step and grows it after
+    `growth_interval` good steps in a row. enabled=False makes it the identity (scale 1).
+    """
+
+    def __init__(self, init_scale: float = 65536.0, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000,
+                 enabled: bool = True) -> None:
+        if not init_scale > 0 or not np.isfinite(init_scale):
+            raise ValueError(f"init_scale must be positive and finite, got {init_scale}")
+        if not growth_factor > 1.0:
+            raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
+        if not 0.0 < backoff_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
+        if growth_interval < 1:
+            raise ValueError(f"growth_interval must be >= 1, got {growth_interval}")
+        self.enabled = enabled
+        self._scale = np.float32(init_scale if enabled else 1.0)
+        self._growth = np.float32(growth_factor)
+        self._backoff = np.float32(backoff_factor)
+        self.growth_interval = growth_interval
+        self._good_steps = 0  # torch's growth tracker
+
+    def get_scale(self) -> float:
+        return float(self._scale) if self.enabled else 1.0
+
+    def scale(self, loss: float) -> float:
+        return float(np.float32(loss) * self._scale) if self.enabled else loss
+
+    def unscale(self, grads: Mapping[str, np.ndarray]) -> bool:
+        """Divide every gradient by the scale, in place: multiply by the reciprocal, taken in
+        float64 and rounded to float32 as torch does; True when every value is finite."""
+        finite = all(all_finite(g) for g in grads.values())
+        if self.enabled:
+            inv = np.float32(1.0 / np.float64(self._scale))
+            for g in grads.values():
+                g *= inv
+        return finite
+
+    def update(self, found_inf: bool) -> None:
+        """After a step: back off on inf/NaN, or count a good step and grow after enough."""
+        if not self.enabled:
+            return
+        if found_inf:
+            self._scale = np.float32(self._scale * self._backoff)
+            self._good_steps = 0
+            return
+        self._good_steps += 1
+        if self._good_steps == self.growth_interval:
+            with np.errstate(over="ignore"):  # growing past float32's range gives inf: kept out
+                grown = np.float32(self._scale * self._growth)
+            if np.isfinite(grown):  # torch keeps the old scale rather than grow to inf
+                self._scale = grown
+            self._good_steps = 0
