@@ -40,7 +40,7 @@ _BF16_NAN = u32(0x7FC0)  # torch's quiet NaN, returned for every NaN input
 # --- IEEE half (fp16) -------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fp16_round_magnitude(a, ax):
     """Round a float32 magnitude to the nearest half value; return that value's float32 bits.
 
@@ -67,7 +67,7 @@ def _fp16_round_magnitude(a, ax):
     return _F32_INF if r >= _FP16_OVERFLOW else r  # also maps inf to itself
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fp16_code(r):
     """The 15-bit half code (no sign) of a float32 magnitude `r` that is already a half value.
 
@@ -84,7 +84,7 @@ def _fp16_code(r):
     return code
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_to_fp16_kernel(x, u, out):
     """Inner loop of round_to_fp16: out[i] = float32 bits of the half nearest to x[i].
 
@@ -98,7 +98,7 @@ def _round_to_fp16_kernel(x, u, out):
         out[i] = u32(u32(v & _SIGN) | r)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fp16_encode_kernel(x, u, out):
     """Inner loop of fp16_encode: out[i] = IEEE half code of x[i] (uint16).
 
@@ -111,7 +111,7 @@ def _fp16_encode_kernel(x, u, out):
         out[i] = u32(u32(u32(v & _SIGN) >> u32(16)) | _fp16_code(r))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fp16_decode_kernel(h, out):
     """Inner loop of fp16_decode: out[i] = float32 bits of the half with code h[i].
 
@@ -134,7 +134,7 @@ def _fp16_decode_kernel(h, out):
 # --- bfloat16 ---------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bf16_code(v):
     """bfloat16 code of float32 bits `v`, as torch's c10::round_to_nearest_even computes it.
 
@@ -148,7 +148,7 @@ def _bf16_code(v):
     return u32(u32(v + u32(0x7FFF) + ((v >> u32(16)) & u32(1))) >> u32(16))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_to_bf16_kernel(u, out):
     """Inner loop of round_to_bf16: out[i] = float32 bits of the bfloat16 nearest u[i].
 
@@ -158,7 +158,7 @@ def _round_to_bf16_kernel(u, out):
         out[i] = u32(_bf16_code(u[i]) << u32(16))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bf16_encode_kernel(u, out):
     """Inner loop of bf16_encode: out[i] = bfloat16 code of float32 bits u[i].
 
@@ -168,7 +168,7 @@ def _bf16_encode_kernel(u, out):
         out[i] = _bf16_code(u[i])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bf16_decode_kernel(h, out):
     """Inner loop of bf16_decode: out[i] = h[i] << 16, the float32 bits of a bfloat16 code.
 

@@ -1,0 +1,135 @@
+"""Mixed precision's costs and savings, side by side in one run.
+
+- a worker step (forward and backward) with fp16 and bf16 emulation against fp32: the
+  rounding a GPU does for free costs time on a CPU;
+- the bytes a worker step moves in each precision (PushRequest up, PullReply down);
+- pushing a 16 MiB gradient as fp16 against fp32, packing and unpacking included (goal:
+  <= 0.70x the fp32 time), and the packing kernels against NumPy's astype.
+
+Run with `make bench`; writes benchmarks/results/precision.json.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import compare  # noqa: E402
+
+from kernels import fp16_decode, fp16_encode  # noqa: E402
+from ps.client import PSClient  # noqa: E402
+from ps.codec import encode_pull_reply, encode_push_request  # noqa: E402
+from ps.memory import keep_freed_buffers  # noqa: E402
+from worker.model import MLP  # noqa: E402
+from worker.precision import Precision  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "precision.json"
+SIZES = (784, 256, 128, 10)
+GRAD_BYTES = 16 * 1024 * 1024
+
+
+def _server(ports) -> None:
+    from ps.server import serve
+
+    keep_freed_buffers()
+    running = serve(mode="async", workers=2)
+    ports.put(running.port)
+    running.wait()
+
+
+def step_costs() -> list:
+    rng = np.random.default_rng(0)
+    model = MLP(SIZES, seed=0)
+    params = model.init_params()
+    X = rng.standard_normal((64, SIZES[0]), dtype=np.float32)
+    y = rng.integers(0, SIZES[-1], 64)
+
+    def step(name: str):
+        p, counts = Precision(name), {}
+        return lambda: model.loss_and_grads(params, X, y, p, 1024.0 if p.mixed else 1.0, counts)
+
+    return [compare(f"worker step, {name} emulation (784-256-128-10, batch 64)",
+                    (name, step(name)), ("fp32", step("fp32"))) for name in ("fp16", "bf16")]
+
+
+def bytes_per_step() -> dict[str, int]:
+    params = MLP(SIZES, seed=0).init_params()
+    items = [(name, 0, value.reshape(-1), 1) for name, value in params.items()]
+    out = {}
+    for name in ("fp32", "fp16", "bf16"):
+        dtype = Precision(name).wire_dtype
+        out[name] = (len(encode_push_request(0, 1, items, dtype))
+                     + len(encode_pull_reply(items, dtype=dtype)))
+    return out
+
+
+def push_costs() -> list:
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=_server, args=(ports,), daemon=True)
+    proc.start()
+    try:
+        address = f"127.0.0.1:{ports.get(timeout=60)}"
+        grad = np.random.default_rng(0).standard_normal(GRAD_BYTES // 4, dtype=np.float32)
+        params = {"g": np.zeros_like(grad)}
+        clients = {name: PSClient([address], worker_id=i, wire_dtype=name, deadline_s=120)
+                   for i, name in enumerate(("float32", "float16"))}
+        clients["float32"].init(params, "sgd", lr=1e-9)
+        steps = {"float32": 0, "float16": 0}
+
+        def push(name: str):
+            def run() -> None:
+                clients[name].push({"g": grad}, steps[name])
+                steps[name] += 1
+            return run
+
+        bits = fp16_encode(grad)
+        runs = [
+            compare("push a 16 MiB gradient: fp16 vs fp32 (packing and unpacking included)",
+                    ("fp16", push("float16")), ("fp32", push("float32")), goal=1 / 0.7,
+                    rounds=9),
+            compare("pack 16 MiB to fp16: kernel vs NumPy astype",
+                    ("fp16_encode", lambda: fp16_encode(grad)),
+                    ("astype(f16).view(u16)", lambda: grad.astype(np.float16).view(np.uint16))),
+            compare("unpack 16 MiB from fp16: kernel vs NumPy astype",
+                    ("fp16_decode", lambda: fp16_decode(bits)),
+                    ("view(f16).astype(f32)", lambda: bits.view(np.float16).astype(np.float32))),
+        ]
+        for client in clients.values():
+            client.close()
+        return runs
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+def main() -> int:
+    keep_freed_buffers()
+    started = time.perf_counter()
+    runs = step_costs() + push_costs()
+    sizes = bytes_per_step()
+    width = max(len(r.name) for r in runs)
+    print(f"{'precision':<{width}}  {'ours':>9}  {'baseline':>9}  {'speedup':>8}  goal")
+    for r in runs:
+        goal = "" if r.goal is None else f">={r.goal:.2f}x {'ok' if r.met else 'MISSED'}"
+        print(f"{r.name:<{width}}  {r.ours_s * 1e3:7.2f}ms  {r.baseline_s * 1e3:7.2f}ms  "
+              f"{r.speedup:7.2f}x  {goal}")
+    print("bytes a worker step moves (push + pull, 784-256-128-10): "
+          + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
+          + f" (fp16/fp32 = {sizes['fp16'] / sizes['fp32']:.3f})")
+    print("speedup = baseline time / ours; the push goal >= 1.43x is fp16 <= 0.70x fp32's time")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"runs": [r.as_dict() for r in runs], "bytes_per_step": sizes,
+                                   "bench_s": time.perf_counter() - started}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
