@@ -96,10 +96,12 @@ def _methods(channel: grpc.Channel) -> dict[str, Callable]:
                for name in ("Init", "Layout", "Version", "Stats", "Shutdown")}
     prefix = "/tinyps.ParameterServer/"
     methods["Pull"] = channel.unary_unary(
-        prefix + "Pull", request_serializer=ps_pb2.PullRequest.SerializeToString)
+        prefix + "Pull", request_serializer=ps_pb2.PullRequest.SerializeToString,
+        _registered_method=True)
     methods["Push"] = channel.unary_unary(
-        prefix + "Push", response_deserializer=ps_pb2.PushReply.FromString)
-    methods["PushPull"] = channel.unary_unary(prefix + "PushPull")
+        prefix + "Push", response_deserializer=ps_pb2.PushReply.FromString,
+        _registered_method=True)
+    methods["PushPull"] = channel.unary_unary(prefix + "PushPull", _registered_method=True)
     return methods
 
 

@@ -226,3 +226,6 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    # Registered methods let gRPC's core match a call without asking Python (as the
+    # generated code does): a cheaper dispatch for every call.
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
