@@ -43,7 +43,7 @@ def _block_columns(W: int) -> int:
 # Mean
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mean_kernel(g, block, out):
     """out[j] = float32(sum_w float64(g[w, j]) / W), rows added in order 0..W-1.
 
@@ -107,14 +107,14 @@ def _merge_exchange_pairs(W: int) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _flip(b):
     # float32 bits <-> an int32 whose order is the float order (-0.0 < +0.0): negative floats
     # count down as their bits count up, so their magnitude bits are reversed. An involution.
     return b ^ ((b >> _SIGN_SHIFT) & _ABS)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sort_block(bits, c0, nb, pairs, keys):
     """keys[:, :nb] = columns c0..c0+nb of bits (W, n), each sorted ascending as float keys.
 
@@ -142,7 +142,7 @@ def _sort_block(bits, c0, nb, pairs, keys):
             hi[j] = max(x, y)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _median_kernel(bits, pairs, block, out):
     """out[j] = median of column j: the middle value (W odd) or the float64 midpoint of the two
     middle values rounded once to float32 (W even), in the order of _sort_block.
@@ -194,7 +194,7 @@ def aggregate_median(g: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _trimmed_mean_kernel(bits, pairs, block, trim, out):
     """out[j] = float32(sum of sorted column j's values trim..W-trim-1, ascending, in float64,
     divided by W - 2*trim).

@@ -12,7 +12,7 @@ from numba import njit
 __all__ = ["bias_relu_forward", "relu_backward", "softmax_cross_entropy"]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bias_relu(z, bias, out):
     """out[i, j] = max(z[i, j] + bias[j], 0).
 
@@ -25,7 +25,7 @@ def _bias_relu(z, bias, out):
             out[i, j] = v if v > 0.0 else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _relu_backward(grad_out, activation, out):
     """out = grad_out where activation > 0, else 0.
 
@@ -39,7 +39,7 @@ def _relu_backward(grad_out, activation, out):
         o[i] = g[i] if a[i] > 0.0 else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _softmax_cross_entropy(logits, labels, dlogits):
     """Mean cross-entropy of softmax(logits) against labels; writes d(mean loss)/d(logits).
 

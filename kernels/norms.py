@@ -39,7 +39,7 @@ def _check_list(arrays: object) -> Sequence[np.ndarray]:
 # all_finite
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _all_finite_kernel(bits):
     """True when no element of bits (float32 bit patterns, flat) is inf or NaN.
 
@@ -70,7 +70,7 @@ def all_finite(x: np.ndarray) -> bool:
 # global_norm
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sum_squares(x):
     """Sum of x[i]**2 over a flat float32 array, in float64.
 
@@ -112,7 +112,7 @@ def global_norm(arrays: Sequence[np.ndarray]) -> float:
 # clip_by_global_norm
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scale(x, c):
     """x *= c over a flat float32 array, c float32. Twin: the multiply in
     twins.norms.clip_by_global_norm. Trick: none; one vectorised pass.

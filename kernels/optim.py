@@ -107,7 +107,7 @@ def _check_scalar(name: str, value: object, low: float, high: float | None = Non
 # SGD
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _sgd_kernel(param, grad, buf, neg_lr, momentum, weight_decay, use_wd, use_momentum, nesterov):
     """One SGD step over flat float32 arrays, in place (param, and buf when use_momentum).
 
@@ -198,7 +198,7 @@ def sgd_update(
 # Adam
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _adam_kernel(
     param,
     grad,
