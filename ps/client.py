@@ -25,6 +25,7 @@ from ps.codec import PullReplyView, decode_pull_reply, encode_push_request
 from ps.keys import DEFAULT_CHUNK_BYTES, Key, KeyId, cut
 from ps.optimizer import OptimizerConfig
 from ps.placement import Placement, TensorSpec, place
+from ps.security import TLSFiles, channel_credentials
 from ps.wire import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode_slice, write_slice
 
 __all__ = ["PSClient", "PSError", "PushPullResult", "PushResult", "wait_healthy"]
@@ -71,12 +72,19 @@ def _reply_dict(msg) -> dict:
     return out
 
 
-def wait_healthy(addresses: Sequence[str], timeout: float) -> list[str]:
+def _channel(address: str, options: list, tls: TLSFiles | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, channel_credentials(tls), options=options)
+
+
+def wait_healthy(addresses: Sequence[str], timeout: float,
+                 tls: TLSFiles | None = None) -> list[str]:
     """Ask each server's standard gRPC health service, waiting up to `timeout` s for it to
     come up; return the addresses that are not SERVING (empty: all are)."""
     bad = []
     for address in addresses:
-        with grpc.insecure_channel(address) as channel:
+        with _channel(address, [], tls) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=timeout,
@@ -113,7 +121,7 @@ class PSClient:
         addresses: Sequence[str],
         worker_id: int = 0,
         token: str | None = None,
-        tls: object | None = None,
+        tls: TLSFiles | None = None,
         deadline_s: float = 30.0,
         *,
         wait_s: float = 300.0,
@@ -125,8 +133,6 @@ class PSClient:
         addresses = list(addresses)
         if not addresses:
             raise ValueError("PSClient needs at least one server address")
-        if tls is not None:
-            raise ValueError("tls: TLS is not available yet in this version of tinyps")
         if deadline_s <= 0 or wait_s <= 0:
             raise ValueError(f"deadlines must be > 0, got deadline_s={deadline_s}, "
                              f"wait_s={wait_s}")
@@ -146,7 +152,7 @@ class PSClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+        self._channels = [_channel(a, options, tls) for a in addresses]
         self._stubs = [_methods(c) for c in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=len(addresses) * in_flight,
                                         thread_name_prefix="psclient")

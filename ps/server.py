@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ps.security import TLSFiles, TokenInterceptor, server_credentials
 from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server
 from ps.store import Store, StoreConfig
 from ps.wire import MAX_MESSAGE_BYTES
@@ -57,8 +58,14 @@ def serve(
     staleness_lr: bool = False,
     max_staleness: int | None = None,
     threads: int | None = None,
+    token: str | None = None,
+    tls: TLSFiles | None = None,
 ) -> RunningServer:
-    """Start a parameter server on host:port (0: a free port) and return it running."""
+    """Start a parameter server on host:port (0: a free port) and return it running.
+
+    token: every call of the tinyps service must carry it (health and reflection stay open).
+    tls: serve over TLS; with tls.ca set, clients must show a certificate signed by it.
+    """
     store = Store(StoreConfig(mode=mode, workers=workers, staleness=staleness,
                               staleness_lr=staleness_lr, max_staleness=max_staleness))
     # Pulls that wait on a barrier hold a thread each; the pool leaves room for every worker's
@@ -70,7 +77,7 @@ def serve(
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
+    ], interceptors=[TokenInterceptor(token)] if token else None)
     stopped = threading.Event()
     running: RunningServer | None = None
 
@@ -85,7 +92,10 @@ def serve(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
     except RuntimeError:  # newer gRPC raises where older ones returned 0
         bound = 0
     if bound == 0 or (port and bound != port):

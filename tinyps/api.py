@@ -76,12 +76,15 @@ class Cluster:
 
     def client(self, worker_id: int = 0, **options) -> PSClient:
         """A PSClient of these servers as worker `worker_id` (closed with the cluster)."""
+        options.setdefault("token", self.config.token)
+        options.setdefault("tls", self.config.tls(client=True))
         client = PSClient(self.addresses, worker_id=worker_id, **options)
         self._clients.append(client)
         return client
 
     def stats(self) -> list[dict]:
-        with PSClient(self.addresses) as client:
+        with PSClient(self.addresses, token=self.config.token,
+                      tls=self.config.tls(client=True)) as client:
             return client.stats()
 
     def status(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -81,6 +82,10 @@ def _slow_worker(text: str) -> tuple[int, float]:
     return parsed
 
 
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 def _addresses(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     for p in parts:
@@ -148,6 +153,15 @@ def _precision_flags(p: argparse.ArgumentParser) -> None:
                         "scale such as 1024")
 
 
+def _security_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=os.environ.get("TINYPS_TOKEN"),
+                   help="shared token checked on every call (default: $TINYPS_TOKEN)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate of the servers")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM key of that certificate")
+    p.add_argument("--tls-ca", type=Path, default=None,
+                   help="PEM CA: servers demand client certificates it signed (mutual TLS)")
+
+
 def _placement_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", default="size_balanced",
                    help="round_robin | size_balanced | per layer, e.g. dense0=1,dense1=0")
@@ -177,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_flags(launch)
     launch.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push in two calls instead of one PushPull")
+    _security_flags(launch)
     launch.add_argument("--run-dir", default=None, help="default: runs/<time>-<mode>-...")
     launch.add_argument("--json", action="store_true",
                         help="print summary.json as the last line of standard output")
@@ -187,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=_natural, default=0, help="0: a free port")
     server.add_argument("--workers", type=_positive_int, default=1)
     _consistency_flags(server)
+    _security_flags(server)
     server.add_argument("--ready-file", type=Path, default=None,
                         help="write HOST:PORT here once serving")
     server.set_defaults(run=_run_server)
@@ -206,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute this many times slower (an injected straggler)")
     worker.add_argument("--no-fused", dest="fused", action="store_false")
     _precision_flags(worker)
+    _security_flags(worker)
     worker.add_argument("--metrics", type=Path, default=None,
                         help="append one JSON line per step here")
     worker.add_argument("--start-time", type=float, default=None,
@@ -217,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--once", action="store_true", help="print the table once and exit")
     status.add_argument("--interval", type=_positive_float, default=1.0,
                         help="seconds between refreshes (default: 1)")
+    _security_flags(status)
     status.set_defaults(run=_run_status)
 
     placement = commands.add_parser("placement",
@@ -255,7 +273,8 @@ def _run_launch(args: argparse.Namespace) -> int:
         momentum=args.momentum, placement=args.placement, split_bytes=args.split_bytes,
         partition=args.partition, alpha=args.alpha, slow_worker=args.slow_worker,
         precision=args.precision, loss_scale=args.loss_scale, seed=args.seed,
-        fused=args.fused, run_dir=args.run_dir,
+        fused=args.fused, run_dir=args.run_dir, token=args.token,
+        tls_cert=_text(args.tls_cert), tls_key=_text(args.tls_key), tls_ca=_text(args.tls_ca),
     )
     def progress(done: int, total: int, losses: dict[int, float], samples_per_s: float) -> None:
         if bar.total != total:
@@ -285,13 +304,15 @@ def _run_launch(args: argparse.Namespace) -> int:
 
 def _run_server(args: argparse.Namespace) -> int:
     from ps.memory import keep_freed_buffers
+    from ps.security import server_tls
     from ps.server import serve
     from tinyps.processes import die_with_parent
 
     die_with_parent()
     keep_freed_buffers()
     running = serve(args.host, args.port, args.mode, args.workers, args.staleness,
-                    staleness_lr=args.staleness_lr, max_staleness=args.max_staleness)
+                    staleness_lr=args.staleness_lr, max_staleness=args.max_staleness,
+                    token=args.token, tls=server_tls(args.tls_cert, args.tls_key, args.tls_ca))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: running.stop())
     print(f"tinyps server: {args.mode} for {args.workers} workers on {running.address}",
@@ -306,6 +327,7 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    from ps.security import client_tls
     from tinyps.processes import die_with_parent
     from worker.process import WorkerSettings, run_worker_process
 
@@ -317,7 +339,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
         alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
         metrics=args.metrics, start_time=args.start_time, precision=args.precision,
-        loss_scale=args.loss_scale,
+        loss_scale=args.loss_scale, token=args.token,
+        tls=client_tls(args.tls_cert, args.tls_key, args.tls_ca),
     )
     records = run_worker_process(settings)
     last = records[-1] if records else None
@@ -328,9 +351,12 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 def _run_status(args: argparse.Namespace) -> int:
     from ps.client import PSClient
+    from ps.security import client_tls
     from tinyps.status import status_table
 
-    with PSClient(list(args.addresses), deadline_s=5.0, retry_s=2.0) as client:
+    tls = client_tls(args.tls_cert, args.tls_key, args.tls_ca)
+    with PSClient(list(args.addresses), token=args.token, tls=tls, deadline_s=5.0,
+                  retry_s=2.0) as client:
         previous, before = None, time.monotonic()
         while True:
             stats = client.stats()

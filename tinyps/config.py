@@ -4,11 +4,12 @@ share. Every check runs here, before any process starts."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ps.optimizer import OPTIMIZERS, OptimizerConfig
 from ps.placement import TensorSpec, place
+from ps.security import TLSFiles, client_tls, server_tls
 from ps.store import MODES
 from worker.loop import WorkerConfig
 from worker.partition import PARTITION_SCHEMES
@@ -45,6 +46,10 @@ class LaunchConfig:
     fused: bool = True  # push a step and pull the next in one round trip
     run_dir: str | None = None  # default: runs/<time>-<mode>
     host: str = "127.0.0.1"  # where the servers listen
+    tls_cert: str | None = None  # PEM: the servers' certificate (TLS for all traffic) ...
+    tls_key: str | None = None  # ... and its key
+    tls_ca: str | None = None  # PEM: a CA; given, servers demand client certificates (mTLS)
+    token: str | None = field(default=None, repr=False)  # checked on every call; never saved
     startup_timeout_s: float = 60.0  # for every process to report ready
 
     def __post_init__(self) -> None:
@@ -93,6 +98,9 @@ class LaunchConfig:
                  f"slow worker {index} is not one of workers 0..{self.workers - 1}")
             need(factor >= 1.0, f"slow worker factor must be >= 1, got {factor}")
         need(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
+        need(self.tls_ca is None or self.tls_cert is not None,
+             "--tls-ca needs --tls-cert and --tls-key (the servers' own certificate)")
+        self.tls(client=False)  # the files exist and come in pairs
         # The placement names layers; check it against the model's layers now (the widths
         # of input and output come from the data, but the names do not depend on them).
         sizes = (1, *self.hidden, 1)
@@ -112,8 +120,15 @@ class LaunchConfig:
             return self.slow_worker[1]
         return 1.0
 
+    def tls(self, client: bool) -> TLSFiles | None:
+        """TLS files for a server, or for a client of the servers (None: no TLS)."""
+        make = client_tls if client else server_tls
+        return make(self.tls_cert, self.tls_key, self.tls_ca)
+
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["token"] = None if self.token is None else "(set, not saved)"
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> LaunchConfig:

@@ -21,7 +21,7 @@ from ps.client import PSClient, wait_healthy
 from ps.memory import keep_freed_buffers
 from ps.placement import Placement, TensorSpec, place
 from tinyps.config import LaunchConfig
-from tinyps.processes import Child, end_all, start_child, thread_env
+from tinyps.processes import TOKEN_ENV, Child, end_all, start_child, thread_env
 from tinyps.report import write_report
 from tinyps.summary import build_summary
 from worker.data import Dataset, load_dataset
@@ -74,7 +74,25 @@ def server_args(config: LaunchConfig, ready_file: Path) -> list[str]:
         args.append("--staleness-lr")
     if config.max_staleness is not None:
         args += ["--max-staleness", str(config.max_staleness)]
+    return args + _tls_args(config)
+
+
+def _tls_args(config: LaunchConfig) -> list[str]:
+    args = []
+    for flag, value in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
+                        ("--tls-ca", config.tls_ca)):
+        if value is not None:
+            args += [flag, str(value)]
     return args
+
+
+def _child_env(config: LaunchConfig) -> dict[str, str]:
+    """Thread shares, and the token: in the environment, never on a command line (which
+    `ps` shows to every user of the machine)."""
+    env = thread_env(config.servers + config.workers)
+    if config.token:
+        env[TOKEN_ENV] = config.token
+    return env
 
 
 def _worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: int,
@@ -93,7 +111,7 @@ def _worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: 
         args += ["--split-bytes", str(config.split_bytes)]
     if not config.fused:
         args.append("--no-fused")
-    return args
+    return args + _tls_args(config)
 
 
 def _wait_ready(children: list[Child], ready_files: list[Path], timeout: float) -> list[str]:
@@ -113,7 +131,7 @@ def _wait_ready(children: list[Child], ready_files: list[Path], timeout: float) 
 
 def start_servers(config: LaunchConfig, run_dir: Path) -> tuple[list[Child], list[str]]:
     """Start the servers of a run and wait until each is healthy: (children, addresses)."""
-    env = thread_env(config.servers + config.workers)
+    env = _child_env(config)
     children, ready = [], []
     try:
         for i in range(config.servers):
@@ -123,7 +141,7 @@ def start_servers(config: LaunchConfig, run_dir: Path) -> tuple[list[Child], lis
             children.append(start_child(f"server{i}", server_args(config, ready_file),
                                         run_dir / "logs" / f"server{i}.log", env))
         addresses = _wait_ready(children, ready, config.startup_timeout_s)
-        unhealthy = wait_healthy(addresses, config.startup_timeout_s)
+        unhealthy = wait_healthy(addresses, config.startup_timeout_s, config.tls(client=True))
         if unhealthy:
             raise LaunchError(f"servers not serving: {', '.join(unhealthy)}")
         return children, addresses
@@ -184,7 +202,7 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         servers, addresses = start_servers(config, run_dir)
         children += servers
         metric_files = [run_dir / "metrics" / f"worker{i}.jsonl" for i in range(config.workers)]
-        env = thread_env(config.servers + config.workers)
+        env = _child_env(config)
         workers = [
             start_child(f"worker{i}", _worker_args(config, i, addresses, steps, metric_files[i],
                                                    started), run_dir / "logs" / f"worker{i}.log",
@@ -239,7 +257,7 @@ def _follow(workers: list[Child], servers: list[Child], follower: _Follower, tot
 def _finish(config: LaunchConfig, data: Dataset, placement: Placement, addresses: list[str],
             records: list[dict], steps: int, started: float) -> tuple[dict, dict]:
     """Counters and the final model from the servers, evaluated here; then stop the servers."""
-    with PSClient(addresses) as client:
+    with PSClient(addresses, token=config.token, tls=config.tls(client=True)) as client:
         stats = client.stats()
         params = client.pull()
         client.shutdown()

@@ -17,9 +17,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Child", "die_with_parent", "end_all", "start_child", "thread_env"]
+__all__ = ["TOKEN_ENV", "Child", "die_with_parent", "end_all", "start_child", "thread_env"]
 
 PARENT_ENV = "TINYPS_PARENT_PID"
+TOKEN_ENV = "TINYPS_TOKEN"  # the shared token travels to children in the environment
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 

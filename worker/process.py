@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ps.client import PSClient
 from ps.memory import keep_freed_buffers
+from ps.security import TLSFiles
 from worker.data import load_dataset
 from worker.loop import StepRecord, WorkerConfig, run_worker
 from worker.model import MLP
@@ -47,7 +48,8 @@ class WorkerSettings:
     loss_scale: float | str = "auto"  # auto | dynamic | off | a static scale
     metrics: Path | None = None  # append one JSON line per step here
     start_time: float | None = None  # time.time() when the run started (metrics count from it)
-    token: str | None = None
+    token: str | None = None  # the cluster's shared token, if it has one
+    tls: TLSFiles | None = None  # client TLS files, if the servers speak TLS
     deadline_s: float = 30.0
     wait_s: float = 300.0
 
@@ -101,7 +103,7 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
                 out.flush()
 
         with PSClient(list(settings.servers), worker_id=settings.index, token=settings.token,
-                      deadline_s=settings.deadline_s, wait_s=settings.wait_s,
+                      tls=settings.tls, deadline_s=settings.deadline_s, wait_s=settings.wait_s,
                       wire_dtype=Precision(settings.precision).wire_dtype) as client:
             optimizer = {"sgd": {}, "momentum": {"momentum": settings.momentum},
                          "adam": {}}.get(settings.optimizer, {})
