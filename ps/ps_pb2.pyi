@@ -164,7 +164,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version", "skipped_steps")
+    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version", "skipped_steps", "rejected_pushes")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class StatsReply(_message.Message):
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_PUSHES_FIELD_NUMBER: _ClassVar[int]
     mode: str
     workers: int
     staleness_bound: int
@@ -216,7 +217,8 @@ class StatsReply(_message.Message):
     min_version: int
     max_version: int
     skipped_steps: int
-    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ...) -> None: ...
+    rejected_pushes: int
+    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., rejected_pushes: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ps import ps_pb2, ps_pb2_grpc
 from ps.codec import CodecError, PushRequestView, decode_push_request, encode_pull_reply
@@ -92,6 +93,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._bytes_in = 0  # message bytes of the pushes taken (Init not counted)
         self._bytes_out = 0  # message bytes of the pulls answered
         self._last_reply: tuple[tuple, bytes] | None = None  # see _encode
+        self._rejected_pushes = 0  # pushes refused: malformed, non-finite, wrong step, ...
 
     def _encode(self, got: list[tuple[Key, np.ndarray, int]], dtype: str = "float32",
                 staleness: int = 0, skipped: bool = False) -> bytes:
@@ -146,13 +148,18 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def _push(self, request: bytes) -> tuple[PushRequestView, tuple[int, int, int], list[KeyId]]:
         """Decode PushRequest bytes (in place) and hand the gradients to the store."""
-        push = decode_push_request(request)
-        grads = {}
-        for s in push.slices:
-            if (s.name, s.start) in grads:
-                raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
-            grads[(s.name, s.start)] = (decode_slice(s), s.version)
-        result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip)
+        try:
+            push = decode_push_request(request)
+            grads = {}
+            for s in push.slices:
+                if (s.name, s.start) in grads:
+                    raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
+                grads[(s.name, s.start)] = (decode_slice(s), s.version)
+            result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip)
+        except (StoreError, WireError, CodecError):
+            with self._lock:
+                self._rejected_pushes += 1
+            raise
         self._count(received=len(request))
         return push, result, list(grads)
 
@@ -193,7 +200,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         stats = self._store.stats()
         stats.pop("initialised")
         with self._lock:
-            stats.update(bytes_in=self._bytes_in, bytes_out=self._bytes_out)
+            stats.update(bytes_in=self._bytes_in, bytes_out=self._bytes_out,
+                         rejected_pushes=self._rejected_pushes)
         return ps_pb2.StatsReply(**stats)
 
     def Shutdown(self, request, context):
@@ -201,16 +209,29 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.ShutdownReply()
 
 
+def _parsing(method: Callable, request_type) -> Callable:
+    """Parse the request bytes inside the handler, so that a malformed message is answered
+    INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL, the mark of a bug)."""
+    def parse_then_call(payload: bytes, context: grpc.ServicerContext):
+        try:
+            request = request_type.FromString(payload)
+        except DecodeError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"malformed {request_type.DESCRIPTOR.name}: {err}")
+        return method(request, context)
+
+    return parse_then_call
+
+
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
     """Register the service. As the generated add_ParameterServerServicer_to_server, except
     that Pull replies and Push requests go through ps.codec rather than protobuf objects:
     the same bytes on the wire, a fraction of the copies."""
     def handler(method, request_type, reply_type, raw_request=False, raw_reply=False):
+        if not raw_request:
+            method = _parsing(method, request_type)
         return grpc.unary_unary_rpc_method_handler(
-            method,
-            request_deserializer=None if raw_request else request_type.FromString,
-            response_serializer=None if raw_reply else reply_type.SerializeToString,
-        )
+            method, response_serializer=None if raw_reply else reply_type.SerializeToString)
 
     pb = ps_pb2
     handlers = {

@@ -73,6 +73,7 @@ def build_summary(
         "staleness_histogram": hist,
         "wait_fraction": wait_fraction,
         "dropped_stale": sum(s["dropped_stale"] for s in stats),
+        "rejected_pushes": sum(s["rejected_pushes"] for s in stats),
         # An update of the model = one optimizer step of every key; the busiest key counts it.
         "updates_applied": max((s["max_version"] for s in stats), default=0),
         "bytes_pushed": sum(s["bytes_in"] for s in stats),
