@@ -2,16 +2,13 @@
 -0.0 rules that robust aggregation depends on, and its refusals."""
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from jit import outputs_with_and_without_jit
 from twins import aggregate as twin
 
 from kernels.aggregate import (
@@ -221,18 +218,5 @@ def test_python_bodies_match_under_disable_jit():
         "     aggregate_trimmed_mean(g, 0.2)]\n"
         "print(np.concatenate(r).view(np.uint32).tolist())\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    outs = []
-    for disable in ("0", "1"):
-        env = dict(os.environ, NUMBA_DISABLE_JIT=disable)
-        run = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert run.returncode == 0, run.stderr
-        outs.append(run.stdout)
+    outs = outputs_with_and_without_jit(code)
     assert outs[0] == outs[1]

@@ -2,16 +2,13 @@
 inf, NaN, -0.0 and subnormals, and its refusals (which must change nothing)."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from jit import outputs_with_and_without_jit
 from twins import norms as twin
 
 from kernels.norms import _CHUNK, all_finite, clip_by_global_norm, global_norm
@@ -235,20 +232,7 @@ def test_python_bodies_match_under_disable_jit():
         "t = clip_by_global_norm([x], 3.0)\n"
         "print(all_finite(x), all_finite(y), global_norm([y[:4000]]), t, x.view(np.uint32).sum())\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    outs = []
-    for disable in ("0", "1"):
-        env = dict(os.environ, NUMBA_DISABLE_JIT=disable)
-        run = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert run.returncode == 0, run.stderr
-        outs.append(run.stdout)
+    outs = outputs_with_and_without_jit(code)
     assert outs[0] == outs[1]
 
 

@@ -1,17 +1,14 @@
 """kernels/optim.py against its twin (bit for bit), against torch 2.13 (stored results), and
 its refusals (which must change no state)."""
 
-import os
-import subprocess
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from jit import outputs_with_and_without_jit
 from twins import optim as twin
 
 from kernels.optim import _fma32, adam_update, sgd_update
@@ -399,20 +396,7 @@ def test_python_bodies_match_under_disable_jit():
         "    adam_update(q, g, m, v, t, 0.01, 0.3, 0.99, 1e-8, 0.01)\n"
         "print(np.concatenate([p, b, q, m, v]).view(np.uint32).tolist())\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    outs = []
-    for disable in ("0", "1"):
-        env = dict(os.environ, NUMBA_DISABLE_JIT=disable)
-        run = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert run.returncode == 0, run.stderr
-        outs.append(run.stdout)
+    outs = outputs_with_and_without_jit(code)
     assert outs[0] == outs[1]
 
 
