@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Comparison, compare  # noqa: E402
+from timing import Comparison, compare, table  # noqa: E402
 
 import kernels as K  # noqa: E402, N812  (K: short, reads like a namespace)
 
@@ -156,12 +156,7 @@ def main() -> int:
     started = time.perf_counter()
     runs = kernel_comparisons()
     first = first_call_seconds()
-    width = max(len(r.name) for r in runs)
-    print(f"{'kernel':<{width}}  {'ours':>10}  {'NumPy':>10}  {'speedup':>8}  goal   baseline")
-    for r in runs:
-        goal = "" if r.goal is None else f">={r.goal:g}x {'ok' if r.met else 'MISSED'}"
-        print(f"{r.name:<{width}}  {r.ours_s * 1e3:8.3f}ms  {r.baseline_s * 1e3:8.3f}ms  "
-              f"{r.speedup:7.2f}x  {goal:<11} {r.baseline}")
+    print(table("kernel", runs, baseline_column=True))
     print(f"first call in a fresh process: {first['empty_cache_s']:.2f} s with an empty Numba "
           f"cache, {first['warm_cache_s']:.2f} s warm ({first['speedup']:.1f}x)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import compare  # noqa: E402
+from timing import compare, table  # noqa: E402
 
 from kernels import fp16_decode, fp16_encode  # noqa: E402
 from ps.client import PSClient  # noqa: E402
@@ -114,12 +114,7 @@ def main() -> int:
     started = time.perf_counter()
     runs = step_costs() + push_costs()
     sizes = bytes_per_step()
-    width = max(len(r.name) for r in runs)
-    print(f"{'precision':<{width}}  {'ours':>9}  {'baseline':>9}  {'speedup':>8}  goal")
-    for r in runs:
-        goal = "" if r.goal is None else f">={r.goal:.2f}x {'ok' if r.met else 'MISSED'}"
-        print(f"{r.name:<{width}}  {r.ours_s * 1e3:7.2f}ms  {r.baseline_s * 1e3:7.2f}ms  "
-              f"{r.speedup:7.2f}x  {goal}")
+    print(table("precision", runs))
     print("bytes a worker step moves (push + pull, 784-256-128-10): "
           + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
           + f" (fp16/fp32 = {sizes['fp16'] / sizes['fp32']:.3f})")

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Comparison, compare  # noqa: E402
+from timing import Comparison, compare, table  # noqa: E402
 
 from ps.client import PSClient  # noqa: E402
 from ps.memory import keep_freed_buffers  # noqa: E402
@@ -139,12 +139,7 @@ def transport_comparisons() -> tuple[list[Comparison], dict]:
 def main() -> int:
     started = time.perf_counter()
     runs, setup = transport_comparisons()
-    width = max(len(r.name) for r in runs)
-    print(f"{'transport':<{width}}  {'ours':>10}  {'baseline':>10}  {'speedup':>8}  goal")
-    for r in runs:
-        goal = "" if r.goal is None else f">={r.goal:.2f}x {'ok' if r.met else 'MISSED'}"
-        print(f"{r.name:<{width}}  {r.ours_s * 1e3:8.2f}ms  {r.baseline_s * 1e3:8.2f}ms  "
-              f"{r.speedup:7.2f}x  {goal}")
+    print(table("transport", runs))
     print("speedup = baseline time / ours; for the control call the goal >= 0.80x means "
           "its latency is at most 1.25x the empty echo's")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

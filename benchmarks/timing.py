@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Comparison", "compare"]
+__all__ = ["Comparison", "compare", "table"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,16 @@ def compare(
         name, ours_label, base_label,
         statistics.median(ours_times), statistics.median(base_times), goal,
     )
+
+
+def table(title: str, runs: list[Comparison], baseline_column: bool = False) -> str:
+    """The comparisons as aligned rows: time of each side, speedup, and the goal's verdict."""
+    width = max(len(r.name) for r in runs)
+    lines = [f"{title:<{width}}  {'ours':>10}  {'baseline':>10}  {'speedup':>8}  {'goal':<14}"
+             + (" baseline" if baseline_column else "")]
+    for r in runs:
+        goal = "" if r.goal is None else f">={r.goal:.2f}x {'ok' if r.met else 'MISSED'}"
+        lines.append(f"{r.name:<{width}}  {r.ours_s * 1e3:8.3f}ms  {r.baseline_s * 1e3:8.3f}ms  "
+                     f"{r.speedup:7.2f}x  {goal:<14}"
+                     + (f" {r.baseline}" if baseline_column else "").rstrip())
+    return "\n".join(line.rstrip() for line in lines)
