@@ -101,7 +101,7 @@ def _methods(channel: grpc.Channel) -> dict[str, Callable]:
     ps.codec reads and writes (the same wire format, without protobuf's copies)."""
     stub = ps_pb2_grpc.ParameterServerStub(channel)
     methods = {name: getattr(stub, name)
-               for name in ("Init", "Layout", "Version", "Stats", "Shutdown")}
+               for name in ("Init", "Layout", "Version", "Stats", "Shutdown", "Leave")}
     prefix = "/tinyps.ParameterServer/"
     methods["Pull"] = channel.unary_unary(
         prefix + "Pull", request_serializer=ps_pb2.PullRequest.SerializeToString,
@@ -151,7 +151,12 @@ class PSClient:
         self.chunk_bytes = chunk_bytes
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   # A restarted server is back within seconds: reconnect soon after, rather
+                   # than after gRPC's default backoff, which grows towards two minutes.
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
         self._channels = [_channel(a, options, tls) for a in addresses]
         self._stubs = [_methods(c) for c in self._channels]
         self._pool = ThreadPoolExecutor(max_workers=len(addresses) * in_flight,
@@ -389,10 +394,25 @@ class PSClient:
             self._read_versions.update(((p.name, p.start), p.version) for p in reply.slices)
 
     def versions(self) -> list[dict]:
-        """Per server: initialised, min_version, max_version, clocks (worker -> steps)."""
-        replies = self._call_all([(s, "Version", ps_pb2.VersionRequest(), self.deadline_s)
+        """Per server: initialised, min_version, max_version, clocks (worker -> steps),
+        start_step (where this worker would start; see start_step)."""
+        request = ps_pb2.VersionRequest(worker=self.worker_id)
+        replies = self._call_all([(s, "Version", request, self.deadline_s)
                                   for s in range(len(self._stubs))])
         return [_reply_dict(r) for r in replies]
+
+    def start_step(self) -> int:
+        """The step this worker starts at: 0 in a new run; after a restart or a resume, as
+        far as the servers say (the furthest of them: a server behind skips ahead)."""
+        return max(v["start_step"] for v in self.versions())
+
+    def leave(self, worker: int) -> int:
+        """Tell every server that `worker` is gone, so that no barrier waits for it;
+        returns on how many servers it was live."""
+        request = ps_pb2.LeaveRequest(worker=worker)
+        replies = self._call_all([(s, "Leave", request, self.deadline_s)
+                                  for s in range(len(self._stubs))])
+        return sum(r.removed for r in replies)
 
     def stats(self) -> list[dict]:
         """Per server: its counters (see StatsReply in proto/ps.proto) and its address."""

@@ -137,11 +137,13 @@ class LayoutReply(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ...) -> None: ...
 
 class VersionRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("worker",)
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    def __init__(self, worker: _Optional[int] = ...) -> None: ...
 
 class VersionReply(_message.Message):
-    __slots__ = ("initialised", "min_version", "max_version", "clocks")
+    __slots__ = ("initialised", "min_version", "max_version", "clocks", "start_step")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,18 +155,32 @@ class VersionReply(_message.Message):
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
     initialised: bool
     min_version: int
     max_version: int
     clocks: _containers.ScalarMap[int, int]
-    def __init__(self, initialised: _Optional[bool] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    start_step: int
+    def __init__(self, initialised: _Optional[bool] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., start_step: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker",)
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    def __init__(self, worker: _Optional[int] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version", "skipped_steps", "rejected_pushes")
+    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version", "skipped_steps", "rejected_pushes", "dropped_gradients", "live_workers", "restored_from", "checkpoints_written")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +211,10 @@ class StatsReply(_message.Message):
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     mode: str
     workers: int
     staleness_bound: int
@@ -218,7 +238,11 @@ class StatsReply(_message.Message):
     max_version: int
     skipped_steps: int
     rejected_pushes: int
-    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., rejected_pushes: _Optional[int] = ...) -> None: ...
+    dropped_gradients: int
+    live_workers: _containers.RepeatedScalarFieldContainer[int]
+    restored_from: int
+    checkpoints_written: int
+    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., rejected_pushes: _Optional[int] = ..., dropped_gradients: _Optional[int] = ..., live_workers: _Optional[_Iterable[int]] = ..., restored_from: _Optional[int] = ..., checkpoints_written: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

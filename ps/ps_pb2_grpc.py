@@ -69,6 +69,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_ps__pb2.StatsRequest.SerializeToString,
                 response_deserializer=ps_dot_ps__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/tinyps.ParameterServer/Leave',
+                request_serializer=ps_dot_ps__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=ps_dot_ps__pb2.LeaveReply.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/tinyps.ParameterServer/Shutdown',
                 request_serializer=ps_dot_ps__pb2.ShutdownRequest.SerializeToString,
@@ -123,6 +128,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -166,6 +177,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=ps_dot_ps__pb2.StatsRequest.FromString,
                     response_serializer=ps_dot_ps__pb2.StatsReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=ps_dot_ps__pb2.LeaveRequest.FromString,
+                    response_serializer=ps_dot_ps__pb2.LeaveReply.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -362,6 +378,33 @@ class ParameterServer:
             '/tinyps.ParameterServer/Stats',
             ps_dot_ps__pb2.StatsRequest.SerializeToString,
             ps_dot_ps__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinyps.ParameterServer/Leave',
+            ps_dot_ps__pb2.LeaveRequest.SerializeToString,
+            ps_dot_ps__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,

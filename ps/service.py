@@ -86,9 +86,11 @@ def _optimizer(settings: ps_pb2.OptimizerSettings) -> OptimizerConfig:
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, store: Store, on_shutdown: Callable[[], None]) -> None:
+    def __init__(self, store: Store, on_shutdown: Callable[[], None],
+                 extra_stats: Callable[[], dict] = dict) -> None:
         self._store = store
         self._on_shutdown = on_shutdown
+        self._extra_stats = extra_stats  # counters kept outside the store (checkpoints)
         self._lock = threading.Lock()
         self._bytes_in = 0  # message bytes of the pushes taken (Init not counted)
         self._bytes_out = 0  # message bytes of the pulls answered
@@ -192,9 +194,17 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.LayoutReply(keys=[_key_spec(k) for k in self._store.layout()])
 
     def Version(self, request, context):
-        initialised, vmin, vmax, clocks = self._store.versions()
-        return ps_pb2.VersionReply(initialised=initialised, min_version=vmin,
-                                   max_version=vmax, clocks=clocks)
+        def run():
+            initialised, vmin, vmax, clocks = self._store.versions()
+            start = self._store.start_step(request.worker) if initialised else 0
+            return ps_pb2.VersionReply(initialised=initialised, min_version=vmin,
+                                       max_version=vmax, clocks=clocks, start_step=start)
+
+        return self._call(context, run)
+
+    def Leave(self, request, context):
+        return self._call(context, lambda: ps_pb2.LeaveReply(
+            removed=self._store.remove_worker(request.worker)))
 
     def Stats(self, request, context):
         stats = self._store.stats()
@@ -202,6 +212,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         with self._lock:
             stats.update(bytes_in=self._bytes_in, bytes_out=self._bytes_out,
                          rejected_pushes=self._rejected_pushes)
+        stats.update(self._extra_stats())
         return ps_pb2.StatsReply(**stats)
 
     def Shutdown(self, request, context):
@@ -243,6 +254,7 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
         "Layout": handler(servicer.Layout, pb.LayoutRequest, pb.LayoutReply),
         "Version": handler(servicer.Version, pb.VersionRequest, pb.VersionReply),
         "Stats": handler(servicer.Stats, pb.StatsRequest, pb.StatsReply),
+        "Leave": handler(servicer.Leave, pb.LeaveRequest, pb.LeaveReply),
         "Shutdown": handler(servicer.Shutdown, pb.ShutdownRequest, pb.ShutdownReply),
     }
     server.add_generic_rpc_handlers(

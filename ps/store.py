@@ -1,29 +1,35 @@
 """The store: this server's shard of the parameters, their versions and optimizer state.
 
 It decides, for the consistency mode, when a pushed gradient is applied and when a pull may be
-answered, and it counts what happened. It knows nothing of gRPC: the servicer translates.
+answered; which workers a barrier waits for (live ones: a dead worker is removed, a returning
+one rejoins); and it counts what happened. It knows nothing of gRPC: the servicer translates.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
-from kernels import all_finite
+from kernels import aggregate_median, aggregate_trimmed_mean, all_finite
 from ps.keys import Key, KeyId
 from ps.optimizer import Optimizer, OptimizerConfig
+from ps.snapshot import KeyState, Snapshot
 
 __all__ = [
-    "MODES", "BadRequest", "Closed", "LayoutConflict", "NotInitialised", "Store",
+    "AGGREGATES", "MODES", "BadRequest", "Closed", "LayoutConflict", "NotInitialised", "Store",
     "StoreConfig", "StoreError", "StepOutOfRange", "UnknownKey", "WaitTimeout",
+    "parse_aggregate",
 ]
 
 MODES = ("sync", "async", "ssp")
+AGGREGATES = ("mean", "median", "trimmed_mean")  # trimmed_mean:F trims F of each end
 
 T = TypeVar("T")
 _SKIPPED = object()  # sync: a step's partial sum once any worker has skipped it
@@ -68,6 +74,9 @@ class StoreConfig:
     staleness: int = 0  # ssp bound K, in clocks (steps)
     staleness_lr: bool = False  # async/ssp: divide the step size by the gradient's staleness
     max_staleness: int | None = None  # async/ssp: drop (and count) gradients staler than this
+    backup_workers: int = 0  # sync: a step completes with the first W-b gradients
+    aggregate: str = "mean"  # sync: mean | median | trimmed_mean:F (robust to bad workers)
+    lease_s: float | None = None  # a worker silent this long (no call in flight) is removed
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +87,37 @@ class StoreConfig:
             raise ValueError(f"staleness must be >= 0, got {self.staleness}")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if not 0 <= self.backup_workers < self.workers:
+            raise ValueError(f"backup_workers must be in 0..{self.workers - 1} (fewer than the "
+                             f"workers), got {self.backup_workers}")
+        if self.backup_workers and self.mode != "sync":
+            raise ValueError("backup_workers is for sync mode: async and ssp never wait for a "
+                             "step's last gradient")
+        name, _ = parse_aggregate(self.aggregate)
+        if name != "mean" and self.mode != "sync":
+            raise ValueError(f"aggregate {self.aggregate!r} is for sync mode: async and ssp "
+                             f"apply each gradient alone")
+        if self.lease_s is not None and not self.lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+
+
+def parse_aggregate(text: str) -> tuple[str, float]:
+    """"mean", "median" or "trimmed_mean:F" -> (rule, F); F is the fraction cut off each end."""
+    name, _, arg = text.partition(":")
+    if name not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of mean, median, trimmed_mean:F, got {text!r}")
+    if name != "trimmed_mean":
+        if arg:
+            raise ValueError(f"aggregate {name} takes no argument, got {text!r}")
+        return name, 0.0
+    try:
+        fraction = float(arg)
+    except ValueError:
+        raise ValueError(f"aggregate trimmed_mean needs a fraction, as in trimmed_mean:0.25; "
+                         f"got {text!r}") from None
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"the trimmed fraction must be in [0, 0.5), got {fraction}")
+    return name, fraction
 
 
 @dataclass
@@ -88,7 +128,17 @@ class _Slot:
     value: np.ndarray | None  # float32 (size,); None until Init sends values
     next_step: np.ndarray  # int64 (workers,): the step each worker must push next
     version: int = 0  # updates applied
-    pending: dict[int, list] = field(default_factory=dict)  # sync: step -> [sum, count]
+    pending: dict[int, _Step] = field(default_factory=dict)  # sync: the steps not yet applied
+
+
+@dataclass
+class _Step:
+    """sync: what one step of one key has gathered so far."""
+
+    total: np.ndarray | None = None  # mean: the running sum
+    grads: list[np.ndarray] = field(default_factory=list)  # median, trimmed mean: each one
+    workers: set[int] = field(default_factory=set)  # the workers whose gradients are in
+    skipped: bool = False  # a worker found inf/NaN: nobody's gradient of the step is applied
 
 
 @dataclass
@@ -97,6 +147,7 @@ class _Counters:
     pulls: int = 0
     updates: int = 0
     dropped_stale: int = 0
+    dropped_gradients: int = 0  # sync: worker-steps that came after their step was applied
     staleness_hist: list[int] = field(default_factory=list)  # [s]: applied with staleness s
     waiting: int = 0
 
@@ -104,8 +155,11 @@ class _Counters:
 class Store:
     """This server's keys. Every public method is thread-safe and checks before it changes."""
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self._clock_s = clock  # for leases; tests pass a clock they move by hand
+        self._aggregate = parse_aggregate(config.aggregate)
         self._cond = threading.Condition()
         self._slots: dict[KeyId, _Slot] = {}
         self._layout: tuple[Key, ...] | None = None
@@ -114,6 +168,16 @@ class Store:
         self._counters = _Counters()
         self._started: set[int] = set()  # workers that have asked for step 0
         self._skipped: set = set()  # steps skipped for inf/NaN: sync step, or (worker, step)
+        # Barriers wait for the live workers. A removed worker (dead, or its lease expired)
+        # and, after a restore, every worker, "rejoins": its next call may move its clock
+        # forward to wherever it is now, since this store has lost track of it.
+        self._live: set[int] = set(range(config.workers))
+        self._rejoining: set[int] = set()
+        self._last_seen: dict[int, float] = {}  # worker -> when its last call ended
+        self._in_flight: dict[int, int] = {}  # worker -> its calls inside the store now
+        self._last_dropped: dict[int, int] = {}  # worker -> its latest step dropped as late
+        self._restored_seq = -1  # the checkpoint this store was restored from
+        self._skipped_before = 0  # steps skipped before that checkpoint
         self._closed = False
 
     # -- initialisation -------------------------------------------------------------------
@@ -159,6 +223,8 @@ class Store:
                     k.id: _Slot(k, None, np.zeros(workers, np.int64)) for k in layout
                 }
                 self._pending_values = len(layout)
+                # A worker that never calls at all is silent from here on (see leases).
+                self._last_seen = dict.fromkeys(range(workers), self._clock_s())
             for key_id, value in values.items():
                 slot = self._slots[key_id]
                 if slot.value is None:  # the first values win
@@ -180,7 +246,8 @@ class Store:
         """The values of `key_ids` (None: all) with their versions, as (key, values, version).
 
         step < 0, or async mode: at once. sync: once every key has applied `step` updates.
-        ssp: once the slowest worker's clock is at least step - K. Waits at most `timeout` s.
+        ssp: once the slowest live worker's clock is at least step - K. Waits at most
+        `timeout` s.
 
         Without `read`, the values are copies. With it, `read` is called under the lock with
         views of the live values and its result returned: a reader that serialises them makes
@@ -189,34 +256,40 @@ class Store:
         with self._cond:
             self._check_ready()
             slots = self._select(key_ids)
-            if step == 0:
-                # The start line: a run begins when all W workers have asked for step 0, so
-                # that no worker races ahead while the others are still starting up.
+            if step >= 0:
                 self._check_worker(worker)
-                self._started.add(worker)
-                self._cond.notify_all()
-                self._wait(lambda: len(self._started) == self.config.workers, timeout,
-                           f"worker {worker} waiting at the start for "
-                           f"{self.config.workers - len(self._started)} more workers")
-            if step >= 0 and self.config.mode != "async":
-                self._check_worker(worker)
-                clock = self._clock(worker, slots)
-                if step > clock:
-                    raise StepOutOfRange(
-                        f"pull: worker {worker} asked for step {step}, but its next step is "
-                        f"{clock} (it has pushed {clock} steps)"
-                    )
-                self._wait(lambda: self._ready(slots, step), timeout,
-                           f"pull of step {step} by worker {worker}")
+                with self._calling(worker):
+                    self._arrive(worker, step)
+                    self._wait_for_step(slots, worker, step, timeout)
             self._counters.pulls += 1
             if read is None:
                 return [(s.key, s.value.copy(), s.version) for s in slots]
             return read([(s.key, s.value, s.version) for s in slots])
 
+    def _wait_for_step(self, slots: list[_Slot], worker: int, step: int, timeout: float) -> None:
+        if step == 0:
+            # The start line: a run begins when every live worker has asked for step 0, so
+            # that no worker races ahead while the others are still starting up.
+            self._started.add(worker)
+            self._cond.notify_all()
+            self._wait(lambda: self._live <= self._started, timeout,
+                       f"worker {worker} waiting at the start for workers "
+                       f"{sorted(self._live - self._started)}")
+        if self.config.mode == "async":
+            return
+        clock = self._clock(worker, slots)
+        if step > clock:
+            raise StepOutOfRange(
+                f"pull: worker {worker} asked for step {step}, but its next step is "
+                f"{clock} (it has pushed {clock} steps)"
+            )
+        self._wait(lambda: self._ready(slots, step), timeout,
+                   f"pull of step {step} by worker {worker}")
+
     def _ready(self, slots: list[_Slot], step: int) -> bool:
         if self.config.mode == "sync":
             return all(s.version >= step for s in slots)
-        # ssp, key by key: every worker has pushed at least step - K steps of these keys.
+        # ssp, key by key: every live worker has pushed at least step - K steps of these keys.
         return self._min_clock(slots) >= step - self.config.staleness
 
     # -- push -----------------------------------------------------------------------------
@@ -246,6 +319,9 @@ class Store:
                 raise StepOutOfRange(f"push: step must be >= 0, got {step}")
             if not (math.isfinite(scale) and scale > 0):
                 raise BadRequest(f"push: the gradient scale must be finite and > 0, got {scale}")
+            # A rejoining worker's clock moves up to `step`, and the versions it read may be
+            # ahead of a restored store's: it was computing while this store was gone.
+            rejoining = worker in self._rejoining
             fresh = []
             for key_id, (grad, read_version) in grads.items():
                 slot = self._slot(key_id, "push")
@@ -255,6 +331,9 @@ class Store:
                 else:
                     _check_values("push", slot.key, grad)
                 expected = int(slot.next_step[worker])
+                if rejoining:
+                    expected = max(expected, step)
+                    read_version = min(read_version, slot.version)
                 if step > expected:
                     raise StepOutOfRange(
                         f"push {slot.key}: step {step} is beyond worker {worker}'s next step "
@@ -267,46 +346,78 @@ class Store:
                     )
                 if step == expected:
                     fresh.append((slot, grad, read_version))
-            staleness_max = 0
-            for slot, grad, read_version in fresh:
-                slot.next_step[worker] += 1
-                if not skip and scale != 1.0:
-                    grad = grad / np.float32(scale)  # unscale in fp32, as GradScaler does
-                if self.config.mode == "sync":
-                    self._accumulate(slot, step, None if skip else grad)
-                elif skip:
-                    self._skipped.add((worker, step))
-                else:
-                    staleness_max = max(staleness_max, self._apply_one(slot, grad, read_version))
+            with self._calling(worker):
+                self._arrive(worker, step)
+                staleness_max = self._take(worker, step, fresh, scale, skip)
             self._counters.pushes += 1
             self._cond.notify_all()
             return len(fresh), len(grads) - len(fresh), staleness_max
 
-    def _accumulate(self, slot: _Slot, step: int, grad: np.ndarray | None) -> None:
-        """sync: sum the step's gradients; once all W are in, apply their mean as one update.
+    def _take(self, worker: int, step: int, fresh: list, scale: float, skip: bool) -> int:
+        """Apply or gather the checked gradients of one push; the largest staleness applied."""
+        staleness_max = 0
+        late = False
+        for slot, grad, read_version in fresh:
+            slot.next_step[worker] += 1
+            if not skip and scale != 1.0:
+                grad = grad / np.float32(scale)  # unscale in fp32, as GradScaler does
+            if self.config.mode == "sync":
+                if step < slot.version:
+                    late = True  # the step was applied without it (backup workers, rejoin)
+                else:
+                    self._accumulate(slot, worker, step, None if skip else grad)
+            elif skip:
+                self._skipped.add((worker, step))
+            else:
+                staleness_max = max(staleness_max, self._apply_one(slot, grad, read_version))
+        if late and self._last_dropped.get(worker) != step:
+            self._last_dropped[worker] = step  # a step's requests to this server count once
+            self._counters.dropped_gradients += 1
+        return staleness_max
+
+    def _accumulate(self, slot: _Slot, worker: int, step: int, grad: np.ndarray | None) -> None:
+        """sync: gather the step's gradients; once enough are in, apply them as one update.
 
         grad None: that worker skipped the step (inf or NaN); then nobody's gradient of the
         step is applied, but the version still advances so that steps and versions stay equal.
         """
-        entry = slot.pending.setdefault(step, [None, 0])
+        entry = slot.pending.setdefault(step, _Step())
+        entry.workers.add(worker)
         if grad is None:
-            entry[0] = _SKIPPED
-        elif entry[0] is None:
-            entry[0] = np.array(grad, np.float32, copy=True)
-        elif entry[0] is not _SKIPPED:
-            entry[0] += grad
-        entry[1] += 1
-        # Steps complete in order: a worker may push step t+1 before the others finish t.
-        while (entry := slot.pending.get(slot.version)) and entry[1] == self.config.workers:
-            total, count = slot.pending.pop(slot.version)
-            if total is _SKIPPED:
+            entry.skipped, entry.total, entry.grads = True, None, []
+        elif entry.skipped:
+            pass
+        elif self._aggregate[0] != "mean":
+            entry.grads.append(np.array(grad, np.float32, copy=True))
+        elif entry.total is None:
+            entry.total = np.array(grad, np.float32, copy=True)
+        else:
+            entry.total += grad
+        self._advance(slot)
+
+    def _advance(self, slot: _Slot) -> None:
+        """Apply the key's complete steps, in order: a step is complete once every live
+        worker has pushed it, or with b backup workers the first live W-b of them."""
+        needed = max(1, len(self._live) - self.config.backup_workers)
+        while (entry := slot.pending.get(slot.version)) and len(
+                entry.workers & self._live) >= needed:
+            del slot.pending[slot.version]
+            if entry.skipped:
                 self._skipped.add(slot.version)
             else:
-                total /= np.float32(count)
-                self._optimizer.step(str(slot.key), slot.value, total)
+                self._optimizer.step(str(slot.key), slot.value, self._combine(entry))
                 self._counters.updates += 1
-                self._record_staleness(0, count)
+                self._record_staleness(0, len(entry.workers))
             slot.version += 1
+
+    def _combine(self, entry: _Step) -> np.ndarray:
+        rule, fraction = self._aggregate
+        if rule == "mean":
+            return entry.total / np.float32(len(entry.workers))
+        stacked = np.stack(entry.grads)
+        if rule == "median":
+            return aggregate_median(stacked)
+        return aggregate_trimmed_mean(stacked, fraction)
 
     def _apply_one(self, slot: _Slot, grad: np.ndarray, read_version: int) -> int:
         """async / ssp: apply on arrival, unless staler than allowed. Returns the staleness."""
@@ -330,6 +441,180 @@ class Store:
             hist.extend([0] * (staleness + 1 - len(hist)))
         hist[staleness] += count
 
+    # -- workers coming and going ---------------------------------------------------------
+
+    def remove_worker(self, worker: int) -> bool:
+        """Stop waiting for `worker` (it died, or its lease expired); False if it was not live.
+
+        Its gradients already gathered stay. If it calls again it rejoins, at its new step.
+        """
+        with self._cond:
+            self._check_worker(worker)
+            removed = worker in self._live
+            if removed:
+                self._remove(worker)
+            return removed
+
+    def expire_leases(self) -> list[int]:
+        """Remove the live workers silent for longer than the lease; return them."""
+        with self._cond:
+            return self._expire_leases()
+
+    def start_step(self, worker: int) -> int:
+        """The step a (re)starting worker begins at: its own clock, or in sync and ssp, where
+        the others are if they are ahead (the steps it missed are theirs now)."""
+        with self._cond:
+            self._check_ready()
+            self._check_worker(worker)
+            own = self._clock(worker)
+            if self.config.mode == "async":
+                return own
+            if self.config.mode == "sync":
+                return max(own, min(s.version for s in self._slots.values()))
+            others = [self._clock(w) for w in self._live if w != worker]
+            return max(own, min(others, default=own))
+
+    def _remove(self, worker: int) -> None:
+        self._live.discard(worker)
+        self._rejoining.add(worker)
+        self._catch_up()
+        self._cond.notify_all()
+
+    def _expire_leases(self) -> list[int]:
+        lease = self.config.lease_s
+        if lease is None:
+            return []
+        now = self._clock_s()
+        expired = [w for w in sorted(self._live)
+                   if not self._in_flight.get(w) and w in self._last_seen
+                   and now - self._last_seen[w] > lease]
+        for w in expired:
+            self._remove(w)
+        return expired
+
+    def _arrive(self, worker: int, step: int) -> None:
+        """A call of `worker` at `step`: a rejoining worker is live again, at that step."""
+        if worker not in self._rejoining:
+            return
+        self._rejoining.discard(worker)
+        self._live.add(worker)
+        self._started.add(worker)
+        for slot in self._slots.values():
+            slot.next_step[worker] = max(int(slot.next_step[worker]), step)
+        self._catch_up()
+        self._cond.notify_all()
+
+    def _catch_up(self) -> None:
+        """sync, after the live set or a clock changed: apply the steps now complete; and a
+        key whose every live worker is past its version (a restored store, rejoined by
+        workers that are further on) jumps ahead to them, its unfinished steps dropped."""
+        if self.config.mode != "sync" or not self._live:
+            return
+        for slot in self._slots.values():
+            self._advance(slot)
+            target = min(int(slot.next_step[w]) for w in self._live)
+            if target > slot.version:
+                for old in [t for t in slot.pending if t < target]:
+                    del slot.pending[old]
+                slot.version = target
+                self._advance(slot)
+
+    @contextmanager
+    def _calling(self, worker: int) -> Iterator[None]:
+        """Mark a call of `worker` in progress: a worker waiting on a barrier is not silent."""
+        self._in_flight[worker] = self._in_flight.get(worker, 0) + 1
+        try:
+            yield
+        finally:
+            self._in_flight[worker] -= 1
+            self._last_seen[worker] = self._clock_s()
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """This shard's state now, copied: what a checkpoint writes.
+
+        sync: a step still gathering gradients is not kept (its partial sum is not state a
+        restart can trust); the clocks say so, and the workers push that step again.
+        """
+        with self._cond:
+            # A closed store still answers: the final checkpoint is taken after the close.
+            if not self._ready_now():
+                raise NotInitialised("snapshot: the parameters are not initialised yet")
+            keys = []
+            for slot in self._slots.values():
+                clocks = slot.next_step.copy()
+                if self.config.mode == "sync":
+                    np.minimum(clocks, slot.version, out=clocks)
+                state = {name: value.copy() if isinstance(value, np.ndarray) else int(value)
+                         for name, value in self._optimizer.state[str(slot.key)].items()}
+                keys.append(KeyState(slot.key, slot.value.copy(), slot.version, clocks, state))
+            c = self._counters
+            counters = {"updates": c.updates, "pushes": c.pushes, "pulls": c.pulls,
+                        "dropped_stale": c.dropped_stale,
+                        "dropped_gradients": c.dropped_gradients,
+                        "skipped_steps": self._skipped_count(),
+                        "staleness_hist": list(c.staleness_hist)}
+            return Snapshot(self.config.mode, self.config.workers, self._optimizer.config, keys,
+                            counters, seq=min(k.version for k in keys))
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Take a snapshot's state; only a store that holds no layout yet can.
+
+        Every worker then rejoins: the store cannot know how far each has got meanwhile.
+        """
+        with self._cond:
+            self._check_open()
+            if self._layout is not None:
+                raise LayoutConflict("restore: this server already holds parameters")
+            if (snapshot.mode, snapshot.workers) != (self.config.mode, self.config.workers):
+                raise BadRequest(
+                    f"restore: the checkpoint is of a {snapshot.mode} run with "
+                    f"{snapshot.workers} workers; this server runs {self.config.mode} with "
+                    f"{self.config.workers}")
+            layout = tuple(k.key for k in snapshot.keys)
+            _check_layout(layout)
+            optimizer = Optimizer(snapshot.optimizer, {str(k): (k.size,) for k in layout})
+            for ks in snapshot.keys:
+                _check_values("restore", ks.key, ks.value)
+                if ks.clocks.shape != (self.config.workers,) or ks.version < 0:
+                    raise BadRequest(f"restore {ks.key}: clocks of shape {ks.clocks.shape} and "
+                                     f"version {ks.version} do not fit {self.config.workers} "
+                                     f"workers")
+                state = optimizer.state[str(ks.key)]
+                if set(state) != set(ks.optimizer):
+                    raise BadRequest(f"restore {ks.key}: optimizer state {sorted(ks.optimizer)} "
+                                     f"is not {snapshot.optimizer.name}'s {sorted(state)}")
+                for name, value in ks.optimizer.items():
+                    state[name] = (np.array(value, np.float32, copy=True)
+                                   if isinstance(state[name], np.ndarray) else int(value))
+            self._layout = layout
+            self._optimizer = optimizer
+            self._slots = {ks.key.id: _Slot(ks.key, ks.value.astype(np.float32, copy=True),
+                                            ks.clocks.astype(np.int64, copy=True), ks.version)
+                           for ks in snapshot.keys}
+            self._pending_values = 0
+            c, saved = self._counters, snapshot.counters
+            for name in ("updates", "pushes", "pulls", "dropped_stale", "dropped_gradients"):
+                setattr(c, name, int(saved.get(name, 0)))
+            c.staleness_hist = [int(n) for n in saved.get("staleness_hist", [])]
+            self._skipped_before = int(saved.get("skipped_steps", 0))
+            workers = range(self.config.workers)
+            self._started = set(workers)
+            self._rejoining = set(workers)
+            now = self._clock_s()
+            self._last_seen = dict.fromkeys(workers, now)
+            self._restored_seq = snapshot.seq
+            self._cond.notify_all()
+
+    def wait_version(self, target: int, timeout: float) -> bool:
+        """Block until every key has at least `target` updates (True), the store closes or
+        `timeout` s pass (False). For a checkpointer that writes every N updates."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._closed or (self._ready_now() and self._min_version() >= target),
+                timeout) and not self._closed
+
     # -- inspection -----------------------------------------------------------------------
 
     def was_skipped(self, worker: int, step: int) -> bool:
@@ -348,7 +633,7 @@ class Store:
             if not self._slots:
                 return False, 0, 0, {}
             versions = [s.version for s in self._slots.values()]
-            return (self._pending_values == 0, min(versions), max(versions),
+            return (self._ready_now(), min(versions), max(versions),
                     {w: self._clock(w) for w in range(self.config.workers)})
 
     def stats(self) -> dict:
@@ -375,13 +660,20 @@ class Store:
                 "staleness_max": max((s for s, n in enumerate(hist) if n), default=0),
                 "staleness_histogram": hist,
                 "dropped_stale": c.dropped_stale,
-                "skipped_steps": len(self._skipped),
+                "dropped_gradients": c.dropped_gradients,
+                "skipped_steps": self._skipped_count(),
+                "live_workers": sorted(self._live),
+                "restored_from": self._restored_seq,
                 "waiting": c.waiting,
                 "clocks": clocks,
                 "min_version": vmin,
                 "max_version": vmax,
                 "initialised": initialised,
             }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Refuse new requests and wake every waiting one (it fails with Closed)."""
@@ -390,6 +682,15 @@ class Store:
             self._cond.notify_all()
 
     # -- helpers (called with the lock held) ----------------------------------------------
+
+    def _ready_now(self) -> bool:
+        return self._layout is not None and self._pending_values == 0
+
+    def _min_version(self) -> int:
+        return min(s.version for s in self._slots.values())
+
+    def _skipped_count(self) -> int:
+        return self._skipped_before + len(self._skipped)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -428,18 +729,28 @@ class Store:
         return min(int(s.next_step[worker]) for s in slots)
 
     def _min_clock(self, slots: list[_Slot] | None = None) -> int:
-        return min(self._clock(w, slots) for w in range(self.config.workers))
+        """The slowest live worker's clock (no live worker holds anyone back)."""
+        return min((self._clock(w, slots) for w in self._live), default=math.inf)
 
     def _wait(self, predicate, timeout: float, what: str) -> None:
+        """Wait for `predicate` under the lock, at most `timeout` s. With leases, wake now
+        and then to remove silent workers: they may be what the wait is waiting for."""
         if predicate():
             return
+        tick = None if self.config.lease_s is None else min(1.0, self.config.lease_s / 4)
+        deadline = time.monotonic() + timeout
         self._counters.waiting += 1
         try:
-            done = self._cond.wait_for(lambda: self._closed or predicate(), timeout)
+            while not (self._closed or predicate()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining if tick is None else min(tick, remaining))
+                self._expire_leases()
         finally:
             self._counters.waiting -= 1
         self._check_open()
-        if not done:
+        if not predicate():
             raise WaitTimeout(f"{what} still waiting after {timeout:.1f} s")
 
 

@@ -6,5 +6,6 @@ servers up for hands-on work, and the `tinyps` command does both from a terminal
 
 from tinyps.api import Cluster, cluster, launch
 from tinyps.config import LaunchConfig
+from tinyps.launcher import load_model
 
-__all__ = ["Cluster", "LaunchConfig", "cluster", "launch"]
+__all__ = ["Cluster", "LaunchConfig", "cluster", "launch", "load_model"]

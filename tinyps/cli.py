@@ -130,6 +130,47 @@ def _consistency_flags(p: argparse.ArgumentParser) -> None:
                    help="async/ssp: drop gradients staler than this (counted)")
 
 
+def _aggregate(text: str) -> str:
+    from ps.store import parse_aggregate
+
+    try:
+        parse_aggregate(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _index_after(text: str) -> tuple[int, int]:
+    index, sep, after = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(index), int(after)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected INDEX:STEPS, as in 1:40, got {text!r}") from None
+
+
+def _sync_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backup-workers", type=_natural, default=0,
+                   help="sync: each step takes the first W-b gradients and drops the late "
+                        "ones (Chen et al. 2016)")
+    p.add_argument("--aggregate", type=_aggregate, default="mean",
+                   help="sync: mean | median | trimmed_mean:F (F cut from each end), the "
+                        "last two robust to Byzantine workers")
+
+
+def _checkpoint_flags(p: argparse.ArgumentParser, directory_help: str) -> None:
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help=directory_help)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=100,
+                   help="a server writes its shard every N updates (default: 100)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=3,
+                   help="checkpoints kept per server (default: 3)")
+    p.add_argument("--lease", type=_positive_float, default=30.0,
+                   help="seconds a worker may stay silent before barriers stop waiting for "
+                        "it (default: 30)")
+
+
 def _loss_scale(text: str) -> float | str:
     if text in ("auto", "dynamic", "off"):
         return text
@@ -189,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_flags(launch)
     launch.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push in two calls instead of one PushPull")
+    _sync_flags(launch)
+    _checkpoint_flags(launch, "where servers write checkpoints (default: RUN_DIR/checkpoints)")
+    launch.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                        help="continue the run in DIR from its checkpoints (the number of "
+                             "servers may differ)")
+    launch.add_argument("--max-restarts", type=_natural, default=3,
+                        help="dead servers and killed workers restarted, in all (default: 3)")
+    launch.add_argument("--byzantine", type=_natural, default=0, metavar="N",
+                        help="injected fault: workers 0..N-1 push corrupted gradients")
+    launch.add_argument("--kill-server", type=_index_after, default=None, metavar="I:STEPS",
+                        help="injected fault: SIGKILL server I after STEPS steps in all")
+    launch.add_argument("--kill-worker", type=_index_after, default=None, metavar="J:STEPS",
+                        help="injected fault: SIGKILL worker J after STEPS steps in all")
     _security_flags(launch)
     launch.add_argument("--run-dir", default=None, help="default: runs/<time>-<mode>-...")
     launch.add_argument("--json", action="store_true",
@@ -200,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=_natural, default=0, help="0: a free port")
     server.add_argument("--workers", type=_positive_int, default=1)
     _consistency_flags(server)
+    _sync_flags(server)
+    _checkpoint_flags(server, "this server's checkpoint folder (default: no checkpoints)")
+    server.add_argument("--restore", action="store_true",
+                        help="start from the newest checkpoint in --checkpoint-dir, if any")
     _security_flags(server)
     server.add_argument("--ready-file", type=Path, default=None,
                         help="write HOST:PORT here once serving")
@@ -219,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--slowdown", type=float, default=1.0,
                         help="compute this many times slower (an injected straggler)")
     worker.add_argument("--no-fused", dest="fused", action="store_false")
+    worker.add_argument("--byzantine", action="store_true",
+                        help="injected fault: push corrupted gradients")
     _precision_flags(worker)
     _security_flags(worker)
     worker.add_argument("--metrics", type=Path, default=None,
@@ -273,7 +333,13 @@ def _run_launch(args: argparse.Namespace) -> int:
         precision=args.precision, loss_scale=args.loss_scale, seed=args.seed,
         fused=args.fused, run_dir=args.run_dir, token=args.token,
         tls_cert=_text(args.tls_cert), tls_key=_text(args.tls_key), tls_ca=_text(args.tls_ca),
+        backup_workers=args.backup_workers, aggregate=args.aggregate,
+        checkpoint_dir=_text(args.checkpoint_dir), checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, resume=_text(args.resume),
+        max_restarts=args.max_restarts, lease_s=args.lease, byzantine=args.byzantine,
+        kill_server=args.kill_server, kill_worker=args.kill_worker,
     )
+
     def progress(done: int, total: int, losses: dict[int, float], samples_per_s: float) -> None:
         if bar.total != total:
             bar.reset(total=total)
@@ -303,14 +369,20 @@ def _run_launch(args: argparse.Namespace) -> int:
 def _run_server(args: argparse.Namespace) -> int:
     from ps.memory import keep_freed_buffers
     from ps.security import server_tls
-    from ps.server import serve
+    from ps.server import Checkpointing, serve
     from tinyps.processes import die_with_parent
 
     die_with_parent()
     keep_freed_buffers()
+    if args.restore and args.checkpoint_dir is None:
+        raise ValueError("--restore needs --checkpoint-dir (where the checkpoints are)")
+    checkpointing = None if args.checkpoint_dir is None else Checkpointing(
+        args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints, args.restore)
     running = serve(args.host, args.port, args.mode, args.workers, args.staleness,
                     staleness_lr=args.staleness_lr, max_staleness=args.max_staleness,
-                    token=args.token, tls=server_tls(args.tls_cert, args.tls_key, args.tls_ca))
+                    token=args.token, tls=server_tls(args.tls_cert, args.tls_key, args.tls_ca),
+                    backup_workers=args.backup_workers, aggregate=args.aggregate,
+                    lease_s=args.lease, checkpointing=checkpointing)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: running.stop())
     print(f"tinyps server: {args.mode} for {args.workers} workers on {running.address}",
@@ -337,7 +409,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
         alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
         metrics=args.metrics, start_time=args.start_time, precision=args.precision,
-        loss_scale=args.loss_scale, token=args.token,
+        loss_scale=args.loss_scale, token=args.token, byzantine=args.byzantine,
         tls=client_tls(args.tls_cert, args.tls_key, args.tls_ca),
     )
     records = run_worker_process(settings)

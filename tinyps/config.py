@@ -10,7 +10,7 @@ from pathlib import Path
 from ps.optimizer import OPTIMIZERS, OptimizerConfig
 from ps.placement import TensorSpec, place
 from ps.security import TLSFiles, client_tls, server_tls
-from ps.store import MODES
+from ps.store import MODES, parse_aggregate
 from worker.loop import WorkerConfig
 from worker.partition import PARTITION_SCHEMES
 from worker.precision import PRECISIONS
@@ -51,6 +51,18 @@ class LaunchConfig:
     tls_ca: str | None = None  # PEM: a CA; given, servers demand client certificates (mTLS)
     token: str | None = field(default=None, repr=False)  # checked on every call; never saved
     startup_timeout_s: float = 60.0  # for every process to report ready
+    # Faults and recovery
+    checkpoint_dir: str | None = None  # default: <run dir>/checkpoints, one folder per server
+    checkpoint_every: int = 100  # a server writes its shard every this many updates
+    keep_checkpoints: int = 3  # per server; older ones are deleted
+    resume: str | None = None  # a run directory (or checkpoint folder) to continue from
+    max_restarts: int = 3  # dead servers and workers restarted, in all, before giving up
+    lease_s: float = 30.0  # a worker silent this long is dropped from the barriers
+    backup_workers: int = 0  # sync: each step takes the first W-b gradients
+    aggregate: str = "mean"  # sync: mean | median | trimmed_mean:F
+    byzantine: int = 0  # injected fault: workers 0..N-1 push corrupted gradients
+    kill_server: tuple[int, int] | None = None  # injected fault: (server, after N steps) SIGKILL
+    kill_worker: tuple[int, int] | None = None  # injected fault: (worker, after N steps) SIGKILL
 
     def __post_init__(self) -> None:
         hidden = self.hidden
@@ -60,6 +72,9 @@ class LaunchConfig:
         if self.slow_worker is not None:
             object.__setattr__(self, "slow_worker", (int(self.slow_worker[0]),
                                                      float(self.slow_worker[1])))
+        for name in ("kill_server", "kill_worker"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, (int(value[0]), int(value[1])))
         self._check()
 
     def _check(self) -> None:
@@ -98,6 +113,7 @@ class LaunchConfig:
                  f"slow worker {index} is not one of workers 0..{self.workers - 1}")
             need(factor >= 1.0, f"slow worker factor must be >= 1, got {factor}")
         need(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
+        self._check_faults(need)
         need(self.tls_ca is None or self.tls_cert is not None,
              "--tls-ca needs --tls-cert and --tls-key (the servers' own certificate)")
         self.tls(client=False)  # the files exist and come in pairs
@@ -109,6 +125,38 @@ class LaunchConfig:
                  for kind, shape in (("weight", (sizes[i], sizes[i + 1])),
                                      ("bias", (sizes[i + 1],)))]
         place(specs, self.servers, self.placement, self.split_bytes)
+
+    def _check_faults(self, need) -> None:
+        need(self.checkpoint_every >= 1,
+             f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        need(self.keep_checkpoints >= 1,
+             f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.max_restarts >= 0, f"max_restarts must be >= 0, got {self.max_restarts}")
+        need(self.lease_s > 0 and math.isfinite(self.lease_s),
+             f"lease_s must be > 0, got {self.lease_s}")
+        need(0 <= self.backup_workers < self.workers,
+             f"backup_workers must be in 0..{self.workers - 1} (fewer than the workers), "
+             f"got {self.backup_workers}")
+        need(self.mode == "sync" or self.backup_workers == 0,
+             "backup workers are for --mode sync: async and ssp never wait for the last one")
+        rule, _ = parse_aggregate(self.aggregate)
+        need(self.mode == "sync" or rule == "mean",
+             f"--aggregate {self.aggregate} is for --mode sync: async and ssp apply each "
+             f"gradient alone")
+        need(0 <= self.byzantine <= self.workers,
+             f"byzantine must be in 0..{self.workers} (workers 0..N-1 misbehave), "
+             f"got {self.byzantine}")
+        for name, count in (("kill_server", self.servers), ("kill_worker", self.workers)):
+            if (value := getattr(self, name)) is not None:
+                need(0 <= value[0] < count,
+                     f"{name}: {value[0]} is not one of 0..{count - 1}")
+                need(value[1] >= 1, f"{name}: the step count must be >= 1, got {value[1]}")
+        if self.resume is not None:
+            need(Path(self.resume).is_dir(), f"resume: no directory {self.resume}")
+            need(self.run_dir is None or Path(self.run_dir).resolve() !=
+                 Path(self.resume).resolve(),
+                 "resume: the new run needs its own --run-dir (the old one's checkpoints are "
+                 "what it resumes from)")
 
     @property
     def staleness_bound(self) -> int | None:

@@ -1,14 +1,18 @@
 """The launcher: a whole cluster on this machine, from start to report, with nothing left behind.
 
 It starts S server processes and waits for their health checks, starts W worker processes,
-follows their metrics into one progress bar, and at the end evaluates the trained model,
-writes the run directory (config.json, metrics.jsonl, summary.json, logs/, report.png) and
-stops every process: on success, on failure and on Ctrl-C alike.
+follows their metrics into one progress bar, and supervises them: a dead server is restarted
+on its address from its last checkpoint, a killed worker is reported to the servers and
+restarted. At the end it evaluates the trained model, writes the run directory (config.json,
+metrics.jsonl, summary.json, model.npz, logs/, report.png) and stops every process: on
+success, on failure and on Ctrl-C alike.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ps.checkpoint import (
+    latest_checkpoint,
+    latest_set,
+    list_checkpoints,
+    resplit,
+    server_directory,
+    write_checkpoint,
+)
 from ps.client import PSClient, wait_healthy
+from ps.keys import cut
 from ps.memory import keep_freed_buffers
 from ps.placement import Placement, TensorSpec, place
 from tinyps.config import LaunchConfig
@@ -28,7 +41,7 @@ from worker.data import Dataset, load_dataset
 from worker.model import MLP
 from worker.process import steps_for
 
-__all__ = ["LaunchError", "Progress", "launch", "server_args", "start_servers"]
+__all__ = ["LaunchError", "Progress", "launch", "load_model", "server_args", "start_servers"]
 
 # Progress(steps done, steps in all, latest loss per worker, samples per second)
 Progress = Callable[[int, int, dict[int, float], float], None]
@@ -66,14 +79,24 @@ class _Follower:
         return new
 
 
-def server_args(config: LaunchConfig, ready_file: Path) -> list[str]:
-    args = ["server", "--host", config.host, "--port", "0", "--mode", config.mode,
+def server_args(config: LaunchConfig, ready_file: Path, checkpoints: Path | None = None,
+                index: int = 0, port: int = 0, restore: bool = False) -> list[str]:
+    """The command line of server `index`: checkpoints, if given, go to its own folder of
+    `checkpoints`; restore starts it from the newest one there."""
+    args = ["server", "--host", config.host, "--port", str(port), "--mode", config.mode,
             "--workers", str(config.workers), "--staleness", str(config.staleness),
-            "--ready-file", str(ready_file)]
+            "--backup-workers", str(config.backup_workers), "--aggregate", config.aggregate,
+            "--lease", repr(config.lease_s), "--ready-file", str(ready_file)]
     if config.staleness_lr:
         args.append("--staleness-lr")
     if config.max_staleness is not None:
         args += ["--max-staleness", str(config.max_staleness)]
+    if checkpoints is not None:
+        args += ["--checkpoint-dir", str(server_directory(checkpoints, index)),
+                 "--checkpoint-every", str(config.checkpoint_every),
+                 "--keep-checkpoints", str(config.keep_checkpoints)]
+        if restore:
+            args.append("--restore")
     return args + _tls_args(config)
 
 
@@ -107,6 +130,8 @@ def _worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: 
             "--seed", str(config.seed), "--metrics", str(metrics),
             "--precision", config.precision, "--loss-scale", str(config.loss_scale),
             "--start-time", repr(start_time)]
+    if index < config.byzantine:
+        args.append("--byzantine")
     if config.split_bytes is not None:
         args += ["--split-bytes", str(config.split_bytes)]
     if not config.fused:
@@ -129,22 +154,35 @@ def _wait_ready(children: list[Child], ready_files: list[Path], timeout: float) 
         time.sleep(_POLL_S)  # polling the files the servers write, with a deadline
 
 
-def start_servers(config: LaunchConfig, run_dir: Path) -> tuple[list[Child], list[str]]:
+def _start_server(config: LaunchConfig, run_dir: Path, index: int,
+                  checkpoints: Path | None, port: int = 0, restore: bool = False
+                  ) -> tuple[Child, Path]:
+    ready_file = run_dir / f"server{index}.address"
+    ready_file.unlink(missing_ok=True)
+    child = start_child(f"server{index}",
+                        server_args(config, ready_file, checkpoints, index, port, restore),
+                        run_dir / "logs" / f"server{index}.log", _child_env(config))
+    return child, ready_file
+
+
+def _healthy(config: LaunchConfig, children: list[Child], ready: list[Path]) -> list[str]:
+    addresses = _wait_ready(children, ready, config.startup_timeout_s)
+    unhealthy = wait_healthy(addresses, config.startup_timeout_s, config.tls(client=True))
+    if unhealthy:
+        raise LaunchError(f"servers not serving: {', '.join(unhealthy)}")
+    return addresses
+
+
+def start_servers(config: LaunchConfig, run_dir: Path, checkpoints: Path | None = None,
+                  restore: bool = False) -> tuple[list[Child], list[str]]:
     """Start the servers of a run and wait until each is healthy: (children, addresses)."""
-    env = _child_env(config)
     children, ready = [], []
     try:
         for i in range(config.servers):
-            ready_file = run_dir / f"server{i}.address"
-            ready_file.unlink(missing_ok=True)
+            child, ready_file = _start_server(config, run_dir, i, checkpoints, restore=restore)
+            children.append(child)
             ready.append(ready_file)
-            children.append(start_child(f"server{i}", server_args(config, ready_file),
-                                        run_dir / "logs" / f"server{i}.log", env))
-        addresses = _wait_ready(children, ready, config.startup_timeout_s)
-        unhealthy = wait_healthy(addresses, config.startup_timeout_s, config.tls(client=True))
-        if unhealthy:
-            raise LaunchError(f"servers not serving: {', '.join(unhealthy)}")
-        return children, addresses
+        return children, _healthy(config, children, ready)
     except BaseException:
         end_all(children)
         raise
@@ -182,6 +220,31 @@ def _warm_numba_cache() -> None:
     kernels.warmup.warm_up()
 
 
+def _checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
+    root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
+    # Checkpoints of an earlier run there would be taken for this run's by a restart.
+    for folder in root.glob("server*"):
+        for path in list_checkpoints(folder):
+            path.unlink()
+    return root
+
+
+def _resume_into(config: LaunchConfig, placement: Placement, root: Path) -> None:
+    """Write the checkpoints this run's servers start from: the resumed run's newest,
+    re-split over this run's placement (which may have another number of servers)."""
+    source = Path(config.resume)
+    old = latest_set(source / "checkpoints" if (source / "checkpoints").is_dir() else source)
+    if (old[0].mode, old[0].workers) != (config.mode, config.workers):
+        raise ValueError(f"resume: {source} is a {old[0].mode} run of {old[0].workers} "
+                         f"workers; this run must be the same (got {config.mode}, "
+                         f"{config.workers} workers)")
+    keys = cut(placement)  # the keys every worker cuts (PSClient's default chunk size)
+    for i in range(config.servers):
+        snapshot = resplit(old, keys[i])
+        snapshot.counters = {}  # this run counts its own work
+        write_checkpoint(server_directory(root, i), snapshot, config.keep_checkpoints)
+
+
 def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict, Path]:
     """Run a cluster to the end; return (summary, run directory)."""
     keep_freed_buffers()
@@ -195,74 +258,196 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     placement = model_placement(config, data)
     steps = config.steps or steps_for(len(data.X_train), config.workers, config.batch_size,
                                       config.epochs)
+    checkpoints = _checkpoint_root(config, run_dir)
+    if config.resume:
+        _resume_into(config, placement, checkpoints)
     _warm_numba_cache()
 
-    children: list[Child] = []
+    run = _Run(config, run_dir, checkpoints, steps, started)
     try:
-        servers, addresses = start_servers(config, run_dir)
-        children += servers
-        metric_files = [run_dir / "metrics" / f"worker{i}.jsonl" for i in range(config.workers)]
-        env = _child_env(config)
-        workers = [
-            start_child(f"worker{i}", _worker_args(config, i, addresses, steps, metric_files[i],
-                                                   started), run_dir / "logs" / f"worker{i}.log",
-                        env)
-            for i in range(config.workers)
-        ]
-        children += workers
-        records = _follow(workers, servers, _Follower(metric_files), steps * config.workers,
-                          progress)
-        summary, params = _finish(config, data, placement, addresses, records, steps, started)
+        run.servers, run.addresses = start_servers(config, run_dir, checkpoints,
+                                                   restore=config.resume is not None)
+        run.workers = [run.start_worker(i) for i in range(config.workers)]
+        records = run.supervise(progress)
+        summary, params = _finish(config, data, placement, run, records, steps, started)
     finally:
-        end_all(children)
+        end_all(run.servers + run.workers)
 
     records.sort(key=lambda r: (r["time"], r["worker"]))
     with (run_dir / "metrics.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    np.savez(run_dir / "model.npz", **params)  # the trained weights, to evaluate offline
+    _save_model(run_dir / "model.npz", params, config, data, placement)
     write_report(records, summary, run_dir / "report.png")
     return summary, run_dir
 
 
-def _follow(workers: list[Child], servers: list[Child], follower: _Follower, total: int,
-            progress: Progress | None) -> list[dict]:
-    """Watch the run until every worker has exited; fail at the first process that dies."""
-    latest: dict[int, float] = {}  # worker -> its latest loss
-    first, last, samples = float("inf"), 0.0, 0
-    while True:
-        for r in follower.poll():
-            latest[r["worker"]] = r["loss"]
-            first, last = min(first, r["pulled"]), max(last, r["time"])
-            samples += r["samples"]
-        if progress is not None and latest:
-            rate = samples / (last - first) if last > first else 0.0
-            progress(len(follower.records), total, latest, rate)
-        for child in servers:
-            if not child.alive():
-                raise LaunchError(f"{child.name} exited with code {child.proc.returncode}; "
-                                  f"its log ends:\n{child.tail()}")
-        for child in workers:
-            code = child.proc.poll()
-            if code not in (None, 0):
-                raise LaunchError(f"{child.name} failed with exit code {code}; its log ends:\n"
-                                  f"{child.tail()}")
-        if all(not c.alive() for c in workers):
-            follower.poll()
-            return follower.records
-        time.sleep(_POLL_S)  # a monitoring interval, not synchronisation
+def _save_model(path: Path, params: dict, config: LaunchConfig, data: Dataset,
+                placement: Placement) -> None:
+    """The trained weights, with the layer sizes and the placement they were trained under:
+    enough to evaluate the model, or see where its parts lived, without a cluster."""
+    sizes = np.array([data.n_features, *config.hidden, data.n_classes], np.int64)
+    np.savez(path, **params, __sizes__=sizes,
+             __placement__=np.array(json.dumps(placement.as_summary())))
 
 
-def _finish(config: LaunchConfig, data: Dataset, placement: Placement, addresses: list[str],
+def load_model(path: Path | str) -> tuple[MLP, dict[str, np.ndarray], dict]:
+    """A saved model (model.npz of a run directory, or the directory): (model, params,
+    placement as summary.json shows it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.npz"
+    with np.load(path, allow_pickle=False) as saved:
+        params = {name: saved[name] for name in saved.files if not name.startswith("__")}
+        sizes = tuple(int(n) for n in saved["__sizes__"])
+        placement = json.loads(str(saved["__placement__"]))
+    return MLP(sizes), params, placement
+
+
+@dataclass
+class _Run:
+    """The processes of one run, and the supervision that keeps them going."""
+
+    config: LaunchConfig
+    run_dir: Path
+    checkpoints: Path
+    steps: int
+    started: float
+    servers: list[Child] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    workers: list[Child] = field(default_factory=list)
+    restarts: int = 0
+    lost_workers: list[int] = field(default_factory=list)  # killed, not restarted
+    events: list[str] = field(default_factory=list)  # faults seen and what was done
+
+    def metrics(self, index: int) -> Path:
+        return self.run_dir / "metrics" / f"worker{index}.jsonl"
+
+    def start_worker(self, index: int) -> Child:
+        args = _worker_args(self.config, index, self.addresses, self.steps,
+                            self.metrics(index), self.started)
+        return start_child(f"worker{index}", args, self.run_dir / "logs" / f"worker{index}.log",
+                           _child_env(self.config))
+
+    def supervise(self, progress: Progress | None) -> list[dict]:
+        """Watch the run until every worker has finished or is lost; restart what dies."""
+        config = self.config
+        follower = _Follower([self.metrics(i) for i in range(config.workers)])
+        total = self.steps * config.workers
+        latest: dict[int, float] = {}  # worker -> its latest loss
+        seen: dict[int, float] = {}  # worker -> when its latest record arrived
+        first, last, samples = float("inf"), 0.0, 0
+        pending_kills = [k for k in (("server", config.kill_server),
+                                     ("worker", config.kill_worker)) if k[1] is not None]
+        while True:
+            for r in follower.poll():
+                latest[r["worker"]] = r["loss"]
+                seen[r["worker"]] = time.monotonic()
+                first, last = min(first, r["pulled"]), max(last, r["time"])
+                samples += r["samples"]
+            if progress is not None and latest:
+                rate = samples / (last - first) if last > first else 0.0
+                progress(len(follower.records), total, latest, rate)
+            for kind, (index, after) in list(pending_kills):
+                if len(follower.records) >= after:
+                    self._inject_kill(kind, index)
+                    pending_kills.remove((kind, (index, after)))
+            for i, child in enumerate(self.servers):
+                if not child.alive():
+                    self._restart_server(i)
+            running = []
+            for i, child in enumerate(self.workers):
+                code = child.proc.poll()
+                if code is None:
+                    running.append(i)
+                elif code < 0 and i not in self.lost_workers:  # killed by a signal
+                    self._worker_died(i, code)
+                    if self.workers[i].alive():
+                        running.append(i)
+                elif code > 0:
+                    raise LaunchError(f"{child.name} failed with exit code {code}; its log "
+                                      f"ends:\n{child.tail()}")
+            if not running:
+                follower.poll()
+                return follower.records
+            self._end_hung(running, seen)
+            time.sleep(_POLL_S)  # a monitoring interval, not synchronisation
+
+    def _inject_kill(self, kind: str, index: int) -> None:
+        child = (self.servers if kind == "server" else self.workers)[index]
+        if child.alive():
+            os.kill(child.proc.pid, signal.SIGKILL)
+            child.proc.wait()
+            self.events.append(f"injected: SIGKILL to {child.name}")
+
+    def _restart_server(self, index: int) -> None:
+        """Start a dead server again, on its address, from its newest checkpoint."""
+        dead = self.servers[index]
+        if self.restarts >= self.config.max_restarts:
+            raise LaunchError(f"{dead.name} exited with code {dead.proc.returncode} and the "
+                              f"{self.config.max_restarts} restarts are used up; its log "
+                              f"ends:\n{dead.tail()}")
+        self.restarts += 1
+        port = int(self.addresses[index].rsplit(":", 1)[1])
+        child, ready = _start_server(self.config, self.run_dir, index, self.checkpoints,
+                                     port=port, restore=True)
+        self.servers[index] = child
+        _healthy(self.config, [child], [ready])
+        self.events.append(f"restarted {dead.name} (exit code {dead.proc.returncode}) on "
+                           f"{self.addresses[index]} from its checkpoint")
+
+    def _worker_died(self, index: int, code: int) -> None:
+        """Tell the servers, so that no barrier waits for it; restart it if we may."""
+        name = self.workers[index].name
+        with PSClient(self.addresses, token=self.config.token,
+                      tls=self.config.tls(client=True)) as client:
+            client.leave(index)
+        if self.restarts < self.config.max_restarts:
+            self.restarts += 1
+            self.workers[index] = self.start_worker(index)
+            self.events.append(f"restarted {name} (killed by signal {-code}); it rejoins")
+        else:
+            self.lost_workers.append(index)
+            self.events.append(f"{name} killed by signal {-code}: the run goes on without it")
+
+    def _end_hung(self, running: list[int], seen: dict[int, float]) -> None:
+        """Once the others are done, a worker silent for a whole lease is hung: end it."""
+        if len(running) != 1 or self.config.workers == 1:
+            return
+        index = running[0]
+        quiet = time.monotonic() - seen.get(index, time.monotonic())
+        if index in seen and quiet > self.config.lease_s:
+            self.workers[index].proc.kill()
+            self.workers[index].proc.wait()
+            self.lost_workers.append(index)
+            self.events.append(f"worker{index} silent for {quiet:.0f} s after the others "
+                               f"finished: ended as hung")
+
+
+def _finish(config: LaunchConfig, data: Dataset, placement: Placement, run: _Run,
             records: list[dict], steps: int, started: float) -> tuple[dict, dict]:
-    """Counters and the final model from the servers, evaluated here; then stop the servers."""
-    with PSClient(addresses, token=config.token, tls=config.tls(client=True)) as client:
+    """Counters and the final model from the servers, evaluated here; then stop the servers
+    (each writes a final checkpoint) and count the checkpoints."""
+    with PSClient(run.addresses, token=config.token, tls=config.tls(client=True)) as client:
         stats = client.stats()
         params = client.pull()
         client.shutdown()
+    for child in run.servers:
+        child.proc.wait(config.startup_timeout_s)
+    faults = {"restarts": run.restarts,
+              "checkpoints_written": sum(_checkpoints_written(run.checkpoints, i)
+                                         for i in range(config.servers)),
+              "workers_lost": sorted(run.lost_workers), "fault_events": run.events}
     model = MLP((data.n_features, *config.hidden, data.n_classes))
     test_loss, test_accuracy = model.evaluate(params, data.X_test, data.y_test)
     summary = build_summary(config, records, stats, test_loss, test_accuracy, placement,
-                            time.time() - started, steps, len(data.X_train))
+                            time.time() - started, steps, len(data.X_train), faults)
     return summary, params
+
+
+def _checkpoints_written(root: Path, server: int) -> int:
+    """The count a server keeps in each checkpoint: its newest has the total, restarts and
+    the final one included."""
+    snapshot = latest_checkpoint(server_directory(root, server))
+    return int(snapshot.counters.get("checkpoints_written", 0)) if snapshot else 0

@@ -7,6 +7,7 @@ the servers' counters.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from ps.placement import Placement
@@ -29,7 +30,7 @@ def build_summary(
     wall_s: float,
     steps_per_worker: int,
     n_train: int,
-    restarts: int = 0,
+    faults: dict | None = None,
 ) -> dict:
     per_worker: dict[int, list[dict]] = defaultdict(list)
     for r in records:
@@ -49,6 +50,7 @@ def build_summary(
         waited = sum(r["wait_s"] for r in per_worker.get(w, []))
         computed = sum(r["compute_s"] for r in per_worker.get(w, []))
         wait_fraction.append(waited / (waited + computed) if waited + computed else 0.0)
+    faults = faults or {}
     return {
         "mode": config.mode,
         "servers": config.servers,
@@ -78,7 +80,17 @@ def build_summary(
         "updates_applied": max((s["max_version"] for s in stats), default=0),
         "bytes_pushed": sum(s["bytes_in"] for s in stats),
         "bytes_pulled": sum(s["bytes_out"] for s in stats),
-        "restarts": restarts,
+        # Faults and recovery: processes restarted by the launcher, checkpoints the servers
+        # wrote, sync gradients dropped as late (backup workers; the server that dropped the
+        # most: each server decides for its own keys), workers given up on.
+        "restarts": faults.get("restarts", 0),
+        "checkpoints_written": faults.get("checkpoints_written", 0),
+        "dropped_gradients": max((s["dropped_gradients"] for s in stats), default=0),
+        "workers_lost": faults.get("workers_lost", []),
+        "fault_events": faults.get("fault_events", []),
+        "aggregate": config.aggregate,
+        "byzantine_workers": config.byzantine,
+        "diverged": _diverged(test_loss, per_worker),
         # Mixed precision: the scale at the end (worker 0's), the steps skipped for inf/NaN
         # gradients, and the share of non-zero fp32 gradient values that became 0 in 16 bits.
         "loss_scale_final": (sorted(per_worker[0], key=lambda r: r["step"])[-1]["loss_scale"]
@@ -97,6 +109,22 @@ def build_summary(
     }
 
 
+def _diverged(test_loss: float, per_worker: dict[int, list[dict]]) -> bool:
+    """The model got worse instead of better: a non-finite test loss, or the workers' last
+    losses above their first ones (the run still finishes, and says so)."""
+    if not math.isfinite(test_loss):
+        return True
+    firsts, lasts = [], []
+    for rs in per_worker.values():
+        rs = sorted(rs, key=lambda r: r["step"])
+        firsts += [r["loss"] for r in rs[:_LAST_STEPS]]
+        lasts += [r["loss"] for r in rs[-_LAST_STEPS:]]
+    if not firsts:
+        return False
+    first, last = sum(firsts) / len(firsts), sum(lasts) / len(lasts)
+    return not math.isfinite(last) or last > first
+
+
 def format_summary(summary: dict, run_dir) -> str:
     """The summary as a few lines for a terminal."""
     bound = summary["staleness_bound"]
@@ -112,5 +140,9 @@ def format_summary(summary: dict, run_dir) -> str:
         f"staleness mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}; "
         f"{summary['updates_applied']} updates; {summary['bytes_pushed'] / 2**20:.1f} MiB "
         f"pushed, {summary['bytes_pulled'] / 2**20:.1f} MiB pulled",
+        *([f"faults: {'; '.join(summary['fault_events'])}"] if summary["fault_events"]
+          else []),
+        *(["the model DIVERGED: its loss grew instead of falling"] if summary["diverged"]
+          else []),
         f"run directory: {run_dir}",
     ])

@@ -21,7 +21,11 @@ from worker.partition import Shard
 from worker.precision import LossScaler, Precision
 from worker.preprocess import augment_shifts
 
-__all__ = ["StepRecord", "WorkerConfig", "batches", "run_worker"]
+__all__ = ["BYZANTINE_FACTOR", "StepRecord", "WorkerConfig", "batches", "run_worker"]
+
+# A Byzantine worker (an injected fault, for teaching) pushes its true gradient times this:
+# pointing the other way and ten times as long, it undoes the honest workers' steps in a mean.
+BYZANTINE_FACTOR = -10.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class WorkerConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (the client must travel in the same format)
     # "auto": dynamic for fp16, off for bf16 and fp32; "dynamic"; "off"; or a static scale.
     loss_scale: float | str = "auto"
+    byzantine: bool = False  # an injected fault: push corrupted gradients (BYZANTINE_FACTOR)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -114,11 +119,15 @@ def run_worker(
     image_shape: tuple[int, int] | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
     origin: float | None = None,
+    first_step: int = 0,
 ) -> list[StepRecord]:
-    """Run `config.steps` steps against the servers behind `client`; return what each saw.
+    """Run steps first_step .. config.steps-1 against the servers behind `client`; return
+    what each saw.
 
     `origin` is a time.monotonic() reading that the record times count from (default: now);
     processes given the same origin have comparable times, as the clock is system-wide.
+    `first_step` > 0 continues a run (a restarted worker, a resumed run): the batches are
+    the ones that run would have drawn from there.
     """
     precision = Precision(config.precision)
     if client.wire_dtype != precision.wire_dtype:
@@ -127,16 +136,19 @@ def run_worker(
     scaler, dynamic = config.scaler()
     rng = np.random.default_rng((config.seed, client.worker_id))
     order = batches(len(shard), config.batch_size, rng if config.shuffle else None)
+    for _ in range(min(first_step, config.steps)):
+        next(order)
     records: list[StepRecord] = []
     start = time.monotonic() if origin is None else origin
     t0 = time.monotonic()
-    params = client.pull(0) if config.steps else {}
+    todo = first_step < config.steps
+    params = client.pull(first_step) if todo else {}
     pull_s = time.monotonic() - t0
-    if config.steps:
+    if todo:
         # One untimed pass loads the compiled kernels, so that step 0's compute time (and a
         # straggler's slowdown of it) is the model's, not the loading of machine code.
         model.loss_and_grads(params, shard.X[:1], shard.y[:1])
-    for step in range(config.steps):
+    for step in range(first_step, config.steps):
         t1 = time.monotonic()
         idx = next(order)
         X = shard.X[idx]
@@ -146,6 +158,8 @@ def run_worker(
         counts: dict[str, int] = {}
         loss, grads = model.loss_and_grads(params, X, shard.y[idx], precision, scale, counts)
         found_inf = not all(all_finite(g) for g in grads.values())
+        if config.byzantine:
+            grads = {name: g * np.float32(BYZANTINE_FACTOR) for name, g in grads.items()}
         t2 = time.monotonic()
         extra = (config.slowdown - 1.0) * (t2 - t1) + config.delay_s
         if extra > 0:

@@ -46,6 +46,7 @@ class WorkerSettings:
     fused: bool = True  # PushPull round trips
     precision: str = "fp32"  # fp32 | fp16 | bf16: compute and traffic
     loss_scale: float | str = "auto"  # auto | dynamic | off | a static scale
+    byzantine: bool = False  # an injected fault: push corrupted gradients
     metrics: Path | None = None  # append one JSON line per step here
     start_time: float | None = None  # time.time() when the run started (metrics count from it)
     token: str | None = None  # the cluster's shared token, if it has one
@@ -89,7 +90,8 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
                                         settings.batch_size, settings.epochs)
     config = WorkerConfig(steps=steps, batch_size=settings.batch_size, seed=settings.seed,
                           slowdown=settings.slowdown, fused=settings.fused,
-                          precision=settings.precision, loss_scale=settings.loss_scale)
+                          precision=settings.precision, loss_scale=settings.loss_scale,
+                          byzantine=settings.byzantine)
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
     start = settings.start_time if settings.start_time is not None else time.time()
@@ -109,8 +111,10 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
                          "adam": {}}.get(settings.optimizer, {})
             client.init(model.init_params(), settings.optimizer, placement=settings.placement,
                         split_bytes=settings.split_bytes, lr=settings.lr, **optimizer)
+            # 0 in a new run; a restarted worker, or a resumed run, goes on from the servers.
+            first = client.start_step()
             return run_worker(client, model, shard, config, image_shape=None, on_step=record,
-                              origin=origin)
+                              origin=origin, first_step=first)
     finally:
         if out is not None:
             out.close()

@@ -1,0 +1,413 @@
+"""Checkpoints: a shard's Snapshot as a file, written atomically, and read back.
+
+Server i of a run keeps its files in root/server{i}; resplit assembles a new shard from the old
+ones when a run restarts over a different number of servers. No gRPC, no Store: only files.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+import tempfile
+import zipfile
+from bisect import bisect_right
+from dataclasses import asdict
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+
+from ps.keys import Key
+from ps.optimizer import OptimizerConfig
+from ps.snapshot import KeyState, Snapshot
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "latest_checkpoint",
+    "latest_set",
+    "list_checkpoints",
+    "read_checkpoint",
+    "resplit",
+    "server_directory",
+    "write_checkpoint",
+]
+
+FORMAT_VERSION = 1  # bump when the layout of the file changes; read_checkpoint refuses others
+
+_NAME = re.compile(r"ckpt-(\d+)\.npz")
+_SERVER = re.compile(r"server(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, of another format, or cannot be assembled."""
+
+
+# ---- one file -----------------------------------------------------------------------------
+
+
+def _plain_counter(name: str, value: object) -> int | list[int]:
+    """A counter as JSON: an int or a list of ints (operator.index refuses floats)."""
+    try:
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return [operator.index(v) for v in value]
+        return operator.index(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(
+            f"counter {name!r}: expected an int or a list of ints, got {value!r}"
+        ) from None
+
+
+def _pack(snapshot: Snapshot) -> dict[str, np.ndarray]:
+    """Snapshot -> the arrays of the .npz: "meta" (JSON) and value_i, clocks_i, opt_i_NAME."""
+    arrays: dict[str, np.ndarray] = {}
+    keys = []
+    for i, ks in enumerate(snapshot.keys):
+        key = ks.key
+        value = np.ascontiguousarray(ks.value, dtype=np.float32)
+        clocks = np.ascontiguousarray(ks.clocks, dtype=np.int64)
+        if value.shape != (key.size,):
+            raise ValueError(f"key {key}: value has shape {value.shape}, expected ({key.size},)")
+        if clocks.shape != (snapshot.workers,):
+            raise ValueError(
+                f"key {key}: clocks have shape {clocks.shape}, expected ({snapshot.workers},)"
+            )
+        arrays[f"value_{i}"] = value
+        arrays[f"clocks_{i}"] = clocks
+        opt_arrays, opt_ints = [], {}
+        for name, state in ks.optimizer.items():
+            if isinstance(state, np.ndarray):
+                arrays[f"opt_{i}_{name}"] = np.ascontiguousarray(state, dtype=np.float32)
+                opt_arrays.append(name)
+            else:
+                opt_ints[name] = operator.index(state)  # adam's "step"
+        keys.append({
+            "name": key.name, "tensor_shape": list(key.tensor_shape), "start": key.start,
+            "stop": key.stop, "version": int(ks.version), "opt_arrays": opt_arrays,
+            "opt_ints": opt_ints,
+        })
+    meta = {
+        "format": FORMAT_VERSION,
+        "mode": snapshot.mode,
+        "workers": snapshot.workers,
+        "optimizer": asdict(snapshot.optimizer),
+        "seq": snapshot.seq,
+        "counters": {k: _plain_counter(k, v) for k, v in snapshot.counters.items()},
+        "keys": keys,
+    }
+    # A 0-d unicode array: loads without pickle, unlike a dict or an object array.
+    arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def _array(npz: np.lib.npyio.NpzFile, name: str, dtype: type, shape: tuple[int, ...]):
+    """One array of the file, checked for dtype and shape, writable."""
+    if name not in npz.files:
+        raise CheckpointError(f"array {name!r} is missing")
+    arr = npz[name]
+    if arr.dtype != dtype or arr.shape != shape:
+        raise CheckpointError(
+            f"array {name!r} is {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}"
+        )
+    return np.require(arr, requirements=["C", "W"])  # copies only if NumPy handed out a view
+
+
+def _unpack(npz: np.lib.npyio.NpzFile) -> Snapshot:
+    if "meta" not in npz.files:
+        raise CheckpointError("no 'meta' entry: not a tinyps checkpoint")
+    meta = json.loads(str(npz["meta"][()]))
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"format version {meta.get('format')!r}, this tinyps reads {FORMAT_VERSION}"
+        )
+    workers = int(meta["workers"])
+    keys = []
+    for i, k in enumerate(meta["keys"]):
+        key = Key(k["name"], tuple(k["tensor_shape"]), int(k["start"]), int(k["stop"]))
+        optimizer: dict[str, np.ndarray | int] = {
+            name: _array(npz, f"opt_{i}_{name}", np.float32, (key.size,))
+            for name in k["opt_arrays"]
+        }
+        optimizer.update({name: int(n) for name, n in k["opt_ints"].items()})
+        keys.append(KeyState(
+            key=key,
+            value=_array(npz, f"value_{i}", np.float32, (key.size,)),
+            version=int(k["version"]),
+            clocks=_array(npz, f"clocks_{i}", np.int64, (workers,)),
+            optimizer=optimizer,
+        ))
+    return Snapshot(
+        mode=meta["mode"], workers=workers, optimizer=OptimizerConfig(**meta["optimizer"]),
+        keys=keys, counters=meta["counters"], seq=int(meta["seq"]),
+    )
+
+
+def read_checkpoint(path: Path | str) -> Snapshot:
+    """The Snapshot in a checkpoint file; CheckpointError names the file if it cannot be read."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return _unpack(npz)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    # A truncated zip, a bad CRC (zipfile checks it as an array is read to its end), JSON
+    # that is not ours, a missing field: all say the same thing, the file is not usable.
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, TypeError) as err:
+        problem = f"unreadable ({type(err).__name__}: {err})"
+        raise CheckpointError(f"checkpoint {path}: {problem}") from err
+
+
+# ---- a directory of them ------------------------------------------------------------------
+
+
+def _seq_of(path: Path) -> int | None:
+    match = _NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(directory: Path | str) -> list[Path]:
+    """The complete checkpoint files in directory, oldest first (by seq); no *.tmp."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(seq, p) for p in directory.iterdir()
+             if (seq := _seq_of(p)) is not None and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in directory durable: the new entry, not only the file's bytes."""
+    if os.name != "posix":  # Windows cannot open a directory; its rename is durable enough
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(directory: Path | str, snapshot: Snapshot, keep: int = 3) -> Path:
+    """Write directory/ckpt-{seq:010d}.npz atomically, then keep only the newest `keep`.
+
+    The bytes go to a .tmp file first, are fsynced, and renamed onto the final name: a crash at
+    any moment leaves every earlier checkpoint whole, and at worst a stale .tmp that the next
+    write deletes. One writer per directory (a server writes its own).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if snapshot.seq < 0:  # the file name orders checkpoints by seq: ckpt-0000000042.npz
+        raise ValueError(f"snapshot seq must be >= 0, got {snapshot.seq}")
+    arrays = _pack(snapshot)  # checks the snapshot before any file is touched
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"ckpt-{snapshot.seq:010d}.npz"
+
+    # Same directory as the target, so that os.replace is a rename within one file system.
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f"{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+
+    # The file just written is never pruned, even if newer seqs exist (say, a corrupt one left
+    # by the run this one restarted from): deleting it could leave no readable checkpoint.
+    for old in list_checkpoints(directory)[:-keep]:
+        if old != path:
+            old.unlink(missing_ok=True)
+    for stale in directory.glob("ckpt-*.tmp"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(directory: Path | str) -> Snapshot | None:
+    """The newest readable checkpoint in directory (skipping corrupt ones), or None."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError:
+            continue  # a corrupt newest file: the one before it is the state to resume from
+    return None
+
+
+# ---- a run's set of servers ---------------------------------------------------------------
+
+
+def server_directory(root: Path | str, server: int) -> Path:
+    """Where server `server` of the run whose checkpoints live under root keeps its files."""
+    return Path(root) / f"server{server}"
+
+
+def latest_set(root: Path | str) -> list[Snapshot]:
+    """The latest checkpoint of every root/server{i}, in order of i (which must be 0..n-1)."""
+    root = Path(root)
+    found = sorted(
+        (int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else [])
+        if (m := _SERVER.fullmatch(d.name)) and d.is_dir()
+    )
+    if not found:
+        raise CheckpointError(f"{root}: no server directories (server0, server1, ...)")
+    indices = [i for i, _ in found]
+    if indices != list(range(len(found))):
+        # A missing server would shift every later one to the wrong index.
+        raise CheckpointError(f"{root}: server directories are {indices}, expected 0..n-1")
+    snapshots = []
+    for _, directory in found:
+        snapshot = latest_checkpoint(directory)
+        if snapshot is None:
+            raise CheckpointError(f"{directory}: no readable checkpoint")
+        snapshots.append(snapshot)
+    return snapshots
+
+
+# ---- re-placing a model over another number of servers ------------------------------------
+
+
+def _is_histogram(value: object) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _sum_counters(snapshots: list[Snapshot]) -> dict[str, int | list[int]]:
+    """Totals of the run: ints add up, histograms (lists) add up bin by bin."""
+    total: dict[str, int | list[int]] = {}
+    for snapshot in snapshots:
+        for name, value in snapshot.counters.items():
+            have = total.get(name)
+            if have is not None and _is_histogram(have) != _is_histogram(value):
+                raise CheckpointError(f"counter {name!r} is a list in one snapshot, not in another")
+            if _is_histogram(value):
+                bins = [int(v) for v in value]  # type: ignore[union-attr]
+                have = have or []
+                longer, shorter = (have, bins) if len(have) >= len(bins) else (bins, have)
+                total[name] = [a + (shorter[j] if j < len(shorter) else 0)
+                               for j, a in enumerate(longer)]  # type: ignore[arg-type]
+            else:
+                total[name] = (have or 0) + int(value)  # type: ignore[operator, arg-type]
+    return total
+
+
+def _by_tensor(snapshots: list[Snapshot]) -> dict[str, list[KeyState]]:
+    """Tensor name -> its old keys, sorted by start, checked to agree on shape and not overlap."""
+    by_name: dict[str, list[KeyState]] = {}
+    for snapshot in snapshots:
+        for ks in snapshot.keys:
+            by_name.setdefault(ks.key.name, []).append(ks)
+    for name, states in by_name.items():
+        states.sort(key=lambda ks: ks.key.start)
+        for a, b in pairwise(states):
+            if b.key.tensor_shape != a.key.tensor_shape:
+                raise CheckpointError(
+                    f"tensor {name!r}: old keys {a.key} and {b.key} disagree on its shape "
+                    f"({a.key.tensor_shape} vs {b.key.tensor_shape})"
+                )
+            if b.key.start < a.key.stop:
+                raise CheckpointError(f"tensor {name!r}: old keys {a.key} and {b.key} overlap")
+    return by_name
+
+
+def _overlapping(key: Key, old: list[KeyState], starts: list[int]) -> list[KeyState]:
+    """The old keys (sorted by start, disjoint) that hold some element of key."""
+    found = []
+    for ks in old[max(0, bisect_right(starts, key.start) - 1):]:
+        if ks.key.start >= key.stop:
+            break
+        if ks.key.stop > key.start:
+            found.append(ks)
+    return found
+
+
+def _assemble(key: Key, overlapping: list[KeyState], workers: int) -> KeyState:
+    """One new key from the old keys that overlap it (sorted by start), copying slices."""
+    if not overlapping:
+        raise CheckpointError(
+            f"tensor {key.name!r}: elements [{key.start}:{key.stop}] are in no old snapshot"
+        )
+    proto = overlapping[0].optimizer
+    names = [n for n, s in proto.items() if isinstance(s, np.ndarray)]
+    ints = [n for n, s in proto.items() if not isinstance(s, np.ndarray)]
+    value = np.empty(key.size, np.float32)
+    optimizer: dict[str, np.ndarray | int] = {n: np.empty(key.size, np.float32) for n in names}
+    clocks = np.full(workers, np.iinfo(np.int64).max, np.int64)
+    done = key.start  # elements [key.start, done) are filled
+    for ks in overlapping:
+        if ks.key.start > done:
+            raise CheckpointError(
+                f"tensor {key.name!r}: elements [{done}:{ks.key.start}] are in no old snapshot "
+                f"(needed by the new key {key})"
+            )
+        if set(ks.optimizer) != set(proto):
+            raise CheckpointError(
+                f"tensor {key.name!r}: old keys {overlapping[0].key} and {ks.key} hold "
+                f"different optimizer state ({sorted(proto)} vs {sorted(ks.optimizer)})"
+            )
+        lo, hi = max(ks.key.start, key.start), min(ks.key.stop, key.stop)
+        dst = slice(lo - key.start, hi - key.start)
+        src = slice(lo - ks.key.start, hi - ks.key.start)
+        value[dst] = ks.value[src]
+        for n in names:
+            optimizer[n][dst] = ks.optimizer[n][src]  # type: ignore[index]
+        np.minimum(clocks, ks.clocks, out=clocks)
+        done = hi
+    if done < key.stop:
+        raise CheckpointError(
+            f"tensor {key.name!r}: elements [{done}:{key.stop}] are in no old snapshot "
+            f"(needed by the new key {key})"
+        )
+    for n in ints:  # adam's step: the least-advanced part of the key decides
+        optimizer[n] = min(int(ks.optimizer[n]) for ks in overlapping)  # type: ignore[arg-type]
+    return KeyState(
+        key=key, value=value, version=min(ks.version for ks in overlapping), clocks=clocks,
+        optimizer=optimizer,
+    )
+
+
+def resplit(snapshots: list[Snapshot], layout: list[Key], seq: int | None = None) -> Snapshot:
+    """The shard holding `layout`, assembled from all old shards of a run (any key ranges).
+
+    Values and optimizer arrays are copied element for element; a new key's version, clocks and
+    Adam step are the minimum over the old keys it overlaps, so that no part of it claims more
+    progress than it has. Counters are summed over the old shards; seq defaults to the minimum
+    new version. CheckpointError if an element is not covered, a tensor's shape changed, or the
+    old shards disagree on mode, workers or optimizer.
+    """
+    if not layout:
+        raise ValueError("resplit needs a non-empty layout")
+    if not snapshots:
+        raise ValueError("resplit needs at least one old snapshot")
+    for key in layout:
+        if key.size <= 0:
+            raise ValueError(f"layout key {key} holds no element")
+    first = snapshots[0]
+    for i, snapshot in enumerate(snapshots[1:], start=1):
+        for attr in ("mode", "workers", "optimizer"):
+            if getattr(snapshot, attr) != getattr(first, attr):
+                raise CheckpointError(
+                    f"old snapshots disagree on {attr}: {getattr(first, attr)!r} in the "
+                    f"first, {getattr(snapshot, attr)!r} in snapshot {i}"
+                )
+
+    by_name = _by_tensor(snapshots)
+    starts = {name: [ks.key.start for ks in states] for name, states in by_name.items()}
+    keys = []
+    for key in layout:
+        old = by_name.get(key.name, [])
+        if old and old[0].key.tensor_shape != key.tensor_shape:
+            raise CheckpointError(
+                f"tensor {key.name!r}: shape {old[0].key.tensor_shape} in the checkpoint, "
+                f"{key.tensor_shape} in the new layout (the model changed)"
+            )
+        keys.append(_assemble(key, _overlapping(key, old, starts.get(key.name, [])),
+                              first.workers))
+    return Snapshot(
+        mode=first.mode, workers=first.workers, optimizer=first.optimizer, keys=keys,
+        counters=_sum_counters(snapshots),
+        seq=min(ks.version for ks in keys) if seq is None else seq,
+    )
