@@ -1,0 +1,213 @@
+"""Servers through faults, over gRPC: checkpoints and restores, a graceful SIGTERM, workers
+that leave or fall silent, and a retried PushPull applied once."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from ps import ps_pb2
+from ps.checkpoint import latest_checkpoint, list_checkpoints
+from ps.client import PSClient, PSError
+from ps.server import Checkpointing, serve
+from ps.wire import write_slice
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = {"dense0.weight": np.ones((3, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
+DEADLINE_S = 30.0
+
+
+def _grads(x: float) -> dict[str, np.ndarray]:
+    return {name: np.full(value.shape, x, np.float32) for name, value in PARAMS.items()}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def _in_thread(fn):
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except BaseException as err:  # handed to the test thread
+            out["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive(), "the call did not return before the deadline"
+        if "error" in out:
+            raise out["error"]
+        return out.get("result")
+
+    return join
+
+
+def test_a_server_checkpoints_as_it_goes_and_once_more_when_it_stops(tmp_path):
+    policy = Checkpointing(tmp_path, every=2, keep=3)
+    running = serve(mode="sync", workers=1, checkpointing=policy)
+    try:
+        with PSClient([running.address]) as client:
+            client.init(PARAMS, "momentum", lr=0.1, momentum=0.9)
+            for step in range(5):
+                client.push(_grads(0.1 * (step + 1)), step)
+            final = client.pull(5)
+    finally:
+        running.stop(0)
+    paths = list_checkpoints(tmp_path)
+    assert 1 <= len(paths) <= 3  # the last few are kept
+    assert paths[-1].name == "ckpt-0000000005.npz"  # the final one, at version 5
+    snapshot = latest_checkpoint(tmp_path)
+    assert {k.version for k in snapshot.keys} == {5}
+    assert snapshot.counters["checkpoints_written"] == running.checkpoints_written >= 2
+
+    restarted = serve(mode="sync", workers=1,
+                      checkpointing=Checkpointing(tmp_path, every=2, restore=True))
+    try:
+        with PSClient([restarted.address]) as client:
+            _assert_same(client.pull(), final)
+            stats = client.stats()[0]
+            assert stats["restored_from"] == 5
+            assert stats["updates"] == 5 * len(snapshot.keys)  # its counters came back
+            # The momentum buffers came back too: one more step as the original would take.
+            client.push(_grads(0.5), 5)
+            after = client.pull(6)
+    finally:
+        restarted.stop(0)
+    buf = {k.key.name: k.optimizer["buf"] for k in snapshot.keys}
+    for name in PARAMS:
+        expected = final[name].reshape(-1) - np.float32(0.1) * (
+            np.float32(0.9) * buf[name] + np.float32(0.5))
+        np.testing.assert_allclose(after[name].reshape(-1), expected, rtol=1e-6)
+
+
+def _start_server_process(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    ready = tmp_path / "server.address"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyps", "server", "--port", "0", "--ready-file", str(ready),
+         *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + DEADLINE_S
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.communicate()[0]}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.05)  # polls the ready file with a deadline; returns early if it dies
+    return proc, ready.read_text().strip()
+
+
+def test_sigterm_answers_the_calls_in_flight_writes_a_final_checkpoint_and_exits_0(tmp_path):
+    proc, address = _start_server_process(
+        tmp_path, "--mode", "sync", "--workers", "2", "--checkpoint-dir", str(tmp_path / "ck"),
+        "--checkpoint-every", "1000")
+    try:
+        with PSClient([address], worker_id=0, retry_s=0.5) as w0, \
+                PSClient([address], worker_id=1) as w1:
+            w0.init(PARAMS, "sgd", lr=0.5)
+            start = [_in_thread(lambda c=c: c.pull(0)) for c in (w0, w1)]
+            for join in start:
+                join()
+            for step in range(3):
+                w0.push(_grads(1.0), step)
+                w1.push(_grads(3.0), step)
+            expected = w0.pull(3)
+            w0.push(_grads(1.0), 3)
+            waiting = _in_thread(lambda: w0.pull(4))  # blocked: worker 1 has not pushed
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(PSError) as err:
+                waiting()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(DEADLINE_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    snapshot = latest_checkpoint(tmp_path / "ck")
+    assert {k.version for k in snapshot.keys} == {3}  # the half-gathered step 3 is not kept
+    for k in snapshot.keys:
+        np.testing.assert_array_equal(k.value, expected[k.key.name].reshape(-1)[
+            k.key.start:k.key.stop])
+
+
+def test_a_worker_that_leaves_no_longer_holds_the_barrier():
+    running = serve(mode="sync", workers=2)
+    try:
+        with PSClient([running.address], worker_id=0) as client:
+            client.init(PARAMS, "sgd", lr=0.5)
+            client.push(_grads(2.0), 0)
+            assert client.leave(1) == 1
+            assert client.leave(1) == 0  # already gone
+            got = client.pull(1)  # at once: the step was applied with worker 0's gradient
+            np.testing.assert_array_equal(got["dense0.bias"], -1.0)
+            assert client.stats()[0]["live_workers"] == [0]
+            with pytest.raises(PSError, match="worker 7 is out of range"):
+                client.leave(7)
+    finally:
+        running.stop(0)
+
+
+def test_a_hung_worker_is_dropped_when_its_lease_expires_and_the_run_goes_on():
+    running = serve(mode="sync", workers=2, lease_s=0.3)
+    try:
+        with PSClient([running.address], worker_id=0) as w0, \
+                PSClient([running.address], worker_id=1) as w1:
+            w0.init(PARAMS, "sgd", lr=0.5)
+            start = [_in_thread(lambda c=c: c.pull(0)) for c in (w0, w1)]
+            for join in start:
+                join()
+            # Worker 1 now hangs: it never pushes. Worker 0 goes on regardless.
+            for step in range(3):
+                w0.push_pull(_grads(1.0), step)
+            stats = w0.stats()[0]
+            assert stats["live_workers"] == [0]
+            assert stats["min_version"] == 3
+            # When it wakes up, it rejoins at the step the others are at.
+            assert w1.start_step() == 3
+            w1.pull(3)
+            assert w0.stats()[0]["live_workers"] == [0, 1]
+    finally:
+        running.stop(0)
+
+
+def test_a_retried_push_pull_is_applied_once():
+    running = serve(mode="async", workers=1)
+    try:
+        with PSClient([running.address]) as client:
+            client.init(PARAMS, "sgd", lr=0.5)
+        request = ps_pb2.PushRequest(worker=0, step=0, grads=[
+            write_slice(ps_pb2.Slice(), name, 0, np.ones(value.size, np.float32))
+            for name, value in PARAMS.items()]).SerializeToString()
+        with grpc.insecure_channel(running.address) as channel:
+            push_pull = channel.unary_unary("/tinyps.ParameterServer/PushPull",
+                                            response_deserializer=ps_pb2.PullReply.FromString)
+            first = push_pull(request, timeout=DEADLINE_S)
+            again = push_pull(request, timeout=DEADLINE_S)  # as if the first reply was lost
+        assert [s.version for s in first.values] == [s.version for s in again.values] == [1, 1]
+        assert running.store.stats()["updates"] == 2  # one per key, once
+        assert first.values[0].data == again.values[0].data
+    finally:
+        running.stop(0)
+
+
+def test_a_server_started_with_restore_and_no_checkpoint_starts_empty(tmp_path):
+    running = serve(mode="async", workers=1,
+                    checkpointing=Checkpointing(tmp_path / "none", restore=True))
+    try:
+        assert running.store.stats()["initialised"] is False
+    finally:
+        running.stop(0)
+    assert not os.path.exists(tmp_path / "none") or not list_checkpoints(tmp_path / "none")
