@@ -173,7 +173,9 @@ class Store:
         # forward to wherever it is now, since this store has lost track of it.
         self._live: set[int] = set(range(config.workers))
         self._rejoining: set[int] = set()
-        self._last_seen: dict[int, float] = {}  # worker -> when its last call ended
+        # worker -> when its last call ended. A worker that has never called has no lease to
+        # lose: the start line waits for it (a launcher that sees it die says so: Leave).
+        self._last_seen: dict[int, float] = {}
         self._in_flight: dict[int, int] = {}  # worker -> its calls inside the store now
         self._last_dropped: dict[int, int] = {}  # worker -> its latest step dropped as late
         self._restored_seq = -1  # the checkpoint this store was restored from
@@ -223,8 +225,6 @@ class Store:
                     k.id: _Slot(k, None, np.zeros(workers, np.int64)) for k in layout
                 }
                 self._pending_values = len(layout)
-                # A worker that never calls at all is silent from here on (see leases).
-                self._last_seen = dict.fromkeys(range(workers), self._clock_s())
             for key_id, value in values.items():
                 slot = self._slots[key_id]
                 if slot.value is None:  # the first values win

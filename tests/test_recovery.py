@@ -19,6 +19,7 @@ from ps.checkpoint import latest_checkpoint, list_checkpoints
 from ps.client import PSClient, PSError
 from ps.server import Checkpointing, serve
 from ps.wire import write_slice
+from tinyps.status import status_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"dense0.weight": np.ones((3, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
@@ -154,6 +155,8 @@ def test_a_worker_that_leaves_no_longer_holds_the_barrier():
             got = client.pull(1)  # at once: the step was applied with worker 0's gradient
             np.testing.assert_array_equal(got["dense0.bias"], -1.0)
             assert client.stats()[0]["live_workers"] == [0]
+            assert "worker clocks (steps pushed): 0: 1, 1: 0 (gone)" in status_table(
+                client.stats())
             with pytest.raises(PSError, match="worker 7 is out of range"):
                 client.leave(7)
     finally:

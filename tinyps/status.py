@@ -43,7 +43,13 @@ def status_table(stats: list[dict], previous: list[dict] | None = None,
     for s in stats:  # a worker's clock: the steps every server has received from it
         for worker, clock in s["clocks"].items():
             clocks[worker] = min(clock, clocks.get(worker, clock))
+    # A worker no server waits for any more (dead, or silent past its lease) is marked.
+    gone = {w for s in stats for w in clocks if w not in s.get("live_workers", clocks)}
     if clocks:
         lines.append("worker clocks (steps pushed): "
-                     + ", ".join(f"{w}: {c}" for w, c in sorted(clocks.items())))
+                     + ", ".join(f"{w}: {c}" + (" (gone)" if w in gone else "")
+                                 for w, c in sorted(clocks.items())))
+    restored = [str(s["index"]) for s in stats if s.get("restored_from", -1) >= 0]
+    if restored:
+        lines.append(f"restored from a checkpoint: server {', '.join(restored)}")
     return "\n".join(lines)
