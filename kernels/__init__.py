@@ -1,5 +1,6 @@
 """Numba-JIT numerics for tinyps: 16-bit float emulation, dense-layer pieces, the loss,
-optimizer updates, gradient aggregation and norms. Imports NumPy and Numba only.
+optimizer updates, gradient aggregation, norms and per-example norms (DP-SGD). Imports NumPy
+and Numba only.
 
 Every kernel has a plain-NumPy twin in tests/twins/ that specifies what it computes.
 """
@@ -17,6 +18,7 @@ from kernels.precision import (
     round_to_bf16,
     round_to_fp16,
 )
+from kernels.privacy import outer_sq_norms
 
 __all__ = [
     "aggregate_mean",
@@ -32,6 +34,7 @@ __all__ = [
     "fp16_encode",
     "global_norm",
     "adam_update",
+    "outer_sq_norms",
     "relu_backward",
     "round_to_bf16",
     "round_to_fp16",

@@ -20,6 +20,7 @@ from kernels.precision import (
     round_to_bf16,
     round_to_fp16,
 )
+from kernels.privacy import outer_sq_norms
 
 __all__ = ["warm_up"]
 
@@ -46,6 +47,7 @@ def warm_up() -> None:
     all_finite(v)
     global_norm([v])
     clip_by_global_norm([np.ones(3, np.float32)], 1.0)
+    outer_sq_norms(x, x)
     # Pulled weights and pushed gradients arrive as read-only views of message bytes, a
     # distinct type for Numba: compile those variants too.
     frozen = np.frombuffer(np.ones(3, np.float32).tobytes(), np.float32)

@@ -127,18 +127,20 @@ def serve(
     aggregate: str = "mean",
     lease_s: float | None = None,
     checkpointing: Checkpointing | None = None,
+    dp_noise_std: float = 0.0,
+    dp_seed: int | None = None,
 ) -> RunningServer:
     """Start a parameter server on host:port (0: a free port) and return it running.
 
     token: every call of the tinyps service must carry it (health and reflection stay open).
     tls: serve over TLS; with tls.ca set, clients must show a certificate signed by it.
-    backup_workers, aggregate, lease_s: see StoreConfig.
+    backup_workers, aggregate, lease_s, dp_noise_std, dp_seed: see StoreConfig.
     checkpointing: write checkpoints (and, with restore, start from the newest one).
     """
     store = Store(StoreConfig(mode=mode, workers=workers, staleness=staleness,
                               staleness_lr=staleness_lr, max_staleness=max_staleness,
                               backup_workers=backup_workers, aggregate=aggregate,
-                              lease_s=lease_s))
+                              lease_s=lease_s, dp_noise_std=dp_noise_std, dp_seed=dp_seed))
     checkpointer = None
     if checkpointing is not None:
         checkpointer = _Checkpointer(store, checkpointing)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from kernels import aggregate_median, aggregate_trimmed_mean, all_finite
 from ps.keys import Key, KeyId
 from ps.optimizer import Optimizer, OptimizerConfig
 from ps.snapshot import KeyState, Snapshot
+from ps.watch import GradientWatch
 
 __all__ = [
     "AGGREGATES", "MODES", "BadRequest", "Closed", "LayoutConflict", "NotInitialised", "Store",
@@ -77,6 +79,10 @@ class StoreConfig:
     backup_workers: int = 0  # sync: a step completes with the first W-b gradients
     aggregate: str = "mean"  # sync: mean | median | trimmed_mean:F (robust to bad workers)
     lease_s: float | None = None  # a worker silent this long (no call in flight) is removed
+    # sync, DP-SGD with a trusted aggregator: N(0, s^2) noise added to the sum of each step's
+    # gradients (so the mean gets s / count), once, instead of by every worker.
+    dp_noise_std: float = 0.0
+    dp_seed: int | None = None  # None: noise from the OS's entropy (secret, as privacy needs)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,6 +105,11 @@ class StoreConfig:
                              f"apply each gradient alone")
         if self.lease_s is not None and not self.lease_s > 0:
             raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+        if not (math.isfinite(self.dp_noise_std) and self.dp_noise_std >= 0):
+            raise ValueError(f"dp_noise_std must be >= 0, got {self.dp_noise_std}")
+        if self.dp_noise_std and (self.mode != "sync" or name != "mean"):
+            raise ValueError("server-side DP noise needs sync mode and mean aggregation: it is "
+                             "added once to each step's sum of gradients")
 
 
 def parse_aggregate(text: str) -> tuple[str, float]:
@@ -116,7 +127,8 @@ def parse_aggregate(text: str) -> tuple[str, float]:
         raise ValueError(f"aggregate trimmed_mean needs a fraction, as in trimmed_mean:0.25; "
                          f"got {text!r}") from None
     if not 0.0 <= fraction < 0.5:
-        raise ValueError(f"the trimmed fraction must be in [0, 0.5), got {fraction}")
+        raise ValueError(f"aggregate {text!r}: the trimmed fraction must be in [0, 0.5), "
+                         f"got {fraction}")
     return name, fraction
 
 
@@ -135,9 +147,10 @@ class _Slot:
 class _Step:
     """sync: what one step of one key has gathered so far."""
 
-    total: np.ndarray | None = None  # mean: the running sum
-    grads: list[np.ndarray] = field(default_factory=list)  # median, trimmed mean: each one
-    workers: set[int] = field(default_factory=set)  # the workers whose gradients are in
+    # Each worker's gradient, in arrival order: the rules aggregate them, and the watch
+    # compares each with the others'.
+    grads: dict[int, np.ndarray] = field(default_factory=dict)
+    workers: set[int] = field(default_factory=set)  # the workers whose pushes are in
     skipped: bool = False  # a worker found inf/NaN: nobody's gradient of the step is applied
 
 
@@ -179,6 +192,7 @@ class Store:
         self._in_flight: dict[int, int] = {}  # worker -> its calls inside the store now
         self._last_dropped: dict[int, int] = {}  # worker -> its latest step dropped as late
         self._restored_seq = -1  # the checkpoint this store was restored from
+        self._watch = GradientWatch()  # sync: per-worker gradient statistics, for suspects
         self._skipped_before = 0  # steps skipped before that checkpoint
         self._closed = False
 
@@ -384,15 +398,11 @@ class Store:
         entry = slot.pending.setdefault(step, _Step())
         entry.workers.add(worker)
         if grad is None:
-            entry.skipped, entry.total, entry.grads = True, None, []
-        elif entry.skipped:
-            pass
-        elif self._aggregate[0] != "mean":
-            entry.grads.append(np.array(grad, np.float32, copy=True))
-        elif entry.total is None:
-            entry.total = np.array(grad, np.float32, copy=True)
-        else:
-            entry.total += grad
+            entry.skipped = True
+            entry.grads.clear()
+        elif not entry.skipped:
+            # A copy: the gradient may be a view of the request's bytes, gone after the call.
+            entry.grads[worker] = np.array(grad, np.float32, copy=True)
         self._advance(slot)
 
     def _advance(self, slot: _Slot) -> None:
@@ -405,19 +415,38 @@ class Store:
             if entry.skipped:
                 self._skipped.add(slot.version)
             else:
-                self._optimizer.step(str(slot.key), slot.value, self._combine(entry))
+                update = self._combine(entry)
+                self._watch.observe(entry.grads)
+                if self.config.dp_noise_std:
+                    update += self._dp_noise(slot, len(entry.workers))
+                self._optimizer.step(str(slot.key), slot.value, update)
                 self._counters.updates += 1
                 self._record_staleness(0, len(entry.workers))
             slot.version += 1
 
     def _combine(self, entry: _Step) -> np.ndarray:
         rule, fraction = self._aggregate
+        grads = list(entry.grads.values())
         if rule == "mean":
-            return entry.total / np.float32(len(entry.workers))
-        stacked = np.stack(entry.grads)
+            total = grads[0].copy()
+            for g in grads[1:]:  # summed in arrival order
+                total += g
+            return total / np.float32(len(grads))
+        stacked = np.stack(grads)
         if rule == "median":
             return aggregate_median(stacked)
         return aggregate_trimmed_mean(stacked, fraction)
+
+    def _dp_noise(self, slot: _Slot, count: int) -> np.ndarray:
+        """The trusted aggregator's noise for one step of one key, as the mean receives it.
+        Seeded: one generator per (key, step), so that a run repeats whatever order the
+        keys complete in; unseeded: the OS's entropy."""
+        seed = self.config.dp_seed
+        rng = np.random.default_rng(
+            None if seed is None else (seed, zlib.crc32(slot.key.name.encode()), slot.key.start,
+                                       slot.version))
+        std = self.config.dp_noise_std / count
+        return rng.normal(0.0, std, slot.key.size).astype(np.float32)
 
     def _apply_one(self, slot: _Slot, grad: np.ndarray, read_version: int) -> int:
         """async / ssp: apply on arrival, unless staler than allowed. Returns the staleness."""
@@ -663,6 +692,9 @@ class Store:
                 "dropped_gradients": c.dropped_gradients,
                 "skipped_steps": self._skipped_count(),
                 "live_workers": sorted(self._live),
+                "suspect_workers": self._watch.suspects(),
+                "grad_cosine": {w: c for w, (c, _) in self._watch.summary().items()},
+                "grad_norm_ratio": {w: r for w, (_, r) in self._watch.summary().items()},
                 "restored_from": self._restored_seq,
                 "waiting": c.waiting,
                 "clocks": clocks,

@@ -56,14 +56,22 @@ _positive_int = _int_at_least(1)
 _natural = _int_at_least(0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+def _float_above(minimum: float, inclusive: bool, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = value >= minimum if inclusive else value > minimum
+        if not ok or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a {what} finite number, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_above(0.0, inclusive=False, what="positive")
+_non_negative_float = _float_above(0.0, inclusive=True, what="non-negative")
 
 
 def _slow_worker(text: str) -> tuple[int, float]:
@@ -149,6 +157,30 @@ def _index_after(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected INDEX:STEPS, as in 1:40, got {text!r}") from None
+
+
+def _dp_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dp-noise", type=_non_negative_float, default=None, metavar="SIGMA",
+                   help="DP-SGD: Gaussian noise of std SIGMA*C on each clipped sum")
+    p.add_argument("--dp-clip", type=_positive_float, default=1.0, metavar="C",
+                   help="DP-SGD: clip each example's gradient to this L2 norm (default: 1)")
+    p.add_argument("--dp-delta", type=_positive_float, default=1e-5,
+                   help="DP-SGD: the delta of (epsilon, delta) (default: 1e-5)")
+    p.add_argument("--dp-noise-at", choices=("worker", "server"), default="worker",
+                   help="worker: each worker noises its push; server: sync servers noise "
+                        "the aggregate once (a trusted aggregator)")
+    p.add_argument("--dp-seed", type=int, default=None,
+                   help="seed the DP noise (repeatable runs; default: secret OS entropy)")
+
+
+def _poison(text: str) -> str:
+    from worker.poison import parse_poison
+
+    try:
+        parse_poison(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _sync_flags(p: argparse.ArgumentParser) -> None:
@@ -238,7 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-restarts", type=_natural, default=3,
                         help="dead servers and killed workers restarted, in all (default: 3)")
     launch.add_argument("--byzantine", type=_natural, default=0, metavar="N",
-                        help="injected fault: workers 0..N-1 push corrupted gradients")
+                        help="injected fault: workers 0..N-1 push their gradient times -10")
+    launch.add_argument("--poison-workers", type=_natural, default=0, metavar="N",
+                        help="injected fault: workers 0..N-1 are poisoned (see --poison)")
+    launch.add_argument("--poison", type=_poison, default="scaled_gradient:-10",
+                        help="label_flip | random_labels | scaled_gradient:F "
+                             "(default: scaled_gradient:-10)")
+    _dp_flags(launch)
+    launch.add_argument("--dp-target-epsilon", type=_positive_float, default=None,
+                        metavar="E", help="DP-SGD: choose sigma so that the planned steps "
+                                          "spend epsilon E")
     launch.add_argument("--kill-server", type=_index_after, default=None, metavar="I:STEPS",
                         help="injected fault: SIGKILL server I after STEPS steps in all")
     launch.add_argument("--kill-worker", type=_index_after, default=None, metavar="J:STEPS",
@@ -258,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_flags(server, "this server's checkpoint folder (default: no checkpoints)")
     server.add_argument("--restore", action="store_true",
                         help="start from the newest checkpoint in --checkpoint-dir, if any")
+    server.add_argument("--dp-noise-std", type=_non_negative_float, default=0.0,
+                        help="sync: add N(0, s^2) to each step's sum of gradients (DP-SGD "
+                             "noise from a trusted aggregator)")
+    server.add_argument("--dp-seed", type=int, default=None,
+                        help="seed that noise (default: secret OS entropy)")
     _security_flags(server)
     server.add_argument("--ready-file", type=Path, default=None,
                         help="write HOST:PORT here once serving")
@@ -277,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--slowdown", type=float, default=1.0,
                         help="compute this many times slower (an injected straggler)")
     worker.add_argument("--no-fused", dest="fused", action="store_false")
-    worker.add_argument("--byzantine", action="store_true",
-                        help="injected fault: push corrupted gradients")
+    worker.add_argument("--poison", type=_poison, default=None,
+                        help="injected fault: label_flip | random_labels | scaled_gradient:F")
+    _dp_flags(worker)
     _precision_flags(worker)
     _security_flags(worker)
     worker.add_argument("--metrics", type=Path, default=None,
@@ -301,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(placement)
     _placement_flags(placement)
     placement.set_defaults(run=_run_placement)
+
+    report = commands.add_parser(
+        "data-report", help="a data set's quality, and its shards over W workers")
+    report.add_argument("dataset", help="digits | synthetic | mnist:DIR | csv:PATH")
+    report.add_argument("--workers", type=_positive_int, default=2)
+    report.add_argument("--partition", choices=("iid", "label_skew"), default="iid")
+    report.add_argument("--alpha", type=_positive_float, default=0.5,
+                        help="label_skew's Dirichlet concentration (smaller: more skew)")
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--min-class-share", type=_positive_float, default=None,
+                        help="flag a class below this share (default: half an even share)")
+    report.add_argument("--out", type=Path, default=Path("."),
+                        help="where data_report.json and .txt go (default: here)")
+    report.add_argument("--plot", action="store_true",
+                        help="also draw the shards' class histograms (data_report.png)")
+    report.set_defaults(run=_run_data_report)
 
     train = commands.add_parser(
         "train", help="train the MLP in this one process (the baseline for distributed runs)")
@@ -338,6 +401,9 @@ def _run_launch(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints, resume=_text(args.resume),
         max_restarts=args.max_restarts, lease_s=args.lease, byzantine=args.byzantine,
         kill_server=args.kill_server, kill_worker=args.kill_worker,
+        poison_workers=args.poison_workers, poison=args.poison, dp_noise=args.dp_noise,
+        dp_clip=args.dp_clip, dp_delta=args.dp_delta, dp_noise_at=args.dp_noise_at,
+        dp_target_epsilon=args.dp_target_epsilon, dp_seed=args.dp_seed,
     )
 
     def progress(done: int, total: int, losses: dict[int, float], samples_per_s: float) -> None:
@@ -382,7 +448,8 @@ def _run_server(args: argparse.Namespace) -> int:
                     staleness_lr=args.staleness_lr, max_staleness=args.max_staleness,
                     token=args.token, tls=server_tls(args.tls_cert, args.tls_key, args.tls_ca),
                     backup_workers=args.backup_workers, aggregate=args.aggregate,
-                    lease_s=args.lease, checkpointing=checkpointing)
+                    lease_s=args.lease, checkpointing=checkpointing,
+                    dp_noise_std=args.dp_noise_std, dp_seed=args.dp_seed)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: running.stop())
     print(f"tinyps server: {args.mode} for {args.workers} workers on {running.address}",
@@ -399,6 +466,7 @@ def _run_server(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from ps.security import client_tls
     from tinyps.processes import die_with_parent
+    from worker.privacy import DPConfig
     from worker.process import WorkerSettings, run_worker_process
 
     die_with_parent()
@@ -409,7 +477,10 @@ def _run_worker(args: argparse.Namespace) -> int:
         placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
         alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
         metrics=args.metrics, start_time=args.start_time, precision=args.precision,
-        loss_scale=args.loss_scale, token=args.token, byzantine=args.byzantine,
+        loss_scale=args.loss_scale, token=args.token, poison=args.poison,
+        dp=None if args.dp_noise is None else DPConfig(
+            noise=args.dp_noise, clip=args.dp_clip, delta=args.dp_delta,
+            noise_at=args.dp_noise_at, seed=args.dp_seed),
         tls=client_tls(args.tls_cert, args.tls_key, args.tls_ca),
     )
     records = run_worker_process(settings)
@@ -449,6 +520,22 @@ def _run_placement(args: argparse.Namespace) -> int:
     model = MLP((data.n_features, *args.hidden, data.n_classes))
     specs = [TensorSpec(n, s) for n, s in model.param_shapes().items()]
     print(place(specs, args.servers, args.placement, args.split_bytes).table())
+    return 0
+
+
+def _run_data_report(args: argparse.Namespace) -> int:
+    from worker.quality import data_report, format_report, save_report
+
+    report = data_report(args.dataset, workers=args.workers, partition=args.partition,
+                         alpha=args.alpha, seed=args.seed,
+                         min_class_share=args.min_class_share)
+    print(format_report(report))
+    paths = save_report(report, args.out)
+    if args.plot:
+        from tinyps.report import plot_shards
+
+        paths.append(plot_shards(report, args.out / "data_report.png"))
+    print("written: " + ", ".join(str(p) for p in paths))
     return 0
 
 

@@ -13,7 +13,9 @@ from ps.security import TLSFiles, client_tls, server_tls
 from ps.store import MODES, parse_aggregate
 from worker.loop import WorkerConfig
 from worker.partition import PARTITION_SCHEMES
+from worker.poison import BYZANTINE, parse_poison
 from worker.precision import PRECISIONS
+from worker.privacy import DPConfig
 
 __all__ = ["LaunchConfig"]
 
@@ -60,7 +62,16 @@ class LaunchConfig:
     lease_s: float = 30.0  # a worker silent this long is dropped from the barriers
     backup_workers: int = 0  # sync: each step takes the first W-b gradients
     aggregate: str = "mean"  # sync: mean | median | trimmed_mean:F
-    byzantine: int = 0  # injected fault: workers 0..N-1 push corrupted gradients
+    byzantine: int = 0  # injected fault: workers 0..N-1 push their gradient times -10 ...
+    poison_workers: int = 0  # ... the same mechanism: workers 0..N-1 are poisoned ...
+    poison: str = BYZANTINE  # ... with label_flip | random_labels | scaled_gradient:F
+    # Differential privacy (DP-SGD): on when dp_noise or dp_target_epsilon is given
+    dp_noise: float | None = None  # sigma, the noise multiplier
+    dp_clip: float = 1.0  # C, the per-example L2 clip norm
+    dp_delta: float = 1e-5
+    dp_noise_at: str = "worker"  # worker | server (sync: a trusted aggregator adds it once)
+    dp_target_epsilon: float | None = None  # choose sigma so that the run spends this epsilon
+    dp_seed: int | None = None  # None: secret noise from the OS's entropy; an int: repeatable
     kill_server: tuple[int, int] | None = None  # injected fault: (server, after N steps) SIGKILL
     kill_worker: tuple[int, int] | None = None  # injected fault: (worker, after N steps) SIGKILL
 
@@ -72,6 +83,11 @@ class LaunchConfig:
         if self.slow_worker is not None:
             object.__setattr__(self, "slow_worker", (int(self.slow_worker[0]),
                                                      float(self.slow_worker[1])))
+        if self.byzantine:  # --byzantine N is poisoning with the Byzantine gradient
+            if self.poison_workers not in (0, self.byzantine) or self.poison != BYZANTINE:
+                raise ValueError("byzantine=N is poison_workers=N with poison "
+                                 f"{BYZANTINE}: give one or the other")
+            object.__setattr__(self, "poison_workers", self.byzantine)
         for name in ("kill_server", "kill_worker"):
             if (value := getattr(self, name)) is not None:
                 object.__setattr__(self, name, (int(value[0]), int(value[1])))
@@ -138,7 +154,8 @@ class LaunchConfig:
              f"backup_workers must be in 0..{self.workers - 1} (fewer than the workers), "
              f"got {self.backup_workers}")
         need(self.mode == "sync" or self.backup_workers == 0,
-             "backup workers are for --mode sync: async and ssp never wait for the last one")
+             f"backup_workers ({self.backup_workers}) is for --mode sync: async and ssp never "
+             f"wait for the last gradient")
         rule, _ = parse_aggregate(self.aggregate)
         need(self.mode == "sync" or rule == "mean",
              f"--aggregate {self.aggregate} is for --mode sync: async and ssp apply each "
@@ -146,6 +163,11 @@ class LaunchConfig:
         need(0 <= self.byzantine <= self.workers,
              f"byzantine must be in 0..{self.workers} (workers 0..N-1 misbehave), "
              f"got {self.byzantine}")
+        need(0 <= self.poison_workers <= self.workers,
+             f"poison_workers must be in 0..{self.workers} (workers 0..N-1 are poisoned), "
+             f"got {self.poison_workers}")
+        parse_poison(self.poison)
+        self._check_dp(need)
         for name, count in (("kill_server", self.servers), ("kill_worker", self.workers)):
             if (value := getattr(self, name)) is not None:
                 need(0 <= value[0] < count,
@@ -153,10 +175,48 @@ class LaunchConfig:
                 need(value[1] >= 1, f"{name}: the step count must be >= 1, got {value[1]}")
         if self.resume is not None:
             need(Path(self.resume).is_dir(), f"resume: no directory {self.resume}")
-            need(self.run_dir is None or Path(self.run_dir).resolve() !=
-                 Path(self.resume).resolve(),
-                 "resume: the new run needs its own --run-dir (the old one's checkpoints are "
-                 "what it resumes from)")
+            # A new run clears its own checkpoint folder: it must not be the one resumed from.
+            source = self.resume_checkpoints().resolve()
+            own = [Path(self.checkpoint_dir)] if self.checkpoint_dir else []
+            if self.run_dir is not None:
+                own += [Path(self.run_dir), Path(self.run_dir) / "checkpoints"]
+            need(all(source != p.resolve() and p.resolve() not in source.parents
+                     for p in own),
+                 f"resume: {self.resume} would be overwritten by this run; give the new run "
+                 f"its own --run-dir and --checkpoint-dir")
+
+    def _check_dp(self, need) -> None:
+        if not self.dp:
+            need(self.dp_seed is None and self.dp_noise_at == "worker",
+                 "dp settings need --dp-noise or --dp-target-epsilon")
+            return
+        need(self.dp_target_epsilon is None or self.dp_target_epsilon > 0,
+             f"dp_target_epsilon must be > 0, got {self.dp_target_epsilon}")
+        DPConfig(noise=self.dp_noise or 0.0, clip=self.dp_clip, delta=self.dp_delta,
+                 noise_at=self.dp_noise_at)
+        need(self.dp_noise_at == "worker" or (self.mode == "sync" and
+                                              self.aggregate == "mean"),
+             "--dp-noise-at server needs --mode sync and --aggregate mean: the servers add "
+             "the noise once to each step's sum")
+        need(self.precision == "fp32", "DP-SGD runs in fp32: per-example clipping is not "
+                                      f"emulated in {self.precision}")
+
+    def resume_checkpoints(self) -> Path:
+        """The checkpoint folder of the run resumed: DIR/checkpoints, or DIR itself."""
+        source = Path(self.resume)
+        return source / "checkpoints" if (source / "checkpoints").is_dir() else source
+
+    @property
+    def dp(self) -> bool:
+        """Whether the run trains with DP-SGD."""
+        return self.dp_noise is not None or self.dp_target_epsilon is not None
+
+    def dp_config(self) -> DPConfig | None:
+        """The workers' DP settings (the noise as resolved; see tinyps.privacy)."""
+        if not self.dp:
+            return None
+        return DPConfig(noise=self.dp_noise or 0.0, clip=self.dp_clip, delta=self.dp_delta,
+                        noise_at=self.dp_noise_at, seed=self.dp_seed)
 
     @property
     def staleness_bound(self) -> int | None:

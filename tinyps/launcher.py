@@ -33,12 +33,15 @@ from ps.client import PSClient, wait_healthy
 from ps.keys import cut
 from ps.memory import keep_freed_buffers
 from ps.placement import Placement, TensorSpec, place
+from ps.snapshot import Snapshot
+from tinyps import privacy
 from tinyps.config import LaunchConfig
 from tinyps.processes import TOKEN_ENV, Child, end_all, start_child, thread_env
 from tinyps.report import write_report
 from tinyps.summary import build_summary
 from worker.data import Dataset, load_dataset
 from worker.model import MLP
+from worker.partition import partition
 from worker.process import steps_for
 
 __all__ = ["LaunchError", "Progress", "launch", "load_model", "server_args", "start_servers"]
@@ -91,6 +94,11 @@ def server_args(config: LaunchConfig, ready_file: Path, checkpoints: Path | None
         args.append("--staleness-lr")
     if config.max_staleness is not None:
         args += ["--max-staleness", str(config.max_staleness)]
+    if (dp := config.dp_config()) is not None and dp.noise_at == "server":
+        # Noise on the sum of the workers' pushes, each a clipped sum / expected batch.
+        args += ["--dp-noise-std", repr(dp.noise * dp.clip / config.batch_size)]
+        if dp.seed is not None:
+            args += ["--dp-seed", str(dp.seed)]
     if checkpoints is not None:
         args += ["--checkpoint-dir", str(server_directory(checkpoints, index)),
                  "--checkpoint-every", str(config.checkpoint_every),
@@ -130,8 +138,13 @@ def _worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: 
             "--seed", str(config.seed), "--metrics", str(metrics),
             "--precision", config.precision, "--loss-scale", str(config.loss_scale),
             "--start-time", repr(start_time)]
-    if index < config.byzantine:
-        args.append("--byzantine")
+    if index < config.poison_workers:
+        args += ["--poison", config.poison]
+    if (dp := config.dp_config()) is not None:
+        args += ["--dp-noise", repr(dp.noise), "--dp-clip", repr(dp.clip),
+                 "--dp-delta", repr(dp.delta), "--dp-noise-at", dp.noise_at]
+        if dp.seed is not None:
+            args += ["--dp-seed", str(dp.seed)]
     if config.split_bytes is not None:
         args += ["--split-bytes", str(config.split_bytes)]
     if not config.fused:
@@ -229,15 +242,21 @@ def _checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
     return root
 
 
-def _resume_into(config: LaunchConfig, placement: Placement, root: Path) -> None:
-    """Write the checkpoints this run's servers start from: the resumed run's newest,
-    re-split over this run's placement (which may have another number of servers)."""
-    source = Path(config.resume)
-    old = latest_set(source / "checkpoints" if (source / "checkpoints").is_dir() else source)
+def _read_resumed(config: LaunchConfig) -> list[Snapshot]:
+    """The newest checkpoint of every server of the run resumed, checked against this run
+    before anything is written."""
+    old = latest_set(config.resume_checkpoints())
     if (old[0].mode, old[0].workers) != (config.mode, config.workers):
-        raise ValueError(f"resume: {source} is a {old[0].mode} run of {old[0].workers} "
+        raise ValueError(f"resume: {config.resume} is a {old[0].mode} run of {old[0].workers} "
                          f"workers; this run must be the same (got {config.mode}, "
                          f"{config.workers} workers)")
+    return old
+
+
+def _resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement,
+                 root: Path) -> None:
+    """Write the checkpoints this run's servers start from: the resumed run's newest,
+    re-split over this run's placement (which may have another number of servers)."""
     keys = cut(placement)  # the keys every worker cuts (PSClient's default chunk size)
     for i in range(config.servers):
         snapshot = resplit(old, keys[i])
@@ -251,16 +270,19 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
+    resumed = _read_resumed(config) if config.resume else None
     prepare_run_dir(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-
     data = load_dataset(config.dataset, seed=config.seed)
     placement = model_placement(config, data)
     steps = config.steps or steps_for(len(data.X_train), config.workers, config.batch_size,
                                       config.epochs)
+    shard_sizes = [len(s) for s in partition(data, config.workers, config.partition,
+                                             alpha=config.alpha, seed=config.seed)]
+    config = privacy.plan(config, shard_sizes, steps)  # sigma settled before anything starts
+    (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     checkpoints = _checkpoint_root(config, run_dir)
-    if config.resume:
-        _resume_into(config, placement, checkpoints)
+    if resumed is not None:
+        _resume_into(config, resumed, placement, checkpoints)
     _warm_numba_cache()
 
     run = _Run(config, run_dir, checkpoints, steps, started)
@@ -270,6 +292,8 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         run.workers = [run.start_worker(i) for i in range(config.workers)]
         records = run.supervise(progress)
         summary, params = _finish(config, data, placement, run, records, steps, started)
+        done = [sum(r["worker"] == w for r in records) for w in range(config.workers)]
+        summary.update(privacy.spent(config, shard_sizes, done))
     finally:
         end_all(run.servers + run.workers)
 

@@ -2,6 +2,7 @@
 
 Loss over time per worker; the staleness histogram of applied gradients; each worker's time
 split into waiting and computing; and bytes and updates per server (how load was spread).
+Also the picture of a data-quality report: each worker's shard, stacked by class.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["write_report"]
+from worker.quality import QualityReport
+
+__all__ = ["plot_shards", "write_report"]
 
 
 def write_report(records: list[dict], summary: dict, path: Path) -> Path:
@@ -73,5 +76,39 @@ def write_report(records: list[dict], summary: dict, path: Path) -> Path:
 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_shards(report: QualityReport, path: str | Path) -> Path:
+    """Draw each worker's shard as a bar stacked by class into `path` (PNG); return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no window, no display needed
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    classes, workers = report.classes, report.workers
+    # tab10/tab20 keep neighbouring classes apart; beyond 20 classes a gradient must do.
+    cmap = plt.get_cmap("tab10" if classes <= 10 else "tab20" if classes <= 20 else "viridis")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * workers + 2.5), 4.5))
+    bottom = [0] * workers
+    for c in range(classes):
+        heights = [row[c] for row in report.shard_histograms]
+        colour = cmap(c) if classes <= 20 else cmap(c / (classes - 1))
+        ax.bar(range(workers), heights, bottom=bottom, color=colour, label=f"class {c}")
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(range(workers),
+                  [f"worker {w}\nskew {s:.2f}" for w, s in enumerate(report.shard_skew)])
+    ax.set_ylabel("training examples")
+    scheme = report.partition if report.alpha is None else \
+        f"{report.partition} (alpha {report.alpha:g})"
+    ax.set_title(f"{report.dataset}: {scheme}, {workers} workers; "
+                 f"mean skew {report.mean_skew:.3f}")
+    if classes <= 20:  # a legend of more entries hides the bars
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -91,6 +91,11 @@ def build_summary(
         "aggregate": config.aggregate,
         "byzantine_workers": config.byzantine,
         "diverged": _diverged(test_loss, per_worker),
+        # sync: workers whose gradients stood apart (flagged by any server; ps/watch.py),
+        # and what the servers saw of each worker, weighted by the parameters they hold.
+        "suspect_workers": sorted({w for s in stats for w in s.get("suspect_workers", [])}),
+        "grad_cosine": _per_worker(stats, "grad_cosine"),
+        "grad_norm_ratio": _per_worker(stats, "grad_norm_ratio"),
         # Mixed precision: the scale at the end (worker 0's), the steps skipped for inf/NaN
         # gradients, and the share of non-zero fp32 gradient values that became 0 in 16 bits.
         "loss_scale_final": (sorted(per_worker[0], key=lambda r: r["step"])[-1]["loss_scale"]
@@ -107,6 +112,15 @@ def build_summary(
         ],
         "placement": placement.as_summary(),
     }
+
+
+def _per_worker(stats: list[dict], key: str) -> dict[int, float]:
+    totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for s in stats:
+        for w, value in s.get(key, {}).items():
+            totals[w][0] += s["params"] * value
+            totals[w][1] += s["params"]
+    return {w: v / n for w, (v, n) in sorted(totals.items()) if n}
 
 
 def _diverged(test_loss: float, per_worker: dict[int, list[dict]]) -> bool:

@@ -18,14 +18,12 @@ from kernels import all_finite
 from ps.client import PSClient
 from worker.model import MLP
 from worker.partition import Shard
+from worker.poison import parse_poison, poison_grads, poison_shard
 from worker.precision import LossScaler, Precision
 from worker.preprocess import augment_shifts
+from worker.privacy import DPConfig, add_noise, poisson_batches
 
-__all__ = ["BYZANTINE_FACTOR", "StepRecord", "WorkerConfig", "batches", "run_worker"]
-
-# A Byzantine worker (an injected fault, for teaching) pushes its true gradient times this:
-# pointing the other way and ten times as long, it undoes the honest workers' steps in a mean.
-BYZANTINE_FACTOR = -10.0
+__all__ = ["StepRecord", "WorkerConfig", "batches", "run_worker"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,8 @@ class WorkerConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (the client must travel in the same format)
     # "auto": dynamic for fp16, off for bf16 and fp32; "dynamic"; "off"; or a static scale.
     loss_scale: float | str = "auto"
-    byzantine: bool = False  # an injected fault: push corrupted gradients (BYZANTINE_FACTOR)
+    poison: str | None = None  # injected fault (worker/poison.py): label_flip, ...
+    dp: DPConfig | None = None  # DP-SGD: Poisson batches, per-example clipping, noise
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -51,6 +50,11 @@ class WorkerConfig:
             raise ValueError(f"slowdown must be >= 1 and delay_s >= 0, got {self.slowdown}, "
                              f"{self.delay_s}")
         Precision(self.precision)
+        if self.poison is not None:
+            parse_poison(self.poison)
+        if self.dp is not None and self.precision != "fp32":
+            raise ValueError("DP-SGD runs in fp32: per-example clipping is not emulated in "
+                             f"{self.precision}")
         if isinstance(self.loss_scale, str):
             if self.loss_scale not in ("auto", "dynamic", "off"):
                 raise ValueError(f"loss_scale must be auto, dynamic, off or a number, "
@@ -134,8 +138,17 @@ def run_worker(
         raise ValueError(f"the client travels in {client.wire_dtype}, but precision "
                          f"{precision.name} needs {precision.wire_dtype}")
     scaler, dynamic = config.scaler()
+    if config.poison is not None:
+        shard = poison_shard(shard, config.poison, model.sizes[-1], config.seed)
     rng = np.random.default_rng((config.seed, client.worker_id))
-    order = batches(len(shard), config.batch_size, rng if config.shuffle else None)
+    dp = config.dp
+    if dp is None:
+        order = batches(len(shard), config.batch_size, rng if config.shuffle else None)
+    else:
+        # Expected batch = batch_size, so the noisy sum is divided by it (as Opacus does).
+        order = poisson_batches(len(shard), min(1.0, config.batch_size / len(shard)), rng)
+        noise_rng = np.random.default_rng(
+            None if dp.seed is None else (dp.seed, client.worker_id, 1))
     for _ in range(min(first_step, config.steps)):
         next(order)
     records: list[StepRecord] = []
@@ -156,10 +169,18 @@ def run_worker(
             X = augment_shifts(X, image_shape, rng)
         scale = scaler.get_scale()
         counts: dict[str, int] = {}
-        loss, grads = model.loss_and_grads(params, X, shard.y[idx], precision, scale, counts)
+        if dp is None:
+            loss, grads = model.loss_and_grads(params, X, shard.y[idx], precision, scale,
+                                               counts)
+        else:
+            loss, grads, _ = model.clipped_grad_sum(params, X, shard.y[idx], dp.clip)
+            if dp.noise_at == "worker":
+                add_noise(grads, dp.noise * dp.clip, noise_rng)
+            for g in grads.values():
+                g /= np.float32(config.batch_size)
         found_inf = not all(all_finite(g) for g in grads.values())
-        if config.byzantine:
-            grads = {name: g * np.float32(BYZANTINE_FACTOR) for name, g in grads.items()}
+        if config.poison is not None:
+            grads = poison_grads(grads, config.poison)
         t2 = time.monotonic()
         extra = (config.slowdown - 1.0) * (t2 - t1) + config.delay_s
         if extra > 0:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kernels import bias_relu_forward, relu_backward, softmax_cross_entropy
+from kernels import bias_relu_forward, outer_sq_norms, relu_backward, softmax_cross_entropy
 from worker.precision import Precision
 
 __all__ = ["MLP"]
@@ -128,6 +128,45 @@ class MLP:
                 d = self._held(p, relu_backward(d @ params[f"dense{i}.weight"].T, inputs[i]),
                                counts)
         return loss, {name: grads[name] for name in self.param_shapes()}
+
+    def clipped_grad_sum(self, params: Params, X: np.ndarray, y: np.ndarray, clip: float
+                         ) -> tuple[float, Params, np.ndarray]:
+        """DP-SGD's gradient: each example's gradient clipped to L2 norm `clip`, then summed.
+
+        Returns (mean loss, the sum of the clipped per-example gradients, each example's norm
+        before clipping). No per-example gradient is ever built: example i's weight gradient
+        is the outer product of its layer input a_i and backward signal d_i, whose norm is
+        |a_i| |d_i| (kernels.outer_sq_norms); and the clipped sum is a^T (c * d), one matrix
+        product with each signal row scaled by its example's clip factor c_i.
+        """
+        X = np.asarray(X, dtype=np.float32)
+        self._check(params, X)
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        if len(X) == 0:  # Poisson sampling can draw an empty batch: its sum is zero
+            zeros = {name: np.zeros(shape, np.float32)
+                     for name, shape in self.param_shapes().items()}
+            return float("nan"), zeros, np.zeros(0)
+        inputs, logits = self._forward(params, X)
+        loss, d = softmax_cross_entropy(logits, y)
+        d *= np.float32(len(X))  # the mean's gradient times B: each example's own gradient
+        signals = {}
+        sq_norms = np.zeros(len(X), np.float64)
+        for i in reversed(range(self.n_layers)):
+            signals[i] = d
+            outer_sq_norms(inputs[i], d, out=sq_norms)  # the weight's share
+            sq_norms += np.einsum("ij,ij->i", d, d, dtype=np.float64)  # the bias's share
+            if i > 0:
+                d = relu_backward(d @ params[f"dense{i}.weight"].T, inputs[i])
+        norms = np.sqrt(sq_norms)
+        # Opacus's factor: clip / (norm + 1e-6), at most 1.
+        factors = np.minimum(1.0, clip / (norms + 1e-6)).astype(np.float32)
+        grads: Params = {}
+        for i in range(self.n_layers):
+            scaled = signals[i] * factors[:, None]
+            grads[f"dense{i}.weight"] = inputs[i].T @ scaled
+            grads[f"dense{i}.bias"] = scaled.sum(axis=0)
+        return loss, grads, norms
 
     @staticmethod
     def _held(p: Precision, grad: np.ndarray, counts: dict[str, int] | None) -> np.ndarray:

@@ -20,6 +20,7 @@ from worker.loop import StepRecord, WorkerConfig, run_worker
 from worker.model import MLP
 from worker.partition import PARTITION_SCHEMES, partition
 from worker.precision import Precision
+from worker.privacy import DPConfig
 
 __all__ = ["WorkerSettings", "run_worker_process", "steps_for"]
 
@@ -46,7 +47,8 @@ class WorkerSettings:
     fused: bool = True  # PushPull round trips
     precision: str = "fp32"  # fp32 | fp16 | bf16: compute and traffic
     loss_scale: float | str = "auto"  # auto | dynamic | off | a static scale
-    byzantine: bool = False  # an injected fault: push corrupted gradients
+    poison: str | None = None  # injected fault: label_flip | random_labels | scaled_gradient:F
+    dp: DPConfig | None = None  # DP-SGD settings
     metrics: Path | None = None  # append one JSON line per step here
     start_time: float | None = None  # time.time() when the run started (metrics count from it)
     token: str | None = None  # the cluster's shared token, if it has one
@@ -91,7 +93,7 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
     config = WorkerConfig(steps=steps, batch_size=settings.batch_size, seed=settings.seed,
                           slowdown=settings.slowdown, fused=settings.fused,
                           precision=settings.precision, loss_scale=settings.loss_scale,
-                          byzantine=settings.byzantine)
+                          poison=settings.poison, dp=settings.dp)
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
     start = settings.start_time if settings.start_time is not None else time.time()

@@ -1,0 +1,74 @@
+"""The privacy budget of a DP-SGD run: sigma chosen for a target epsilon, epsilon spent.
+
+Each example lives in one worker's shard, so its privacy is that of the subsampled Gaussian
+mechanism run by that worker alone: sampling rate q = expected batch / shard size, for that
+worker's number of steps. Where the noise is added (worker or server) does not change
+epsilon: either way the sum that holds the example gets noise of std sigma*C. The run's
+epsilon is the largest over its workers (the smallest shard is sampled most often).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from worker.accountant import RdpAccountant, dp_sgd_epsilon, sigma_for_epsilon
+
+from tinyps.config import LaunchConfig
+
+__all__ = ["plan", "spent"]
+
+
+def _rates(config: LaunchConfig, shard_sizes: list[int]) -> list[float]:
+    return [min(1.0, config.batch_size / n) for n in shard_sizes]
+
+
+def plan(config: LaunchConfig, shard_sizes: list[int], steps: int) -> LaunchConfig:
+    """The config with sigma settled: given, or chosen for dp_target_epsilon (as Opacus's
+    make_private_with_epsilon). Refuses, before anything starts, a plan over its budget."""
+    if not config.dp:
+        return config
+    q = max(_rates(config, shard_sizes))
+    target, sigma = config.dp_target_epsilon, config.dp_noise
+    if target is not None:
+        if sigma is None:
+            try:
+                sigma = sigma_for_epsilon(target, q, steps, config.dp_delta)
+            except ValueError as err:
+                raise ValueError(f"dp_target_epsilon {target}: {err}") from None
+        elif (planned := dp_sgd_epsilon(q, sigma, steps, config.dp_delta)) > target:
+            raise ValueError(
+                f"the planned {steps} steps per worker at sigma {sigma} (sampling rate "
+                f"{q:.4f}) would spend epsilon {planned:.3f}, over the budget of {target}: "
+                f"train fewer steps, add noise, or leave out --dp-noise to have it chosen")
+    return dataclasses.replace(config, dp_noise=sigma)
+
+
+def spent(config: LaunchConfig, shard_sizes: list[int], steps_done: list[int]) -> dict:
+    """summary.json's privacy figures for the steps each worker actually made."""
+    if not config.dp:
+        return {}
+    rates = _rates(config, shard_sizes)
+    sigma, delta = config.dp_noise, config.dp_delta
+    epsilons = [dp_sgd_epsilon(q, sigma, n, delta) for q, n in zip(rates, steps_done,
+                                                                    strict=True)]
+    # Epsilon after each whole epoch (1/q steps) of the worker that spends the most.
+    worst = max(range(len(rates)), key=lambda w: epsilons[w])
+    q, done = rates[worst], steps_done[worst]
+    per_epoch, accountant, taken = [], RdpAccountant(), 0
+    for epoch in range(1, math.floor(done * q + 1e-9) + 1):
+        upto = min(done, round(epoch / q))
+        accountant.step(q, sigma, upto - taken)
+        taken = upto
+        per_epoch.append(accountant.epsilon(delta))
+    return {
+        "dp_epsilon": max(epsilons),
+        "dp_epsilon_by_epoch": per_epoch,
+        "dp_epsilon_per_worker": epsilons,
+        "dp_delta": delta,
+        "dp_noise": sigma,
+        "dp_clip": config.dp_clip,
+        "dp_noise_at": config.dp_noise_at,
+        "sample_rate": max(rates),
+        "dp_sampling": "poisson",  # each example in each batch with probability q
+    }
