@@ -49,6 +49,10 @@ def status_table(stats: list[dict], previous: list[dict] | None = None,
         lines.append("worker clocks (steps pushed): "
                      + ", ".join(f"{w}: {c}" + (" (gone)" if w in gone else "")
                                  for w, c in sorted(clocks.items())))
+    suspects = sorted({w for s in stats for w in s.get("suspect_workers", [])})
+    if suspects:
+        lines.append("suspect workers (gradients unlike the others'): "
+                     + ", ".join(map(str, suspects)))
     restored = [str(s["index"]) for s in stats if s.get("restored_from", -1) >= 0]
     if restored:
         lines.append(f"restored from a checkpoint: server {', '.join(restored)}")

@@ -158,5 +158,11 @@ def format_summary(summary: dict, run_dir) -> str:
           else []),
         *(["the model DIVERGED: its loss grew instead of falling"] if summary["diverged"]
           else []),
+        *([f"suspect workers (gradients unlike the others'): {summary['suspect_workers']}"]
+          if summary["suspect_workers"] else []),
+        *([f"DP-SGD: epsilon {summary['dp_epsilon']:.3f} at delta {summary['dp_delta']:g} "
+           f"(sigma {summary['dp_noise']:.3f}, clip {summary['dp_clip']:g}, sampling rate "
+           f"{summary['sample_rate']:.4f}, noise on the {summary['dp_noise_at']}s)"]
+          if "dp_epsilon" in summary else []),
         f"run directory: {run_dir}",
     ])

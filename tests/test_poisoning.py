@@ -1,0 +1,139 @@
+"""Poisoning and its detection: the injected poisons on their own, the servers' gradient
+watch on made-up gradients, and on digits a label-flipping worker that the servers flag and
+that robust aggregation shrugs off, against a clean run of the same seeds."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinyps
+from ps.watch import GradientWatch
+from worker.partition import Shard
+from worker.poison import BYZANTINE, parse_poison, poison_grads, poison_shard
+
+# -- the poisons ---------------------------------------------------------------------------
+
+
+def _shard():
+    return Shard(np.zeros((6, 2), np.float32), np.array([0, 1, 2, 3, 4, 9]), np.arange(6))
+
+
+def test_label_flip_maps_class_c_to_c_minus_1_minus_c():
+    flipped = poison_shard(_shard(), "label_flip", n_classes=10, seed=0)
+    np.testing.assert_array_equal(flipped.y, [9, 8, 7, 6, 5, 0])
+
+
+def test_random_labels_are_seeded_and_in_range():
+    a = poison_shard(_shard(), "random_labels", n_classes=10, seed=3)
+    b = poison_shard(_shard(), "random_labels", n_classes=10, seed=3)
+    np.testing.assert_array_equal(a.y, b.y)
+    assert a.y.min() >= 0 and a.y.max() < 10
+
+
+def test_scaled_gradient_and_the_byzantine_worker_are_one_mechanism():
+    grads = {"w": np.ones(3, np.float32)}
+    np.testing.assert_array_equal(poison_grads(grads, BYZANTINE)["w"], -10.0)
+    np.testing.assert_array_equal(poison_grads(grads, "scaled_gradient:0.5")["w"], 0.5)
+    assert poison_grads(grads, "label_flip") is grads  # a data poison leaves gradients alone
+    assert tinyps.LaunchConfig(workers=3, byzantine=2).poison_workers == 2
+    with pytest.raises(ValueError, match="give one or the other"):
+        tinyps.LaunchConfig(workers=3, byzantine=1, poison="label_flip")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flip", "poison must be one of"),
+    ("label_flip:2", "takes no argument"),
+    ("scaled_gradient", "needs a factor"),
+    ("scaled_gradient:inf", "must be finite"),
+])
+def test_bad_poisons_are_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_poison(text)
+
+
+# -- the watch -----------------------------------------------------------------------------
+
+
+def _observe(watch, rng, bad=None, steps=30):
+    direction = rng.standard_normal(500)
+    for _ in range(steps):
+        grads = {w: (direction + 0.8 * rng.standard_normal(500)).astype(np.float32)
+                 for w in range(5)}
+        if bad is not None:
+            grads[3] = bad(grads[3])
+        watch.observe(grads)
+
+
+def test_honest_workers_are_not_flagged():
+    watch = GradientWatch()
+    _observe(watch, np.random.default_rng(0))
+    assert watch.suspects() == []
+    cosines = [c for c, _ in watch.summary().values()]
+    assert min(cosines) > 0.5
+
+
+@pytest.mark.parametrize("bad", [lambda g: -g, lambda g: 8 * g, lambda g: 0.1 * g],
+                         ids=["reversed", "scaled up", "scaled down"])
+def test_a_worker_whose_gradients_stand_apart_is_flagged(bad):
+    watch = GradientWatch()
+    _observe(watch, np.random.default_rng(1), bad)
+    assert watch.suspects() == [3]
+
+
+def test_nobody_is_flagged_on_too_little_evidence_or_too_few_workers():
+    watch = GradientWatch()
+    _observe(watch, np.random.default_rng(2), lambda g: -g, steps=5)
+    assert watch.suspects() == []  # five steps: not enough to accuse anyone
+    pair = GradientWatch()
+    for _ in range(50):
+        pair.observe({0: np.ones(4, np.float32), 1: -np.ones(4, np.float32)})
+    assert pair.suspects() == []  # of two who disagree, neither is "the others"
+
+
+# -- on digits -----------------------------------------------------------------------------
+
+BASE = {"servers": 1, "workers": 4, "mode": "sync", "seed": 0, "epochs": 10}
+FLIP = {**BASE, "poison_workers": 1, "poison": "label_flip"}
+RUNS = {
+    "clean": BASE,
+    "flip_mean": FLIP,
+    "flip_median": {**FLIP, "aggregate": "median"},
+    # With four workers, trimming a quarter from each end keeps the middle two: the median
+    # of four. Still its own rule, checked on its own.
+    "flip_trimmed": {**FLIP, "aggregate": "trimmed_mean:0.25"},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    done: dict[str, tuple[dict, Path]] = {}
+
+    def get(name: str) -> tuple[dict, Path]:
+        if name not in done:
+            done[name] = tinyps.launch(run_dir=str(tmp_path_factory.mktemp(name)), **RUNS[name])
+        return done[name]
+
+    return get
+
+
+def test_the_label_flipping_worker_is_flagged_and_no_honest_one_is(run):
+    assert run("flip_mean")[0]["suspect_workers"] == [0]
+    clean = run("clean")[0]
+    assert clean["suspect_workers"] == []
+    # What the servers saw: the flipped worker's gradients point away from the others'.
+    cosine = run("flip_mean")[0]["grad_cosine"]
+    assert cosine[0] < 0 and cosine[0] < min(cosine[w] for w in (1, 2, 3)) - 0.2
+
+
+def test_the_mean_suffers_from_the_flipped_labels(run):
+    clean = run("clean")[0]["test_accuracy"]
+    poisoned = run("flip_mean")[0]["test_accuracy"]
+    assert poisoned < clean - 0.03  # measurably below the clean run of the same seeds
+
+
+@pytest.mark.parametrize("name", ["flip_median", "flip_trimmed"])
+def test_robust_aggregation_keeps_the_accuracy(run, name):
+    summary = run(name)[0]
+    assert summary["test_accuracy"] >= 0.90
+    assert summary["test_accuracy"] > run("flip_mean")[0]["test_accuracy"]
