@@ -91,6 +91,42 @@ def test_nobody_is_flagged_on_too_little_evidence_or_too_few_workers():
     assert pair.suspects() == []  # of two who disagree, neither is "the others"
 
 
+def test_the_servers_flag_a_suspect_over_grpc_and_status_shows_it():
+    from ps.client import PSClient
+    from ps.server import serve
+    from tinyps.status import status_table
+
+    running = serve(mode="sync", workers=4)
+    rng = np.random.default_rng(4)
+    try:
+        clients = [PSClient([running.address], worker_id=w) for w in range(4)]
+        clients[0].init({"w": np.zeros(300, np.float32)}, "sgd", lr=1e-3)
+        direction = rng.standard_normal(300)
+        for step in range(25):
+            for w, client in enumerate(clients):
+                g = direction + 0.5 * rng.standard_normal(300)
+                client.push({"w": (-g if w == 2 else g).astype(np.float32)}, step)
+        stats = clients[0].stats()
+        assert stats[0]["suspect_workers"] == [2]
+        assert "suspect workers (gradients unlike the others'): 2" in status_table(stats)
+        for client in clients:
+            client.close()
+    finally:
+        running.stop(0)
+
+
+def test_data_report_from_the_command_line(tmp_path, capsys):
+    from tinyps.cli import main
+
+    assert main(["data-report", "digits", "--workers", "4", "--partition", "label_skew",
+                 "--alpha", "0.1", "--out", str(tmp_path), "--plot"]) == 0
+    out = capsys.readouterr().out
+    assert "worker 0's shard has no examples of classes" in out
+    assert "constant features" in out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["data_report.json", "data_report.png", "data_report.txt"]
+
+
 # -- on digits -----------------------------------------------------------------------------
 
 BASE = {"servers": 1, "workers": 4, "mode": "sync", "seed": 0, "epochs": 10}

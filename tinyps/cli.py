@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label_flip | random_labels | scaled_gradient:F "
                              "(default: scaled_gradient:-10)")
     _dp_flags(launch)
-    launch.add_argument("--dp-target-epsilon", type=_positive_float, default=None,
+    launch.add_argument("--dp-target-epsilon", "--target-epsilon", type=_positive_float,
+                        default=None,
                         metavar="E", help="DP-SGD: choose sigma so that the planned steps "
                                           "spend epsilon E")
     launch.add_argument("--kill-server", type=_index_after, default=None, metavar="I:STEPS",
