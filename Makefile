@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench lint proto clean
+.PHONY: demo test test-slow bench lint proto docs notebooks notebooks-html clean
 
 # Stamps record which install a venv already has, so targets re-install only
 # when pyproject.toml changes.
@@ -21,6 +21,10 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.runtime
 	$(BIN)/tinyps launch --servers 2 --workers 2 --mode sync --dataset digits
+
+$(VENV)/.notebooks: pyproject.toml $(VENV)/.dev
+	$(BIN)/python -m pip install -q -e '.[dev,notebooks]'
+	touch $@
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
@@ -41,6 +45,18 @@ lint: $(VENV)/.dev
 proto: $(VENV)/.dev
 	$(BIN)/python -m grpc_tools.protoc -Ips=proto --python_out=. --grpc_python_out=. \
 		--pyi_out=. proto/ps.proto
+
+# docs/cli.md from the argument parser (tests/test_clidoc.py fails when it is stale).
+docs: $(VENV)/.runtime
+	$(BIN)/python -m tinyps.clidoc > docs/cli.md
+
+notebooks: $(VENV)/.notebooks
+	$(BIN)/jupyter lab notebooks
+
+# Executed copies, with every output and plot, in build/notebooks/.
+notebooks-html: $(VENV)/.notebooks
+	mkdir -p build/notebooks
+	$(BIN)/jupyter nbconvert --to html --execute --output-dir build/notebooks notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -119,10 +119,12 @@ def _training_flags(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="examples per step, per worker (default: 32)")
     p.add_argument("--lr", type=_positive_float, default=lr, help=f"step size (default: {lr})")
-    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="sgd")
+    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="sgd",
+                   help="the servers' update rule, with PyTorch's semantics (default: sgd)")
     p.add_argument("--momentum", type=float, default=0.9,
                    help="for --optimizer momentum (default: 0.9)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the model's start, the data split and the batch order")
 
 
 def _consistency_flags(p: argparse.ArgumentParser) -> None:
@@ -246,15 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     launch = commands.add_parser("launch", help="start a cluster on this machine and train")
-    launch.add_argument("--servers", type=_positive_int, default=2)
-    launch.add_argument("--workers", type=_positive_int, default=2)
+    launch.add_argument("--servers", type=_positive_int, default=2,
+                        help="parameter-server processes (default: 2)")
+    launch.add_argument("--workers", type=_positive_int, default=2,
+                        help="worker processes (default: 2)")
     _consistency_flags(launch)
     _model_flags(launch)
     _training_flags(launch, epochs=20, lr=0.1)
     launch.add_argument("--steps", type=_positive_int, default=None,
                         help="steps per worker (overrides --epochs)")
     _placement_flags(launch)
-    launch.add_argument("--partition", choices=("iid", "label_skew"), default="iid")
+    launch.add_argument("--partition", choices=("iid", "label_skew"), default="iid",
+                        help="how the training set is split into the workers' shards")
     launch.add_argument("--alpha", type=_positive_float, default=0.5,
                         help="label_skew's Dirichlet concentration (smaller: more skew)")
     launch.add_argument("--slow-worker", type=_slow_worker, default=None, metavar="I:FACTOR",
@@ -292,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(run=_run_launch)
 
     server = commands.add_parser("server", help="run one parameter server")
-    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="the address to bind (default: 127.0.0.1, this machine only)")
     server.add_argument("--port", type=_natural, default=0, help="0: a free port")
-    server.add_argument("--workers", type=_positive_int, default=1)
+    server.add_argument("--workers", type=_positive_int, default=1,
+                        help="how many workers push: a sync step waits for all of them")
     _consistency_flags(server)
     _sync_flags(server)
     _checkpoint_flags(server, "this server's checkpoint folder (default: no checkpoints)")
@@ -314,16 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--servers", type=_addresses, required=True,
                         help="server addresses, comma separated, in server order")
     worker.add_argument("--index", type=_natural, required=True, help="this worker's id")
-    worker.add_argument("--workers", type=_positive_int, required=True)
+    worker.add_argument("--workers", type=_positive_int, required=True,
+                        help="how many workers share the data")
     _model_flags(worker)
     _training_flags(worker, epochs=20, lr=0.1)
-    worker.add_argument("--steps", type=_positive_int, default=None)
+    worker.add_argument("--steps", type=_positive_int, default=None,
+                        help="steps for this worker (overrides --epochs)")
     _placement_flags(worker)
-    worker.add_argument("--partition", choices=("iid", "label_skew"), default="iid")
-    worker.add_argument("--alpha", type=_positive_float, default=0.5)
+    worker.add_argument("--partition", choices=("iid", "label_skew"), default="iid",
+                        help="how the training set is split (every worker must agree)")
+    worker.add_argument("--alpha", type=_positive_float, default=0.5,
+                        help="label_skew's Dirichlet concentration")
     worker.add_argument("--slowdown", type=float, default=1.0,
                         help="compute this many times slower (an injected straggler)")
-    worker.add_argument("--no-fused", dest="fused", action="store_false")
+    worker.add_argument("--no-fused", dest="fused", action="store_false",
+                        help="pull and push in two calls instead of one PushPull")
     worker.add_argument("--poison", type=_poison, default=None,
                         help="injected fault: label_flip | random_labels | scaled_gradient:F")
     _dp_flags(worker)
@@ -345,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     placement = commands.add_parser("placement",
                                     help="print where a model's tensors would go")
-    placement.add_argument("--servers", type=_positive_int, default=2)
+    placement.add_argument("--servers", type=_positive_int, default=2,
+                           help="servers to place the model on (default: 2)")
     _model_flags(placement)
     _placement_flags(placement)
     placement.set_defaults(run=_run_placement)
@@ -353,11 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "data-report", help="a data set's quality, and its shards over W workers")
     report.add_argument("dataset", help="digits | synthetic | mnist:DIR | csv:PATH")
-    report.add_argument("--workers", type=_positive_int, default=2)
-    report.add_argument("--partition", choices=("iid", "label_skew"), default="iid")
+    report.add_argument("--workers", type=_positive_int, default=2,
+                        help="shards to split the training set into (default: 2)")
+    report.add_argument("--partition", choices=("iid", "label_skew"), default="iid",
+                        help="how the shards are drawn, as tinyps launch draws them")
     report.add_argument("--alpha", type=_positive_float, default=0.5,
                         help="label_skew's Dirichlet concentration (smaller: more skew)")
-    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--seed", type=int, default=0,
+                        help="the seed of the split and the partition, as a run's --seed")
     report.add_argument("--min-class-share", type=_positive_float, default=None,
                         help="flag a class below this share (default: half an even share)")
     report.add_argument("--out", type=Path, default=Path("."),
@@ -375,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true",
                        help="print the result as JSON on the last line of standard output")
     train.set_defaults(run=_run_train)
+    parser.commands = dict(commands.choices)  # name -> its parser, for docs/cli.md
     return parser
 
 
