@@ -12,9 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from worker.accountant import RdpAccountant, dp_sgd_epsilon, sigma_for_epsilon
-
 from tinyps.config import LaunchConfig
+from worker.accountant import RdpAccountant, dp_sgd_epsilon, sigma_for_epsilon
 
 __all__ = ["plan", "spent"]
 
