@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(run=_run_launch)
 
     server = commands.add_parser("server", help="run one parameter server")
-    server.add_argument("--host", default="127.0.0.1",
+    server.add_argument("--host", default=None,
                         help="the address to bind (default: 127.0.0.1, this machine only)")
     server.add_argument("--port", type=_natural, default=0, help="0: a free port")
     server.add_argument("--workers", type=_positive_int, default=1,
@@ -315,14 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
     _security_flags(server)
     server.add_argument("--ready-file", type=Path, default=None,
                         help="write HOST:PORT here once serving")
+    server.add_argument("--cluster", type=Path, default=None, metavar="FILE",
+                        help="take every setting from this cluster spec (JSON; see "
+                             "docs/multi-host.md) and bind the address it gives --index")
+    server.add_argument("--index", type=_natural, default=None,
+                        help="with --cluster: which of the spec's servers this is")
     server.set_defaults(run=_run_server)
 
     worker = commands.add_parser("worker", help="run one worker against running servers")
-    worker.add_argument("--servers", type=_addresses, required=True,
+    worker.add_argument("--servers", type=_addresses, default=None,
                         help="server addresses, comma separated, in server order")
     worker.add_argument("--index", type=_natural, required=True, help="this worker's id")
-    worker.add_argument("--workers", type=_positive_int, required=True,
+    worker.add_argument("--workers", type=_positive_int, default=None,
                         help="how many workers share the data")
+    worker.add_argument("--cluster", type=Path, default=None, metavar="FILE",
+                        help="take every setting from this cluster spec (JSON)")
+    worker.add_argument("--run-dir", type=Path, default=None,
+                        help="with --cluster, worker 0: write the run's summary here once "
+                             "every worker is done")
     _model_flags(worker)
     _training_flags(worker, epochs=20, lr=0.1)
     worker.add_argument("--steps", type=_positive_int, default=None,
@@ -450,7 +460,30 @@ def _run_launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_spec(args: argparse.Namespace, kind: str) -> argparse.Namespace:
+    """The arguments a spec gives this process: the launcher's command line for it, parsed
+    as if typed. The token stays the one this process was given."""
+    from tinyps.spec import ClusterSpec
+
+    if args.index is None:
+        raise ValueError("--cluster needs --index (which of the spec's processes this is)")
+    spec = ClusterSpec.load(args.cluster)
+    if kind == "server":
+        argv = spec.server_argv(args.index, host=args.host)
+        if args.ready_file is not None:
+            argv += ["--ready-file", str(args.ready_file)]
+    else:
+        argv = spec.worker_argv(args.index)
+    parsed = build_parser().parse_args(argv)
+    parsed.token = args.token
+    parsed.spec = spec
+    parsed.run_dir = getattr(args, "run_dir", None)
+    return parsed
+
+
 def _run_server(args: argparse.Namespace) -> int:
+    if args.cluster is not None:
+        return _run_server(_from_spec(args, "server"))
     from ps.memory import keep_freed_buffers
     from ps.security import server_tls
     from ps.server import Checkpointing, serve
@@ -462,7 +495,7 @@ def _run_server(args: argparse.Namespace) -> int:
         raise ValueError("--restore needs --checkpoint-dir (where the checkpoints are)")
     checkpointing = None if args.checkpoint_dir is None else Checkpointing(
         args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints, args.restore)
-    running = serve(args.host, args.port, args.mode, args.workers, args.staleness,
+    running = serve(args.host or "127.0.0.1", args.port, args.mode, args.workers, args.staleness,
                     staleness_lr=args.staleness_lr, max_staleness=args.max_staleness,
                     token=args.token, tls=server_tls(args.tls_cert, args.tls_key, args.tls_ca),
                     backup_workers=args.backup_workers, aggregate=args.aggregate,
@@ -482,6 +515,10 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    if args.cluster is not None:
+        return _run_worker(_from_spec(args, "worker"))
+    if args.servers is None or args.workers is None:
+        raise ValueError("tinyps worker needs --servers and --workers, or --cluster FILE")
     from ps.security import client_tls
     from tinyps.processes import die_with_parent
     from worker.privacy import DPConfig
@@ -505,6 +542,15 @@ def _run_worker(args: argparse.Namespace) -> int:
     last = records[-1] if records else None
     print(f"tinyps worker {args.index}: {len(records)} steps"
           + (f", last loss {last.loss:.4f}" if last else ""), file=sys.stderr)
+    if getattr(args, "spec", None) is not None and args.run_dir is not None:
+        if args.index != 0:
+            raise ValueError("--run-dir is for worker 0, which writes the run's summary")
+        from tinyps.spec import finish_run
+        from tinyps.summary import format_summary
+
+        summary = finish_run(args.spec, args.run_dir, [r.as_dict() for r in records],
+                             args.token)
+        print(format_summary(summary, args.run_dir), flush=True)
     return 0
 
 

@@ -44,7 +44,8 @@ from worker.model import MLP
 from worker.partition import partition
 from worker.process import steps_for
 
-__all__ = ["LaunchError", "Progress", "launch", "load_model", "server_args", "start_servers"]
+__all__ = ["LaunchError", "Progress", "launch", "load_model", "save_model", "server_args",
+           "start_servers", "worker_args"]
 
 # Progress(steps done, steps in all, latest loss per worker, samples per second)
 Progress = Callable[[int, int, dict[int, float], float], None]
@@ -82,14 +83,17 @@ class _Follower:
         return new
 
 
-def server_args(config: LaunchConfig, ready_file: Path, checkpoints: Path | None = None,
-                index: int = 0, port: int = 0, restore: bool = False) -> list[str]:
+def server_args(config: LaunchConfig, ready_file: Path | None, checkpoints: Path | None = None,
+                index: int = 0, port: int = 0, restore: bool = False,
+                host: str | None = None) -> list[str]:
     """The command line of server `index`: checkpoints, if given, go to its own folder of
     `checkpoints`; restore starts it from the newest one there."""
-    args = ["server", "--host", config.host, "--port", str(port), "--mode", config.mode,
-            "--workers", str(config.workers), "--staleness", str(config.staleness),
+    args = ["server", "--host", host or config.host, "--port", str(port), "--mode",
+            config.mode, "--workers", str(config.workers), "--staleness", str(config.staleness),
             "--backup-workers", str(config.backup_workers), "--aggregate", config.aggregate,
-            "--lease", repr(config.lease_s), "--ready-file", str(ready_file)]
+            "--lease", repr(config.lease_s)]
+    if ready_file is not None:
+        args += ["--ready-file", str(ready_file)]
     if config.staleness_lr:
         args.append("--staleness-lr")
     if config.max_staleness is not None:
@@ -126,18 +130,24 @@ def _child_env(config: LaunchConfig) -> dict[str, str]:
     return env
 
 
-def _worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: int,
-                 metrics: Path, start_time: float) -> list[str]:
+def worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: int | None,
+                metrics: Path | None = None, start_time: float | None = None) -> list[str]:
+    """The command line of worker `index` (steps None: the config's epochs; metrics: where
+    its step records go)."""
     args = ["worker", "--servers", ",".join(addresses), "--index", str(index),
             "--workers", str(config.workers), "--dataset", config.dataset,
-            "--hidden", ",".join(map(str, config.hidden)), "--steps", str(steps),
+            "--hidden", ",".join(map(str, config.hidden)),
+            *(["--epochs", str(config.epochs)] if steps is None else ["--steps", str(steps)]),
             "--batch-size", str(config.batch_size), "--lr", repr(config.lr),
             "--optimizer", config.optimizer, "--momentum", repr(config.momentum),
             "--placement", config.placement, "--partition", config.partition,
             "--alpha", repr(config.alpha), "--slowdown", repr(config.slowdown(index)),
-            "--seed", str(config.seed), "--metrics", str(metrics),
-            "--precision", config.precision, "--loss-scale", str(config.loss_scale),
-            "--start-time", repr(start_time)]
+            "--seed", str(config.seed), "--precision", config.precision,
+            "--loss-scale", str(config.loss_scale)]
+    if metrics is not None:
+        args += ["--metrics", str(metrics)]
+    if start_time is not None:
+        args += ["--start-time", repr(start_time)]
     if index < config.poison_workers:
         args += ["--poison", config.poison]
     if (dp := config.dp_config()) is not None:
@@ -302,12 +312,12 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         for r in records:
             f.write(json.dumps(r) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _save_model(run_dir / "model.npz", params, config, data, placement)
+    save_model(run_dir / "model.npz", params, config, data, placement)
     write_report(records, summary, run_dir / "report.png")
     return summary, run_dir
 
 
-def _save_model(path: Path, params: dict, config: LaunchConfig, data: Dataset,
+def save_model(path: Path, params: dict, config: LaunchConfig, data: Dataset,
                 placement: Placement) -> None:
     """The trained weights, with the layer sizes and the placement they were trained under:
     enough to evaluate the model, or see where its parts lived, without a cluster."""
@@ -349,7 +359,7 @@ class _Run:
         return self.run_dir / "metrics" / f"worker{index}.jsonl"
 
     def start_worker(self, index: int) -> Child:
-        args = _worker_args(self.config, index, self.addresses, self.steps,
+        args = worker_args(self.config, index, self.addresses, self.steps,
                             self.metrics(index), self.started)
         return start_child(f"worker{index}", args, self.run_dir / "logs" / f"worker{index}.log",
                            _child_env(self.config))
