@@ -291,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--kill-worker", type=_index_after, default=None, metavar="J:STEPS",
                         help="injected fault: SIGKILL worker J after STEPS steps in all")
     _security_flags(launch)
+    launch.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: processes on this machine; ray: Ray actors on the nodes "
+                             "of a Ray cluster (pip install 'tinyps[ray]')")
+    launch.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="--backend ray: the Ray cluster to join (default: start one here)")
     launch.add_argument("--run-dir", default=None, help="default: runs/<time>-<mode>-...")
     launch.add_argument("--json", action="store_true",
                         help="print summary.json as the last line of standard output")
@@ -432,6 +437,7 @@ def _run_launch(args: argparse.Namespace) -> int:
         poison_workers=args.poison_workers, poison=args.poison, dp_noise=args.dp_noise,
         dp_clip=args.dp_clip, dp_delta=args.dp_delta, dp_noise_at=args.dp_noise_at,
         dp_target_epsilon=args.dp_target_epsilon, dp_seed=args.dp_seed,
+        backend=args.backend, ray_address=args.ray_address,
     )
 
     def progress(done: int, total: int, losses: dict[int, float], samples_per_s: float) -> None:

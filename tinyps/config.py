@@ -17,7 +17,9 @@ from worker.poison import BYZANTINE, parse_poison
 from worker.precision import PRECISIONS
 from worker.privacy import DPConfig
 
-__all__ = ["LaunchConfig"]
+__all__ = ["BACKENDS", "LaunchConfig"]
+
+BACKENDS = ("local", "ray")
 
 
 
@@ -53,6 +55,8 @@ class LaunchConfig:
     tls_ca: str | None = None  # PEM: a CA; given, servers demand client certificates (mTLS)
     token: str | None = field(default=None, repr=False)  # checked on every call; never saved
     startup_timeout_s: float = 60.0  # for every process to report ready
+    backend: str = "local"  # local: processes on this machine; ray: Ray actors on its nodes
+    ray_address: str | None = None  # backend ray: the cluster to join (None: start a local one)
     # Faults and recovery
     checkpoint_dir: str | None = None  # default: <run dir>/checkpoints, one folder per server
     checkpoint_every: int = 100  # a server writes its shard every this many updates
@@ -129,6 +133,10 @@ class LaunchConfig:
                  f"slow worker {index} is not one of workers 0..{self.workers - 1}")
             need(factor >= 1.0, f"slow worker factor must be >= 1, got {factor}")
         need(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
+        need(self.backend in BACKENDS,
+             f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        need(self.backend == "ray" or self.ray_address is None,
+             "--ray-address is for --backend ray")
         self._check_faults(need)
         need(self.tls_ca is None or self.tls_cert is not None,
              "--tls-ca needs --tls-cert and --tls-key (the servers' own certificate)")

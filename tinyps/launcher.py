@@ -276,6 +276,10 @@ def _resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement
 
 def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict, Path]:
     """Run a cluster to the end; return (summary, run directory)."""
+    if config.backend == "ray":
+        from tinyps.ray_backend import launch_ray  # Ray is an optional extra
+
+        return launch_ray(config, progress, config.ray_address)
     keep_freed_buffers()
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
