@@ -101,3 +101,19 @@ def test_a_budget_the_plan_would_exceed_is_refused_before_anything_starts(tmp_pa
 def test_bad_dp_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         tinyps.LaunchConfig(**settings)
+
+
+def test_a_resumed_dp_run_counts_the_steps_before_it_and_keeps_its_settings(run, tmp_path):
+    first, first_dir = run("sigma_1")
+    steps = first["steps_per_worker"]
+    with pytest.raises(ValueError, match="must keep the resumed run's settings.*dp_noise"):
+        tinyps.launch(run_dir=str(tmp_path / "louder"),
+                      **{**RUNS["sigma_1"], "dp_noise": 2.0, "resume": str(first_dir)})
+    assert not (tmp_path / "louder").exists()
+    more, _ = tinyps.launch(run_dir=str(tmp_path / "more"),
+                            **{**RUNS["sigma_1"], "steps": steps + 20,
+                               "resume": str(first_dir)})
+    # Epsilon of all steps: the resumed run's and these 20, one mechanism throughout.
+    assert more["dp_epsilon"] == pytest.approx(
+        dp_sgd_epsilon(first["sample_rate"], 1.0, steps + 20, 1e-5))
+    assert more["dp_epsilon"] > first["dp_epsilon"]

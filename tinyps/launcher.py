@@ -285,7 +285,6 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
     resumed = _read_resumed(config) if config.resume else None
-    prepare_run_dir(run_dir)
     data = load_dataset(config.dataset, seed=config.seed)
     placement = model_placement(config, data)
     steps = config.steps or steps_for(len(data.X_train), config.workers, config.batch_size,
@@ -293,6 +292,9 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     shard_sizes = [len(s) for s in partition(data, config.workers, config.partition,
                                              alpha=config.alpha, seed=config.seed)]
     config = privacy.plan(config, shard_sizes, steps)  # sigma settled before anything starts
+    if resumed is not None:
+        privacy.check_resume(config, Path(config.resume))
+    prepare_run_dir(run_dir)  # every check has passed: nothing is written before this
     (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     checkpoints = _checkpoint_root(config, run_dir)
     if resumed is not None:
@@ -306,8 +308,9 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         run.workers = [run.start_worker(i) for i in range(config.workers)]
         records = run.supervise(progress)
         summary, params = _finish(config, data, placement, run, records, steps, started)
-        done = [sum(r["worker"] == w for r in records) for w in range(config.workers)]
-        summary.update(privacy.spent(config, shard_sizes, done))
+        summary.update(privacy.spent(config, shard_sizes,
+                                     privacy.steps_made(records, config.workers,
+                                                        resumed=resumed is not None)))
     finally:
         end_all(run.servers + run.workers)
 

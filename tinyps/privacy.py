@@ -10,12 +10,14 @@ epsilon is the largest over its workers (the smallest shard is sampled most ofte
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 from tinyps.config import LaunchConfig
 from worker.accountant import RdpAccountant, dp_sgd_epsilon, sigma_for_epsilon
 
-__all__ = ["plan", "spent"]
+__all__ = ["check_resume", "plan", "spent", "steps_made"]
 
 
 def _rates(config: LaunchConfig, shard_sizes: list[int]) -> list[float]:
@@ -41,6 +43,38 @@ def plan(config: LaunchConfig, shard_sizes: list[int], steps: int) -> LaunchConf
                 f"{q:.4f}) would spend epsilon {planned:.3f}, over the budget of {target}: "
                 f"train fewer steps, add noise, or leave out --dp-noise to have it chosen")
     return dataclasses.replace(config, dp_noise=sigma)
+
+
+def steps_made(records: list[dict], workers: int, resumed: bool) -> list[int]:
+    """The steps each worker has drawn a batch for: those it recorded in this run, and in a
+    resumed run the steps before its first one here (made by the run resumed, which this
+    cannot see step by step: counted as made, which can only overstate epsilon)."""
+    steps: list[set[int]] = [set() for _ in range(workers)]
+    for r in records:
+        steps[r["worker"]].add(r["step"])
+    return [len(s) + (min(s) if resumed and s else 0) for s in steps]
+
+
+def check_resume(config: LaunchConfig, source: Path) -> None:
+    """A resumed DP run must go on with the noise, clip and batch of the run it resumes, so
+    that its epsilon is one mechanism's, counted over all the steps."""
+    try:
+        old = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    keys = ("dp_noise", "dp_clip", "dp_delta", "batch_size", "partition", "seed")
+    if old is None:
+        if config.dp:
+            raise ValueError(f"resume: {source} has no readable config.json, so a DP run "
+                             f"cannot know what the resumed steps spent")
+        return
+    if not (config.dp or old.get("dp_noise") is not None):
+        return
+    changed = {k: (old.get(k), getattr(config, k)) for k in keys if old.get(k) != getattr(
+        config, k)}
+    if changed:
+        raise ValueError(f"resume: a DP run must keep the resumed run's settings so that "
+                         f"epsilon adds up; changed (old, new): {changed}")
 
 
 def spent(config: LaunchConfig, shard_sizes: list[int], steps_done: list[int]) -> dict:
