@@ -95,6 +95,9 @@ class RunningServer:
             if self._stopped.is_set():
                 return
             self.store.close()
+            # The calls woken by the close answer UNAVAILABLE (so clients retry) once their
+            # threads run: wait for that, not for a guess at how long a busy machine takes.
+            self.store.wait_idle(grace + 10)
             self.server.stop(grace).wait(grace + 5)
             if self._checkpointer is not None:
                 self._thread.join()

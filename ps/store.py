@@ -707,6 +707,12 @@ class Store:
     def closed(self) -> bool:
         return self._closed
 
+    def wait_idle(self, timeout: float) -> bool:
+        """After close: block until no call waits in the store any more (each has left with
+        Closed), at most `timeout` s; True if so."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._counters.waiting == 0, timeout)
+
     def close(self) -> None:
         """Refuse new requests and wake every waiting one (it fails with Closed)."""
         with self._cond:
@@ -781,6 +787,8 @@ class Store:
                 self._expire_leases()
         finally:
             self._counters.waiting -= 1
+            if self._closed:
+                self._cond.notify_all()  # wait_idle may be waiting for the last one to leave
         self._check_open()
         if not predicate():
             raise WaitTimeout(f"{what} still waiting after {timeout:.1f} s")

@@ -111,12 +111,13 @@ def test_label_skew_separates_the_workers_loss_curves(run):
 
     def curve_spread(records):
         """How far apart the workers' loss curves sit while they learn: the spread of each
-        worker's median loss over the same stretch of time, the second fifth to the half of
-        the run. Time, not step number: in async one worker may run ahead of another, and
-        its step k then meets a less trained model. Medians: robust to odd batches."""
-        start = min(r["pulled"] for r in records)
-        span = max(r["time"] for r in records) - start
-        lo, hi = start + span / 5, start + span / 2
+        worker's median loss over the same stretch of time, from when a fifth of all steps
+        were done to when half were. Time, not step number: in async one worker may run
+        ahead of another, and its step k then meets a less trained model. Quantiles of the
+        record times, not fractions of the span: one stalled process on a busy machine
+        cannot empty the window. Medians: robust to odd batches."""
+        times = sorted(r["time"] for r in records)
+        lo, hi = times[len(times) // 5], times[len(times) // 2]
         by_worker = {}
         for r in records:
             if lo <= r["time"] <= hi:
