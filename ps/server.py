@@ -185,7 +185,8 @@ def serve(
         bound = 0
     if bound == 0 or (port and bound != port):
         server.stop(0)
-        raise OSError(f"cannot bind {host}:{port}: is the port in use?")
+        raise OSError(f"cannot bind {host}:{port}: is the port in use?" + (
+            "" if tls is None else " Or are the TLS certificate and key not a valid PEM pair?"))
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

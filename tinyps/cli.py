@@ -479,6 +479,8 @@ def _from_spec(args: argparse.Namespace, kind: str) -> argparse.Namespace:
         if args.ready_file is not None:
             argv += ["--ready-file", str(args.ready_file)]
     else:
+        if args.run_dir is not None and args.index != 0:
+            raise ValueError("--run-dir is for worker 0, which writes the run's summary")
         argv = spec.worker_argv(args.index)
     parsed = build_parser().parse_args(argv)
     parsed.token = args.token
@@ -549,8 +551,6 @@ def _run_worker(args: argparse.Namespace) -> int:
     print(f"tinyps worker {args.index}: {len(records)} steps"
           + (f", last loss {last.loss:.4f}" if last else ""), file=sys.stderr)
     if getattr(args, "spec", None) is not None and args.run_dir is not None:
-        if args.index != 0:
-            raise ValueError("--run-dir is for worker 0, which writes the run's summary")
         from tinyps.spec import finish_run
         from tinyps.summary import format_summary
 

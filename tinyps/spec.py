@@ -17,7 +17,7 @@ from pathlib import Path
 from ps.client import PSClient
 from tinyps import privacy
 from tinyps.config import LaunchConfig
-from tinyps.launcher import model_placement, save_model, server_args, worker_args
+from tinyps.launcher import LaunchError, model_placement, save_model, server_args, worker_args
 from tinyps.report import write_report
 from tinyps.summary import build_summary
 from worker.data import load_dataset
@@ -138,8 +138,8 @@ def finish_run(spec: ClusterSpec, run_dir: Path, records: list[dict], token: str
             if all(c >= steps for c in clocks):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"workers still training after {timeout_s:.0f} s: clocks "
-                                   f"{dict(zip(sorted(live), clocks, strict=True))} of {steps}")
+                raise LaunchError(f"workers still training after {timeout_s:.0f} s: clocks "
+                                  f"{dict(zip(sorted(live), clocks, strict=True))} of {steps}")
             time.sleep(_POLL_S)  # polling the servers with a deadline, not synchronisation
         stats = client.stats()
         params = client.pull()
