@@ -170,3 +170,31 @@ def test_a_server_on_a_taken_port_fails_with_a_clear_error(capsys):
         assert f"cannot bind 127.0.0.1:{running.port}" in capsys.readouterr().err
     finally:
         running.stop(0)
+
+
+def test_a_cluster_can_reuse_its_run_directory(tmp_path):
+    # A notebook run twice starts its cluster in the same folder twice.
+    for _ in range(2):
+        with tinyps.cluster(servers=1, workers=1, run_dir=str(tmp_path / "c")) as c:
+            assert c.addresses
+
+
+def test_drawing_a_report_leaves_the_plotting_backend_alone(tmp_path):
+    import matplotlib
+
+    from tinyps.report import write_report
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # as a notebook sets its inline backend
+    summary = {"mode": "sync", "staleness_bound": 0, "servers": 1, "workers": 1,
+               "test_accuracy": 0.5, "staleness_histogram": [3], "staleness_mean": 0.0,
+               "staleness_max": 0, "per_server": [{"index": 0, "bytes_in": 10, "bytes_out": 20,
+                                                   "updates": 3}]}
+    records = [{"worker": 0, "step": s, "time": s + 1.0, "loss": 1.0 / (s + 1), "wait_s": 0.1,
+                "compute_s": 0.2} for s in range(3)]
+    try:
+        path = write_report(records, summary, tmp_path / "report.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

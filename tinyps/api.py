@@ -13,6 +13,7 @@ Both take the settings of `tinyps launch` (LaunchConfig) and always stop their p
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class Cluster:
         self.run_dir = (Path(config.run_dir) if config.run_dir
                         else Path("runs") / f"{stamp}-cluster-{config.mode}")
         prepare_run_dir(self.run_dir)
+        # Marks the folder as a tinyps run's, so that the next cluster may reuse it.
+        (self.run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
         self._children: list[Child]
         self._children, self.addresses = start_servers(config, self.run_dir)
         self._clients: list[PSClient] = []

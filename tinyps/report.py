@@ -17,16 +17,16 @@ __all__ = ["plot_shards", "write_report"]
 
 def write_report(records: list[dict], summary: dict, path: Path) -> Path:
     """Draw the report of a run into `path` (PNG) and return the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no window, no display needed
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: files only, and the process's backend (a
+    # notebook's inline plots) stays as it was.
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     per_worker: dict[int, list[dict]] = defaultdict(list)
     for r in records:
         per_worker[r["worker"]].append(r)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig = Figure(figsize=(11, 7.5))
+    axes = fig.subplots(2, 2)
     bound = summary["staleness_bound"]
     title = (f"{summary['mode']}{'' if bound in (None, 0) else f' (K={bound})'}: "
              f"{summary['servers']} servers, {summary['workers']} workers, "
@@ -76,22 +76,20 @@ def write_report(records: list[dict], summary: dict, path: Path) -> Path:
 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def plot_shards(report: QualityReport, path: str | Path) -> Path:
     """Draw each worker's shard as a bar stacked by class into `path` (PNG); return the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no window, no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # not pyplot: see write_report
 
     path = Path(path)
     classes, workers = report.classes, report.workers
     # tab10/tab20 keep neighbouring classes apart; beyond 20 classes a gradient must do.
-    cmap = plt.get_cmap("tab10" if classes <= 10 else "tab20" if classes <= 20 else "viridis")
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * workers + 2.5), 4.5))
+    cmap = colormaps["tab10" if classes <= 10 else "tab20" if classes <= 20 else "viridis"]
+    fig = Figure(figsize=(max(5.0, 1.1 * workers + 2.5), 4.5))
+    ax = fig.subplots()
     bottom = [0] * workers
     for c in range(classes):
         heights = [row[c] for row in report.shard_histograms]
@@ -110,5 +108,4 @@ def plot_shards(report: QualityReport, path: str | Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

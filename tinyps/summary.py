@@ -63,6 +63,7 @@ def build_summary(
         "epochs": (config.epochs if config.steps is None else
                    round(steps_per_worker * config.workers * config.batch_size / n_train, 2)),
         "steps_per_worker": steps_per_worker,
+        "batch_size": config.batch_size,  # per worker
         "wall_s": wall_s,
         "train_s": train_end - train_start,
         "samples_per_s": (sum(r["samples"] for r in records) / (train_end - train_start)
