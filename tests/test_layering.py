@@ -17,7 +17,7 @@ THIRD_PARTY = {
     "kernels": {"numpy", "numba"},
     "ps": {"numpy", "numba", "grpc", "google", "grpc_health", "grpc_reflection"},
     "worker": {"numpy", "sklearn"},
-    "tinyps": {"numpy", "tqdm", "matplotlib"},
+    "tinyps": {"numpy", "tqdm", "matplotlib", "ray"},  # ray: the optional Ray backend only
 }
 
 

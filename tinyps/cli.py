@@ -18,6 +18,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the command starts without loading what it needs not
+    from worker.process import WorkerSettings
 
 __all__ = ["build_parser", "main"]
 
@@ -410,6 +414,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def server_kwargs(args: argparse.Namespace) -> dict:
+    """serve(...)'s arguments for a parsed `tinyps server` command line (the Ray backend's
+    server actors use it too)."""
+    from ps.security import server_tls
+    from ps.server import Checkpointing
+
+    if args.restore and args.checkpoint_dir is None:
+        raise ValueError("--restore needs --checkpoint-dir (where the checkpoints are)")
+    checkpointing = None if args.checkpoint_dir is None else Checkpointing(
+        args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints, args.restore)
+    return dict(host=args.host or "127.0.0.1", port=args.port, mode=args.mode,
+                workers=args.workers, staleness=args.staleness,
+                staleness_lr=args.staleness_lr, max_staleness=args.max_staleness,
+                token=args.token, tls=server_tls(args.tls_cert, args.tls_key, args.tls_ca),
+                backup_workers=args.backup_workers, aggregate=args.aggregate,
+                lease_s=args.lease, checkpointing=checkpointing,
+                dp_noise_std=args.dp_noise_std, dp_seed=args.dp_seed)
+
+
+def worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """The WorkerSettings of a parsed `tinyps worker` command line (the Ray backend's worker
+    actors use it too)."""
+    from ps.security import client_tls
+    from worker.privacy import DPConfig
+    from worker.process import WorkerSettings
+
+    return WorkerSettings(
+        servers=args.servers, index=args.index, workers=args.workers, dataset=args.dataset,
+        hidden=args.hidden, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+        placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
+        alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
+        metrics=args.metrics, start_time=args.start_time, precision=args.precision,
+        loss_scale=args.loss_scale, token=args.token, poison=args.poison,
+        dp=None if args.dp_noise is None else DPConfig(
+            noise=args.dp_noise, clip=args.dp_clip, delta=args.dp_delta,
+            noise_at=args.dp_noise_at, seed=args.dp_seed),
+        tls=client_tls(args.tls_cert, args.tls_key, args.tls_ca),
+    )
+
+
 # -- the commands -------------------------------------------------------------------------
 
 
@@ -493,22 +538,12 @@ def _run_server(args: argparse.Namespace) -> int:
     if args.cluster is not None:
         return _run_server(_from_spec(args, "server"))
     from ps.memory import keep_freed_buffers
-    from ps.security import server_tls
-    from ps.server import Checkpointing, serve
+    from ps.server import serve
     from tinyps.processes import die_with_parent
 
     die_with_parent()
     keep_freed_buffers()
-    if args.restore and args.checkpoint_dir is None:
-        raise ValueError("--restore needs --checkpoint-dir (where the checkpoints are)")
-    checkpointing = None if args.checkpoint_dir is None else Checkpointing(
-        args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints, args.restore)
-    running = serve(args.host or "127.0.0.1", args.port, args.mode, args.workers, args.staleness,
-                    staleness_lr=args.staleness_lr, max_staleness=args.max_staleness,
-                    token=args.token, tls=server_tls(args.tls_cert, args.tls_key, args.tls_ca),
-                    backup_workers=args.backup_workers, aggregate=args.aggregate,
-                    lease_s=args.lease, checkpointing=checkpointing,
-                    dp_noise_std=args.dp_noise_std, dp_seed=args.dp_seed)
+    running = serve(**server_kwargs(args))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: running.stop())
     print(f"tinyps server: {args.mode} for {args.workers} workers on {running.address}",
@@ -527,25 +562,11 @@ def _run_worker(args: argparse.Namespace) -> int:
         return _run_worker(_from_spec(args, "worker"))
     if args.servers is None or args.workers is None:
         raise ValueError("tinyps worker needs --servers and --workers, or --cluster FILE")
-    from ps.security import client_tls
     from tinyps.processes import die_with_parent
-    from worker.privacy import DPConfig
-    from worker.process import WorkerSettings, run_worker_process
+    from worker.process import run_worker_process
 
     die_with_parent()
-    settings = WorkerSettings(
-        servers=args.servers, index=args.index, workers=args.workers, dataset=args.dataset,
-        hidden=args.hidden, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
-        placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
-        alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
-        metrics=args.metrics, start_time=args.start_time, precision=args.precision,
-        loss_scale=args.loss_scale, token=args.token, poison=args.poison,
-        dp=None if args.dp_noise is None else DPConfig(
-            noise=args.dp_noise, clip=args.dp_clip, delta=args.dp_delta,
-            noise_at=args.dp_noise_at, seed=args.dp_seed),
-        tls=client_tls(args.tls_cert, args.tls_key, args.tls_ca),
-    )
+    settings = worker_settings(args)
     records = run_worker_process(settings)
     last = records[-1] if records else None
     print(f"tinyps worker {args.index}: {len(records)} steps"
