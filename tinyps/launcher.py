@@ -392,7 +392,7 @@ class _Run:
                 progress(len(follower.records), total, latest, rate)
             for kind, (index, after) in list(pending_kills):
                 if len(follower.records) >= after:
-                    self._inject_kill(kind, index)
+                    self._inject_kill(kind, index, len(follower.records))
                     pending_kills.remove((kind, (index, after)))
             for i, child in enumerate(self.servers):
                 if not child.alive():
@@ -415,12 +415,12 @@ class _Run:
             self._end_hung(running, seen)
             time.sleep(_POLL_S)  # a monitoring interval, not synchronisation
 
-    def _inject_kill(self, kind: str, index: int) -> None:
+    def _inject_kill(self, kind: str, index: int, done: int) -> None:
         child = (self.servers if kind == "server" else self.workers)[index]
         if child.alive():
             os.kill(child.proc.pid, signal.SIGKILL)
             child.proc.wait()
-            self.events.append(f"injected: SIGKILL to {child.name}")
+            self.events.append(f"injected: SIGKILL to {child.name} after {done} steps")
 
     def _restart_server(self, index: int) -> None:
         """Start a dead server again, on its address, from its newest checkpoint."""

@@ -351,20 +351,21 @@ class _RayRun:
                 progress(len(records), total, latest, rate)
             for kind, (index, after) in list(pending_kills):
                 if len(records) >= after:
-                    self._inject_kill(kind, index)
+                    self._inject_kill(kind, index, len(records))
                     pending_kills.remove((kind, (index, after)))
             self._end_hung(running, seen)
             if running:
                 time.sleep(_POLL_S)  # a monitoring interval, not synchronisation
         return records
 
-    def _inject_kill(self, kind: str, index: int) -> None:
+    def _inject_kill(self, kind: str, index: int, done: int) -> None:
         if kind == "server":
             kill_server_actor(self.servers[index])
-            self.events.append(f"injected: ray.kill of server{index}'s actor; Ray restarts it")
+            self.events.append(f"injected: ray.kill of server{index}'s actor after {done} steps; "
+                               f"Ray restarts it")
         elif self.workers[index] is not None:
             ray.kill(self.workers[index], no_restart=True)
-            self.events.append(f"injected: ray.kill of worker{index}'s actor")
+            self.events.append(f"injected: ray.kill of worker{index}'s actor after {done} steps")
 
     def _worker_died(self, index: int, err: RayActorError) -> bool:
         """Tell the servers, so that no barrier waits for it; restart it if we may. Returns
