@@ -26,8 +26,10 @@ $(VENV)/.notebooks: pyproject.toml $(VENV)/.dev
 	$(BIN)/python -m pip install -q -e '.[dev,notebooks]'
 	touch $@
 
+# The notebooks run top to bottom as part of the tests: a failing cell fails the build.
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=300 notebooks
 
 test-slow: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -m slow

@@ -153,14 +153,19 @@ def run_worker(
         next(order)
     records: list[StepRecord] = []
     start = time.monotonic() if origin is None else origin
-    t0 = time.monotonic()
     todo = first_step < config.steps
-    params = client.pull(first_step) if todo else {}
-    pull_s = time.monotonic() - t0
     if todo:
         # One untimed pass loads the compiled kernels, so that step 0's compute time (and a
-        # straggler's slowdown of it) is the model's, not the loading of machine code.
-        model.loss_and_grads(params, shard.X[:1], shard.y[:1])
+        # straggler's slowdown of it) is the model's, not the loading of machine code. Before
+        # the pull of the first step: that pull is the start line, and loading takes each
+        # process its own time, which would let the workers leave the line apart.
+        warm = model.init_params()
+        model.loss_and_grads(warm, shard.X[:1], shard.y[:1], precision)
+        if dp is not None:
+            model.clipped_grad_sum(warm, shard.X[:1], shard.y[:1], dp.clip)
+    t0 = time.monotonic()
+    params = client.pull(first_step) if todo else {}
+    pull_s = time.monotonic() - t0
     for step in range(first_step, config.steps):
         t1 = time.monotonic()
         idx = next(order)
