@@ -8,6 +8,7 @@ through a module-level cache.
 
 import inspect
 import json
+import os
 import socket
 import time
 from dataclasses import replace
@@ -39,7 +40,18 @@ CPUS = 2
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    # Ray waits 30 s for its node to register by default; the first start on a fresh
+    # install, on a busy 2-core machine, once took longer in CI. Give it longer, and one more
+    # try, before the tests count it as a failure.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    for attempt in range(2):
+        try:
+            ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:  # Ray raises a bare Exception when its node does not come up
+            ray.shutdown()
+            if attempt:
+                raise
     yield
     ray.shutdown()
 
