@@ -22,8 +22,8 @@ import ps.server
 import tinyps
 import worker.process
 from tinyps import LaunchConfig
-from tinyps.cli import build_parser
-from tinyps.ray_backend import launch_ray, server_kwargs, worker_settings
+from tinyps.cli import build_parser, server_kwargs, worker_settings
+from tinyps.ray_backend import launch_ray
 
 STEPS = 80  # per worker
 COMMON = {"servers": 2, "workers": 2, "steps": STEPS, "seed": 0, "checkpoint_every": 10,

@@ -44,8 +44,9 @@ from worker.model import MLP
 from worker.partition import partition
 from worker.process import steps_for
 
-__all__ = ["LaunchError", "Progress", "launch", "load_model", "save_model", "server_args",
-           "start_servers", "worker_args"]
+__all__ = ["Follower", "LaunchError", "Progress", "checkpoint_root", "launch", "load_model",
+           "prepare_run_dir", "read_resumed", "resume_into", "save_model", "server_args",
+           "start_servers", "warm_numba_cache", "worker_args"]
 
 # Progress(steps done, steps in all, latest loss per worker, samples per second)
 Progress = Callable[[int, int, dict[int, float], float], None]
@@ -58,7 +59,7 @@ class LaunchError(RuntimeError):
 
 
 @dataclass
-class _Follower:
+class Follower:
     """Reads the complete new lines of each worker's metrics file."""
 
     paths: list[Path]
@@ -236,14 +237,14 @@ def prepare_run_dir(run_dir: Path) -> None:
     (run_dir / "metrics").mkdir(exist_ok=True)
 
 
-def _warm_numba_cache() -> None:
+def warm_numba_cache() -> None:
     """Compile (or load) every kernel once here, so that the workers find them cached."""
     import kernels.warmup
 
     kernels.warmup.warm_up()
 
 
-def _checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
+def checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
     root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     # Checkpoints of an earlier run there would be taken for this run's by a restart.
     for folder in root.glob("server*"):
@@ -252,7 +253,7 @@ def _checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
     return root
 
 
-def _read_resumed(config: LaunchConfig) -> list[Snapshot]:
+def read_resumed(config: LaunchConfig) -> list[Snapshot]:
     """The newest checkpoint of every server of the run resumed, checked against this run
     before anything is written."""
     old = latest_set(config.resume_checkpoints())
@@ -263,7 +264,7 @@ def _read_resumed(config: LaunchConfig) -> list[Snapshot]:
     return old
 
 
-def _resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement,
+def resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement,
                  root: Path) -> None:
     """Write the checkpoints this run's servers start from: the resumed run's newest,
     re-split over this run's placement (which may have another number of servers)."""
@@ -284,7 +285,7 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
-    resumed = _read_resumed(config) if config.resume else None
+    resumed = read_resumed(config) if config.resume else None
     data = load_dataset(config.dataset, seed=config.seed)
     placement = model_placement(config, data)
     steps = config.steps or steps_for(len(data.X_train), config.workers, config.batch_size,
@@ -296,10 +297,10 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         privacy.check_resume(config, Path(config.resume))
     prepare_run_dir(run_dir)  # every check has passed: nothing is written before this
     (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    checkpoints = _checkpoint_root(config, run_dir)
+    checkpoints = checkpoint_root(config, run_dir)
     if resumed is not None:
-        _resume_into(config, resumed, placement, checkpoints)
-    _warm_numba_cache()
+        resume_into(config, resumed, placement, checkpoints)
+    warm_numba_cache()
 
     run = _Run(config, run_dir, checkpoints, steps, started)
     try:
@@ -374,7 +375,7 @@ class _Run:
     def supervise(self, progress: Progress | None) -> list[dict]:
         """Watch the run until every worker has finished or is lost; restart what dies."""
         config = self.config
-        follower = _Follower([self.metrics(i) for i in range(config.workers)])
+        follower = Follower([self.metrics(i) for i in range(config.workers)])
         total = self.steps * config.workers
         latest: dict[int, float] = {}  # worker -> its latest loss
         seen: dict[int, float] = {}  # worker -> when its latest record arrived

@@ -38,17 +38,17 @@ from tinyps import privacy
 from tinyps.cli import build_parser, server_kwargs, worker_settings
 from tinyps.config import LaunchConfig
 from tinyps.launcher import (
+    Follower,
     LaunchError,
     Progress,
-    _checkpoint_root,
-    _Follower,
-    _read_resumed,
-    _resume_into,
-    _warm_numba_cache,
+    checkpoint_root,
     model_placement,
     prepare_run_dir,
+    read_resumed,
+    resume_into,
     save_model,
     server_args,
+    warm_numba_cache,
     worker_args,
 )
 from tinyps.processes import TOKEN_ENV
@@ -59,7 +59,7 @@ from worker.model import MLP
 from worker.partition import partition
 from worker.process import WorkerSettings, run_worker_process, steps_for
 
-__all__ = ["kill_server_actor", "launch_ray", "server_kwargs", "worker_settings"]
+__all__ = ["kill_server_actor", "launch_ray"]
 
 _POLL_S = 0.1  # how often the driver asks the worker actors for their new step records
 _STATE_FILE = "ray-actor.json"  # in a server's checkpoint folder: its port and start count
@@ -141,7 +141,7 @@ class _WorkerActor:
         # A file, as the local backend's workers write: run_worker_process appends to it.
         self._metrics = metrics
         self._metrics.unlink(missing_ok=True)
-        self._follower = _Follower([self._metrics])
+        self._follower = Follower([self._metrics])
         self._error: str | None = None
         self._thread: threading.Thread | None = None
 
@@ -495,7 +495,7 @@ def launch_ray(config: LaunchConfig, progress: Progress | None = None,
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
-    resumed = _read_resumed(config) if config.resume else None
+    resumed = read_resumed(config) if config.resume else None
     prepare_run_dir(run_dir)
     data = load_dataset(config.dataset, seed=config.seed)
     placement = model_placement(config, data)
@@ -506,10 +506,10 @@ def launch_ray(config: LaunchConfig, progress: Progress | None = None,
     config = privacy.plan(config, shard_sizes, steps)  # sigma settled before anything starts
     (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     # Absolute: the actors' working directory is not necessarily this one.
-    checkpoints = _checkpoint_root(config, run_dir).resolve()
+    checkpoints = checkpoint_root(config, run_dir).resolve()
     if resumed is not None:
-        _resume_into(config, resumed, placement, checkpoints)
-    _warm_numba_cache()  # for the actors on this node; other nodes compile their own
+        resume_into(config, resumed, placement, checkpoints)
+    warm_numba_cache()  # for the actors on this node; other nodes compile their own
 
     ours = not ray.is_initialized()
     if ours:
