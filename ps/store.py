@@ -409,8 +409,9 @@ class Store:
         """Apply the key's complete steps, in order: a step is complete once every live
         worker has pushed it, or with b backup workers the first live W-b of them."""
         needed = max(1, len(self._live) - self.config.backup_workers)
-        while (entry := slot.pending.get(slot.version)) and len(
-                entry.workers & self._live) >= needed:
+        while (entry := slot.pending.get(slot.version)) and (
+                len(entry.workers & self._live) >= needed
+                or self._none_to_come(slot, slot.version, entry)):
             del slot.pending[slot.version]
             if entry.skipped:
                 self._skipped.add(slot.version)
@@ -423,6 +424,12 @@ class Store:
                 self._counters.updates += 1
                 self._record_staleness(0, len(entry.workers))
             slot.version += 1
+
+    def _none_to_come(self, slot: _Slot, step: int, entry: _Step) -> bool:
+        """Every live worker has pushed `step` here or is past it. A worker past it whose
+        gradient is not in: it went to this server before a restart, and will not come again
+        (waiting for it would wait forever)."""
+        return all(w in entry.workers or slot.next_step[w] > step for w in self._live)
 
     def _combine(self, entry: _Step) -> np.ndarray:
         rule, fraction = self._aggregate

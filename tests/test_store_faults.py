@@ -261,6 +261,22 @@ def test_workers_further_on_than_a_restored_store_rejoin_and_it_catches_up():
     np.testing.assert_array_equal(_value(restored), 1.0 - 0.5 * 2.0)
 
 
+def test_a_worker_whose_step_went_to_the_server_before_its_restart_is_not_waited_for():
+    # Worker 1 had step 7 applied by this server's former self and moved on to step 8;
+    # worker 0's step 7 never made it. The restored store hears worker 1 first, at step 8.
+    store = _store("sync", workers=2)
+    restored = Store(StoreConfig(mode="sync", workers=2))
+    restored.restore(store.snapshot())
+    restored.push(1, 8, _grads(3.0, version=8))
+    restored.push(0, 7, _grads(1.0, version=7))
+    # Worker 1's step 7 will not come again: step 7 is applied with worker 0's alone.
+    assert {v for _, _, v in restored.pull(None, 0, 8, timeout=1.0)} == {8}
+    np.testing.assert_array_equal(_value(restored), 1.0 - 0.5 * 1.0)
+    restored.push(0, 8, _grads(1.0, version=8))  # and step 8 waits for both, as always
+    assert {v for _, _, v in restored.pull(None, 1, 9, timeout=1.0)} == {9}
+    np.testing.assert_array_equal(_value(restored), 1.0 - 0.5 * 1.0 - 0.5 * 2.0)
+
+
 def test_restore_refuses_a_store_in_use_and_a_checkpoint_of_another_run():
     store = _store("sync", workers=2)
     snapshot = store.snapshot()
