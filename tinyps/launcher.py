@@ -46,7 +46,7 @@ from worker.process import steps_for
 
 __all__ = ["Follower", "LaunchError", "Progress", "checkpoint_root", "launch", "load_model",
            "prepare_run_dir", "read_resumed", "resume_into", "save_model", "server_args",
-           "start_servers", "warm_numba_cache", "worker_args"]
+           "start_servers", "warm_numba_cache", "worker_args", "write_results"]
 
 # Progress(steps done, steps in all, latest loss per worker, samples per second)
 Progress = Callable[[int, int, dict[int, float], float], None]
@@ -315,6 +315,14 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     finally:
         end_all(run.servers + run.workers)
 
+    write_results(run_dir, records, summary, params, config, data, placement)
+    return summary, run_dir
+
+
+def write_results(run_dir: Path, records: list[dict], summary: dict, params: dict,
+                  config: LaunchConfig, data: Dataset, placement: Placement) -> None:
+    """What a finished run leaves: metrics.jsonl (in time order), summary.json, model.npz
+    and report.png. Every backend writes them here, so that their run directories agree."""
     records.sort(key=lambda r: (r["time"], r["worker"]))
     with (run_dir / "metrics.jsonl").open("w") as f:
         for r in records:
@@ -322,7 +330,6 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_model(run_dir / "model.npz", params, config, data, placement)
     write_report(records, summary, run_dir / "report.png")
-    return summary, run_dir
 
 
 def save_model(path: Path, params: dict, config: LaunchConfig, data: Dataset,

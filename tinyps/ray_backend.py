@@ -46,13 +46,12 @@ from tinyps.launcher import (
     prepare_run_dir,
     read_resumed,
     resume_into,
-    save_model,
     server_args,
     warm_numba_cache,
     worker_args,
+    write_results,
 )
 from tinyps.processes import TOKEN_ENV
-from tinyps.report import write_report
 from tinyps.summary import build_summary
 from worker.data import Dataset, load_dataset
 from worker.model import MLP
@@ -522,18 +521,13 @@ def launch_ray(config: LaunchConfig, progress: Progress | None = None,
             run.start_worker(i)
         records = run.supervise(progress)
         summary, params = run.finish(data, placement, records)
-        done = [sum(r["worker"] == w for r in records) for w in range(config.workers)]
-        summary.update(privacy.spent(config, shard_sizes, done))
+        summary.update(privacy.spent(config, shard_sizes,
+                                     privacy.steps_made(records, config.workers,
+                                                        resumed=resumed is not None)))
     finally:
         run.end()
         if ours:
             ray.shutdown()
 
-    records.sort(key=lambda r: (r["time"], r["worker"]))
-    with (run_dir / "metrics.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    save_model(run_dir / "model.npz", params, config, data, placement)
-    write_report(records, summary, run_dir / "report.png")
+    write_results(run_dir, records, summary, params, config, data, placement)
     return summary, run_dir

@@ -17,8 +17,13 @@ from pathlib import Path
 from ps.client import PSClient
 from tinyps import privacy
 from tinyps.config import LaunchConfig
-from tinyps.launcher import LaunchError, model_placement, save_model, server_args, worker_args
-from tinyps.report import write_report
+from tinyps.launcher import (
+    LaunchError,
+    model_placement,
+    server_args,
+    worker_args,
+    write_results,
+)
 from tinyps.summary import build_summary
 from worker.data import load_dataset
 from worker.model import MLP
@@ -155,10 +160,5 @@ def finish_run(spec: ClusterSpec, run_dir: Path, records: list[dict], token: str
     saved = {k: v for k, v in config.to_json().items() if k != "token"}
     saved["servers"] = list(spec.servers)  # config.json is a spec for the same cluster
     (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
-    with (run_dir / "metrics.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    save_model(run_dir / "model.npz", params, config, data, placement)
-    write_report(records, summary, run_dir / "report.png")
+    write_results(run_dir, records, summary, params, config, data, placement)
     return summary
