@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kernels import gram
+
 __all__ = ["GradientWatch"]
 
 _MIN_OBSERVATIONS = 20  # key-steps seen before a worker may be flagged
@@ -44,15 +46,17 @@ class GradientWatch:
         if len(grads) < 2:
             return
         workers = list(grads)
-        stacked = np.stack([grads[w] for w in workers]).astype(np.float64)
-        total = stacked.sum(axis=0)
-        norms = np.linalg.norm(stacked, axis=1)
+        # One pass over the data: every norm and dot product below comes from the Gram matrix.
+        g = gram([grads[w] for w in workers])
+        norms = np.sqrt(np.diag(g))
         median_norm = float(np.median(norms))
-        size = stacked.shape[1]
+        size = grads[workers[0]].size
         for i, w in enumerate(workers):
-            others = total - stacked[i]
-            denominator = norms[i] * np.linalg.norm(others)
-            cosine = float(stacked[i] @ others / denominator) if denominator > 0 else 0.0
+            rest = np.arange(len(workers)) != i
+            dot = g[i, rest].sum()  # x_i . (sum of the others)
+            others_norm = math.sqrt(max(float(g[np.ix_(rest, rest)].sum()), 0.0))
+            denominator = norms[i] * others_norm
+            cosine = float(dot / denominator) if denominator > 0 else 0.0
             ratio = norms[i] / median_norm if median_norm > 0 else 1.0
             s = self.seen.setdefault(w, _Seen())
             s.weight += size
