@@ -114,23 +114,31 @@ def global_norm(arrays: Sequence[np.ndarray]) -> float:
 
 
 @njit(cache=True, nogil=True)
-def _dot(a, b):
-    """Sum of a[i] * b[i] over two flat float32 arrays of one length, in float64.
+def _pair(a, b):
+    """(a . a, a . b, b . b) over two flat float32 arrays of one length, in float64.
 
-    Twin: a row of twins.norms.gram. Tricks as in _sum_squares: each product of two float32
-    is exact in float64, and eight partial sums let the loop vectorise.
+    Twin: twins.norms.gram. Tricks: one pass reads each element once for all three sums;
+    each product of two float32 is exact in float64, so the only rounding is in the sums;
+    eight partial sums per product let the loop vectorise (as in _sum_squares).
     """
-    acc = np.zeros(8, np.float64)
+    aa = np.zeros(8, np.float64)
+    ab = np.zeros(8, np.float64)
+    bb = np.zeros(8, np.float64)
     n8 = a.size - a.size % 8
     for i in range(0, n8, 8):
         for k in range(8):
-            acc[k] += np.float64(a[i + k]) * np.float64(b[i + k])
-    total = 0.0
+            x = np.float64(a[i + k])
+            y = np.float64(b[i + k])
+            aa[k] += x * x
+            ab[k] += x * y
+            bb[k] += y * y
     for i in range(n8, a.size):
-        total += np.float64(a[i]) * np.float64(b[i])
-    for k in range(8):
-        total += acc[k]
-    return total
+        x = np.float64(a[i])
+        y = np.float64(b[i])
+        aa[0] += x * x
+        ab[0] += x * y
+        bb[0] += y * y
+    return aa.sum(), ab.sum(), bb.sum()
 
 
 def gram(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -144,10 +152,13 @@ def gram(arrays: Sequence[np.ndarray]) -> np.ndarray:
     flat = [x.ravel(order="K") for x in arrays]
     if len({x.size for x in flat}) > 1:
         raise ValueError(f"gram: the arrays must have one size, got {[x.size for x in flat]}")
-    out = np.empty((len(flat), len(flat)), np.float64)
+    out = np.zeros((len(flat), len(flat)), np.float64)
+    if len(flat) == 1:
+        out[0, 0] = _pair(flat[0], flat[0])[0]
     for i in range(len(flat)):
-        for j in range(i + 1):
-            out[i, j] = out[j, i] = _dot(flat[i], flat[j])
+        for j in range(i):
+            out[i, i], out[i, j], out[j, j] = _pair(flat[i], flat[j])
+            out[j, i] = out[i, j]
     return out
 
 
