@@ -8,7 +8,7 @@ Every kernel has a plain-NumPy twin in tests/twins/ that specifies what it compu
 from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
 from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
 from kernels.matmul import blocked_matmul
-from kernels.norms import all_finite, clip_by_global_norm, global_norm, gram
+from kernels.norms import all_finite, clip_by_global_norm, global_norm
 from kernels.optim import adam_update, sgd_update
 from kernels.precision import (
     bf16_decode,
@@ -33,7 +33,6 @@ __all__ = [
     "fp16_decode",
     "fp16_encode",
     "global_norm",
-    "gram",
     "adam_update",
     "outer_sq_norms",
     "relu_backward",

@@ -1,8 +1,7 @@
 """Norm checks for gradients: are they finite, how large are they, clip them to a global norm.
 
-Servers refuse non-finite pushes with all_finite and watch workers' gradients through their
-Gram matrix; clip_by_global_norm is torch.nn.utils.clip_grad_norm_ (L2) over a list of
-float32 arrays.
+Servers refuse non-finite pushes with all_finite; clip_by_global_norm is
+torch.nn.utils.clip_grad_norm_ (L2) over a list of float32 arrays.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-__all__ = ["all_finite", "clip_by_global_norm", "global_norm", "gram"]
+__all__ = ["all_finite", "clip_by_global_norm", "global_norm"]
 
 _CHUNK = 4096  # elements scanned between early exits: long enough to vectorise, short to stop
 _EXP_BITS = np.int32(0x7F800000)  # exponent all ones: inf or NaN
@@ -107,59 +106,6 @@ def global_norm(arrays: Sequence[np.ndarray]) -> float:
     any inf gives inf, any NaN gives NaN.
     """
     return _norm(_check_list(arrays))
-
-
-# ---------------------------------------------------------------------------------------------
-# gram
-
-
-@njit(cache=True, nogil=True)
-def _pair(a, b):
-    """(a . a, a . b, b . b) over two flat float32 arrays of one length, in float64.
-
-    Twin: twins.norms.gram. Tricks: one pass reads each element once for all three sums;
-    each product of two float32 is exact in float64, so the only rounding is in the sums;
-    eight partial sums per product let the loop vectorise (as in _sum_squares).
-    """
-    aa = np.zeros(8, np.float64)
-    ab = np.zeros(8, np.float64)
-    bb = np.zeros(8, np.float64)
-    n8 = a.size - a.size % 8
-    for i in range(0, n8, 8):
-        for k in range(8):
-            x = np.float64(a[i + k])
-            y = np.float64(b[i + k])
-            aa[k] += x * x
-            ab[k] += x * y
-            bb[k] += y * y
-    for i in range(n8, a.size):
-        x = np.float64(a[i])
-        y = np.float64(b[i])
-        aa[0] += x * x
-        ab[0] += x * y
-        bb[0] += y * y
-    return aa.sum(), ab.sum(), bb.sum()
-
-
-def gram(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """The (W, W) float64 matrix of dot products between W float32 arrays of one size.
-
-    Every norm and angle between the arrays, and between sums of them, follows from it
-    without another pass over the data: |x_i| = sqrt(G[i, i]), and (sum of x_j) . x_i is
-    the sum of row i. Sums are float64, as in global_norm (~1e-12 relative error).
-    """
-    _check_list(arrays)
-    flat = [x.ravel(order="K") for x in arrays]
-    if len({x.size for x in flat}) > 1:
-        raise ValueError(f"gram: the arrays must have one size, got {[x.size for x in flat]}")
-    out = np.zeros((len(flat), len(flat)), np.float64)
-    if len(flat) == 1:
-        out[0, 0] = _pair(flat[0], flat[0])[0]
-    for i in range(len(flat)):
-        for j in range(i):
-            out[i, i], out[i, j], out[j, j] = _pair(flat[i], flat[j])
-            out[j, i] = out[i, j]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 
 from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
 from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
-from kernels.norms import all_finite, clip_by_global_norm, global_norm, gram
+from kernels.norms import all_finite, clip_by_global_norm, global_norm
 from kernels.optim import adam_update, sgd_update
 from kernels.precision import (
     bf16_decode,
@@ -46,7 +46,6 @@ def warm_up() -> None:
     aggregate_trimmed_mean(stack, 0.34)
     all_finite(v)
     global_norm([v])
-    gram([v, v])
     clip_by_global_norm([np.ones(3, np.float32)], 1.0)
     outer_sq_norms(x, x)
     # Pulled weights and pushed gradients arrive as read-only views of message bytes, a

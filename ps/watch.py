@@ -11,11 +11,10 @@ MAD over the workers), so that one bad worker cannot hide by moving the yardstic
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from kernels import gram
 
 __all__ = ["GradientWatch"]
 
@@ -42,21 +41,28 @@ class GradientWatch:
     seen: dict[int, _Seen] = field(default_factory=dict)
 
     def observe(self, grads: dict[int, np.ndarray]) -> None:
-        """One key's gradients of one step, {worker: gradient}; needs two workers or more."""
+        """One key's gradients of one step, {worker: gradient}; needs two workers or more.
+
+        Runs on every sync step under the store's lock, so it reads the data once per pair,
+        as the dot products of the Gram matrix G, and does the rest on those W*W numbers:
+        |x_i| = sqrt(G[i][i]); x_i . (sum of the others) is row i's sum without G[i][i];
+        the others' squared norm is the sum of G without row and column i.
+        """
         if len(grads) < 2:
             return
         workers = list(grads)
-        # One pass over the data: every norm and dot product below comes from the Gram matrix.
-        g = gram([grads[w] for w in workers])
-        norms = np.sqrt(np.diag(g))
-        median_norm = float(np.median(norms))
+        g = _gram([grads[w] for w in workers])
+        n = len(workers)
+        norms = [math.sqrt(g[i][i]) for i in range(n)]
+        median_norm = statistics.median(norms)
         size = grads[workers[0]].size
+        total = sum(map(sum, g))
         for i, w in enumerate(workers):
-            rest = np.arange(len(workers)) != i
-            dot = g[i, rest].sum()  # x_i . (sum of the others)
-            others_norm = math.sqrt(max(float(g[np.ix_(rest, rest)].sum()), 0.0))
+            row = sum(g[i])
+            dot = row - g[i][i]
+            others_norm = math.sqrt(max(total - 2 * row + g[i][i], 0.0))
             denominator = norms[i] * others_norm
-            cosine = float(dot / denominator) if denominator > 0 else 0.0
+            cosine = dot / denominator if denominator > 0 else 0.0
             ratio = norms[i] / median_norm if median_norm > 0 else 1.0
             s = self.seen.setdefault(w, _Seen())
             s.weight += size
@@ -90,3 +96,17 @@ def _spread(values: np.ndarray, floor: float) -> float:
     """The MAD, scaled to a normal's standard deviation, but at least `floor`."""
     mad = float(np.median(np.abs(values - np.median(values)))) * 1.4826
     return max(mad, floor)
+
+
+def _gram(xs: list[np.ndarray]) -> list[list[float]]:
+    """Dot products of every pair, as Python floats. BLAS in float32 is fast and, for a
+    statistic, precise enough; a sum that overflows float32 is taken again in float64."""
+    n = len(xs)
+    g = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1):
+            d = float(np.dot(xs[i], xs[j]))
+            if not math.isfinite(d):
+                d = float(np.dot(xs[i].astype(np.float64), xs[j].astype(np.float64)))
+            g[i][j] = g[j][i] = d
+    return g

@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 from jit import outputs_with_and_without_jit
 from twins import norms as twin
 
-from kernels.norms import _CHUNK, all_finite, clip_by_global_norm, global_norm, gram
+from kernels.norms import _CHUNK, all_finite, clip_by_global_norm, global_norm
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (_CHUNK + 3,)]
 
@@ -111,37 +111,6 @@ def test_global_norm_non_finite():
 )
 def test_global_norm_property(xs):
     assert math.isclose(global_norm(xs), twin.global_norm(xs), rel_tol=1e-12, abs_tol=1e-300)
-
-
-# ---------------------------------------------------------------------------------------------
-# gram
-
-
-@pytest.mark.parametrize("workers, size", [(1, 5), (2, 0), (2, 7), (3, 1000), (5, 4099)])
-def test_gram_matches_its_twin(workers, size):
-    rng = np.random.default_rng(workers * 100 + size)
-    xs = [_data(rng, size, scale=10.0 ** k) for k in range(workers)]
-    got = gram(xs)
-    assert got.dtype == np.float64 and got.shape == (workers, workers)
-    np.testing.assert_allclose(got, twin.gram(xs), rtol=1e-12, atol=1e-300)
-    np.testing.assert_array_equal(got, got.T)  # symmetric by construction
-
-
-def test_gram_gives_norms_and_angles():
-    x = np.array([3.0, 4.0, 0.0], np.float32)
-    y = np.array([0.0, 0.0, 2.0], np.float32)
-    np.testing.assert_array_equal(gram([x, y, -x]), [[25, 0, -25], [0, 4, 0], [-25, 0, 25]])
-    # any shape and order: the elements are what counts
-    np.testing.assert_array_equal(gram([x.reshape(3, 1), y]), [[25, 0], [0, 4]])
-
-
-def test_gram_refuses_bad_input():
-    with pytest.raises(ValueError, match="one size"):
-        gram([np.ones(3, np.float32), np.ones(4, np.float32)])
-    with pytest.raises(TypeError, match=r"arrays\[1\] must be float32"):
-        gram([np.ones(3, np.float32), np.ones(3, np.float64)])
-    with pytest.raises(TypeError, match="list or tuple"):
-        gram(np.ones((2, 3), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,12 +226,11 @@ def test_refusals_of_read_only_functions():
 def test_python_bodies_match_under_disable_jit():
     code = (
         "import numpy as np\n"
-        "from kernels.norms import all_finite, clip_by_global_norm, global_norm, gram\n"
+        "from kernels.norms import all_finite, clip_by_global_norm, global_norm\n"
         "x = np.random.default_rng(8).standard_normal(5000).astype(np.float32)\n"
         "y = x.copy(); y[4500] = np.inf\n"
         "t = clip_by_global_norm([x], 3.0)\n"
         "print(all_finite(x), all_finite(y), global_norm([y[:4000]]), t, x.view(np.uint32).sum())\n"
-        "print(gram([x[:4000], y[:4000].copy(), x[1000:]]))\n"
     )
     outs = outputs_with_and_without_jit(code)
     assert outs[0] == outs[1]

@@ -2,6 +2,7 @@
 watch on made-up gradients, and on digits a label-flipping worker that the servers flag and
 that robust aggregation shrugs off, against a clean run of the same seeds."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,28 @@ def _observe(watch, rng, bad=None, steps=30):
         if bad is not None:
             grads[3] = bad(grads[3])
         watch.observe(grads)
+
+
+def test_the_watch_measures_leave_one_out_cosines_and_norm_ratios():
+    # The definition, in float64 and by hand: each worker against the sum of the others.
+    rng = np.random.default_rng(5)
+    steps = [{w: (rng.standard_normal(300) * (w + 1)).astype(np.float32) for w in (4, 7, 9)}
+             for _ in range(3)] + [{4: np.full(300, 1e20, np.float32),  # overflows float32
+                                    7: np.full(300, -3e20, np.float32),
+                                    9: np.full(300, 2e20, np.float32)}]
+    watch = GradientWatch()
+    want = {w: [0.0, 0.0] for w in (4, 7, 9)}
+    for grads in steps:
+        watch.observe(grads)
+        x = {w: g.astype(np.float64) for w, g in grads.items()}
+        median = np.median([np.linalg.norm(v) for v in x.values()])
+        for w, v in x.items():
+            others = sum(x[o] for o in x if o != w)
+            want[w][0] += v @ others / (np.linalg.norm(v) * np.linalg.norm(others)) / len(steps)
+            want[w][1] += math.log(np.linalg.norm(v) / median) / len(steps)
+    for w, (cosine, ratio) in watch.summary().items():
+        assert cosine == pytest.approx(want[w][0], abs=1e-5)
+        assert math.log(ratio) == pytest.approx(want[w][1], abs=1e-5)
 
 
 def test_honest_workers_are_not_flagged():

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-__all__ = ["all_finite", "clip_by_global_norm", "global_norm", "gram"]
+__all__ = ["all_finite", "clip_by_global_norm", "global_norm"]
 
 
 def all_finite(x):
@@ -14,11 +14,6 @@ def all_finite(x):
 def global_norm(arrays):
     # float64 squares and sums (NumPy sums pairwise; the kernel in eight strided partial sums)
     return math.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in arrays))
-
-
-def gram(arrays):
-    rows = np.stack([x.reshape(-1).astype(np.float64) for x in arrays])
-    return rows @ rows.T
 
 
 def clip_by_global_norm(arrays, max_norm):
