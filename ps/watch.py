@@ -105,7 +105,8 @@ def _gram(xs: list[np.ndarray]) -> list[list[float]]:
     g = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1):
-            d = float(np.dot(xs[i], xs[j]))
+            with np.errstate(over="ignore"):  # caught below
+                d = float(np.dot(xs[i], xs[j]))
             if not math.isfinite(d):
                 d = float(np.dot(xs[i].astype(np.float64), xs[j].astype(np.float64)))
             g[i][j] = g[j][i] = d
