@@ -34,7 +34,7 @@ SYSTEM = "tinyps"
 
 
 def _worker(results, addresses: list[str], worker: int, cfg: common.RunConfig,
-            start_time: float, fused: bool) -> None:
+            start_time: float, fused: bool, shared: bool) -> None:
     from ps.client import PSClient
     from ps.memory import keep_freed_buffers
     from worker.loop import WorkerConfig, run_worker
@@ -48,7 +48,7 @@ def _worker(results, addresses: list[str], worker: int, cfg: common.RunConfig,
     shard = Shard(x[rows], y[rows], rows)
     model = MLP(common.LAYERS, seed=common.INIT_SEED)  # common.init_params, draw for draw
     origin = time.monotonic() - (time.time() - start_time)
-    with PSClient(addresses, worker_id=worker) as client:
+    with PSClient(addresses, worker_id=worker, shared_memory=shared) as client:
         client.init(model.init_params(), "sgd", lr=common.LR)
         records = run_worker(client, model, shard,
                              WorkerConfig(steps=cfg.steps, batch_size=common.BATCH_PER_WORKER,
@@ -56,7 +56,8 @@ def _worker(results, addresses: list[str], worker: int, cfg: common.RunConfig,
     results.put((worker, [r.as_dict() for r in records]))
 
 
-def run(cfg: common.RunConfig, fused: bool = True) -> tuple[dict, list[dict]]:
+def run(cfg: common.RunConfig, fused: bool = True,
+        shared: bool = True) -> tuple[dict, list[dict]]:
     """Train the workload on a real tinyps cluster; return (report extras, step records)."""
     from ps.client import PSClient
     from tinyps.config import LaunchConfig
@@ -71,7 +72,8 @@ def run(cfg: common.RunConfig, fused: bool = True) -> tuple[dict, list[dict]]:
         try:
             results = ctx.Queue()
             start = time.time()
-            procs = [ctx.Process(target=_worker, args=(results, addresses, w, cfg, start, fused))
+            procs = [ctx.Process(target=_worker,
+                                 args=(results, addresses, w, cfg, start, fused, shared))
                      for w in range(cfg.workers)]
             for p in procs:
                 p.start()
@@ -103,10 +105,12 @@ def main() -> None:
     common.add_cli(parser)
     parser.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push as two calls instead of one PushPull")
+    parser.add_argument("--no-shared-memory", dest="shared", action="store_false",
+                        help="tensors in the gRPC messages, not through shared-memory mailboxes")
     args = parser.parse_args()
     cfg = common.RunConfig(args.mode, args.workers, args.steps)
     try:
-        out, records = run(cfg, args.fused)
+        out, records = run(cfg, args.fused, args.shared)
     except Exception as err:  # the harness wants a line saying why, not a traceback
         common.fail(SYSTEM, args, f"{type(err).__name__}: {err}")
     start, end = timed_window(out["per_worker"], cfg.steps)
@@ -121,7 +125,7 @@ def main() -> None:
     common.report(
         SYSTEM, cfg, end - start, updates, loss, acc, common.data_fingerprint(x, y),
         extra={"compute_processes": cfg.workers + 1, "threads": common.thread_settings(),
-               "fused_push_pull": args.fused,
+               "fused_push_pull": args.fused, "shared_memory": args.shared,
                "compute_share": round(compute / (compute + waited), 3)},
     )
 

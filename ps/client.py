@@ -21,12 +21,13 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import ps_pb2, ps_pb2_grpc
-from ps.codec import PullReplyView, decode_pull_reply, encode_push_request
+from ps.codec import PullReplyView, decode_pull_reply, encode_push_request, pack
 from ps.keys import DEFAULT_CHUNK_BYTES, Key, KeyId, cut
+from ps.mailbox import Mailbox
 from ps.optimizer import OptimizerConfig
 from ps.placement import Placement, TensorSpec, place
 from ps.security import TLSFiles, channel_credentials
-from ps.wire import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode_slice, write_slice
+from ps.wire import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode_slice, unpack, write_slice
 
 __all__ = ["PSClient", "PSError", "PushPullResult", "PushResult", "wait_healthy"]
 
@@ -96,12 +97,18 @@ def wait_healthy(addresses: Sequence[str], timeout: float,
     return bad
 
 
+def _lost_mailbox(err: PSError) -> bool:
+    """The server has no mailbox of ours: it restarted since we attached."""
+    return err.code == grpc.StatusCode.FAILED_PRECONDITION and "no mailbox" in err.details
+
+
 def _methods(channel: grpc.Channel) -> dict[str, Callable]:
     """The service's methods on a channel. Pull replies and Push requests are bytes that
     ps.codec reads and writes (the same wire format, without protobuf's copies)."""
     stub = ps_pb2_grpc.ParameterServerStub(channel)
     methods = {name: getattr(stub, name)
-               for name in ("Init", "Layout", "Version", "Stats", "Shutdown", "Leave")}
+               for name in ("Init", "Layout", "Version", "Stats", "Shutdown", "Leave",
+                            "Attach")}
     prefix = "/tinyps.ParameterServer/"
     methods["Pull"] = channel.unary_unary(
         prefix + "Pull", request_serializer=ps_pb2.PullRequest.SerializeToString,
@@ -129,6 +136,7 @@ class PSClient:
         in_flight: int = 4,
         retry_s: float = 30.0,
         wire_dtype: str = "float32",
+        shared_memory: bool = False,
     ) -> None:
         addresses = list(addresses)
         if not addresses:
@@ -143,6 +151,12 @@ class PSClient:
             raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, "
                              f"got {wire_dtype!r}")
         self.wire_dtype = wire_dtype  # weights are pulled and gradients pushed in this format
+        # Tensors go through a shared-memory mailbox to each server that can map it (one on
+        # this host; see ps/mailbox.py), and in the messages to the others. Never with TLS:
+        # who asks for TLS asks for every byte to be on the encrypted channel.
+        self.shared_memory = shared_memory and tls is None
+        self._mailboxes: dict[int, Mailbox | None] = {}  # server -> mailbox, None: bytes
+        self._offsets: dict[KeyId, int] = {}  # key -> its byte offset in its server's mailbox
         self.addresses = addresses
         self.worker_id = worker_id
         self.deadline_s = deadline_s  # every call but a waiting pull
@@ -227,6 +241,61 @@ class PSClient:
     def _set_keys(self, keys: dict[int, list[Key]]) -> None:
         self._keys = keys
         self._shapes = {k.name: k.tensor_shape for ks in keys.values() for k in ks}
+        # Each key has the room of its float32 values in its server's mailbox, whatever the
+        # wire format, so that one mailbox serves every format.
+        self._offsets = {}
+        for server_keys in keys.values():
+            offset = 0
+            for k in server_keys:
+                self._offsets[k.id] = offset
+                offset += 4 * k.size
+        self._drop_mailboxes()
+
+    # -- shared-memory mailboxes ----------------------------------------------------------
+
+    def _mailbox(self, server: int) -> Mailbox | None:
+        """This client's mailbox on `server`, attached on first use; None: send bytes."""
+        if not self.shared_memory:
+            return None
+        if server not in self._mailboxes:
+            size = 4 * sum(k.size for k in self._keys[server])
+            mailbox = Mailbox.create(max(size, 4))
+            try:
+                self._call(server, "Attach", ps_pb2.AttachRequest(
+                    worker=self.worker_id, name=mailbox.name, size=mailbox.size),
+                    self.deadline_s)
+            except PSError as err:
+                mailbox.unlink()
+                mailbox.close()
+                if err.code not in (grpc.StatusCode.FAILED_PRECONDITION,
+                                    grpc.StatusCode.UNIMPLEMENTED):
+                    raise
+                mailbox = None  # the server cannot map it (another host): bytes it is
+            else:
+                mailbox.unlink()  # both have it mapped: the name is no longer needed
+            self._mailboxes[server] = mailbox
+        return self._mailboxes[server]
+
+    def _drop_mailboxes(self) -> None:
+        for mailbox in self._mailboxes.values():
+            if mailbox is not None:
+                mailbox.close()
+        self._mailboxes = {}
+
+    def _tensor_call(self, server: int, method: str, build: Callable[[Mailbox | None], object],
+                     timeout: float) -> tuple[object, Mailbox | None]:
+        """A call that carries tensors, through the server's mailbox if it has one: (reply,
+        mailbox). A server that restarted has lost the mailbox: attach again, call again."""
+        mailbox = self._mailbox(server)
+        try:
+            return self._call(server, method, build(mailbox), timeout), mailbox
+        except PSError as err:
+            if mailbox is None or not _lost_mailbox(err):
+                raise
+        mailbox.close()
+        del self._mailboxes[server]
+        mailbox = self._mailbox(server)
+        return self._call(server, method, build(mailbox), timeout), mailbox
 
     # -- the verbs ------------------------------------------------------------------------
 
@@ -293,10 +362,12 @@ class PSClient:
         flat = self._empty()
 
         def fetch(server: int, group: list[Key]) -> PullReplyView:
-            refs = [ps_pb2.KeyRef(name=k.name, start=k.start) for k in group]
-            request = ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs,
-                                         dtype=self.wire_dtype)
-            return self._unpack(self._call(server, "Pull", request, timeout), flat)
+            def request(mailbox: Mailbox | None) -> ps_pb2.PullRequest:
+                refs = [ps_pb2.KeyRef(name=k.name, start=k.start, offset=self._offsets[k.id])
+                        for k in group]
+                return ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs,
+                                          dtype=self.wire_dtype, shared=mailbox is not None)
+            return self._unpack(*self._tensor_call(server, "Pull", request, timeout), flat)
 
         self._finish(self._run([partial(fetch, s, g) for s, g in self._groups(keys)]))
         return self._shaped(flat)
@@ -313,8 +384,9 @@ class PSClient:
         flat = None if skip else self._flatten("push", grads)
 
         def send(server: int, group: list[Key]) -> ps_pb2.PushReply:
-            payload = self._encode(step, group, flat, scale)
-            return self._call(server, "Push", payload, self.deadline_s)
+            def payload(mailbox: Mailbox | None) -> bytes:
+                return self._encode(step, group, flat, scale, mailbox)
+            return self._tensor_call(server, "Push", payload, self.deadline_s)[0]
 
         replies = self._run([partial(send, s, g) for s, g in self._groups(keys)])
         return PushResult(
@@ -333,8 +405,10 @@ class PSClient:
         flat = self._empty()
 
         def exchange(server: int, group: list[Key]) -> PullReplyView:
-            payload = self._encode(step, group, grads_flat, scale)
-            return self._unpack(self._call(server, "PushPull", payload, self.wait_s), flat)
+            def payload(mailbox: Mailbox | None) -> bytes:
+                return self._encode(step, group, grads_flat, scale, mailbox)
+            return self._unpack(*self._tensor_call(server, "PushPull", payload, self.wait_s),
+                                flat)
 
         replies = self._run([partial(exchange, s, g) for s, g in self._groups(keys)])
         self._finish(replies)
@@ -368,23 +442,39 @@ class PSClient:
         return flat
 
     def _encode(self, step: int, group: list[Key], flat: dict[str, np.ndarray] | None,
-                scale: float) -> bytes:
-        """PushRequest bytes for a group of keys (flat None: a skipped step, no values).
-        Called on the thread that sends them, so that the copy overlaps other calls."""
+                scale: float, mailbox: Mailbox | None = None) -> bytes:
+        """PushRequest bytes for a group of keys (flat None: a skipped step, no values); with
+        a mailbox, the values go there and the message says where. Called on the thread
+        that sends them, so that the copy overlaps other calls."""
         empty = np.zeros(0, np.float32)
-        return encode_push_request(self.worker_id, step, [
-            (k.name, k.start, empty if flat is None else flat[k.name][k.start:k.stop],
-             self._read_versions.get(k.id, 0))
-            for k in group], self.wire_dtype, 0.0 if scale == 1.0 else scale, flat is None)
+        items = [(k.name, k.start, empty if flat is None else flat[k.name][k.start:k.stop],
+                  self._read_versions.get(k.id, 0)) for k in group]
+        offsets = None
+        if mailbox is not None:
+            offsets = [self._offsets[k.id] for k in group]
+            for (_, _, values, _), offset in zip(items, offsets, strict=True):
+                raw = pack(values, self.wire_dtype)
+                mailbox.gradients(offset, raw.dtype, raw.size)[:] = raw
+        return encode_push_request(self.worker_id, step, items, self.wire_dtype,
+                                   0.0 if scale == 1.0 else scale, flat is None, offsets)
 
     @staticmethod
-    def _unpack(reply: bytes, flat: dict[str, np.ndarray]) -> PullReplyView:
-        """Copy PullReply values into `flat` and return the reply. Called on the receiving
-        thread: NumPy releases the interpreter lock while it copies, so copies overlap the
-        calls still on the wire."""
+    def _unpack(reply: bytes, mailbox: Mailbox | None,
+                flat: dict[str, np.ndarray]) -> PullReplyView:
+        """Copy PullReply values (from the reply, or from the mailbox if it says they are
+        there) into `flat` and return the reply. Called on the receiving thread: NumPy
+        releases the interpreter lock while it copies, so copies overlap the calls still on
+        the wire."""
         view = decode_pull_reply(reply)
+        if view.shared and mailbox is None:
+            raise RuntimeError("the server answered through a mailbox this client has not got")
         for piece in view.slices:
-            values = decode_slice(piece)
+            if view.shared:
+                raw = mailbox.weights(piece.offset, WIRE_DTYPES[piece.dtype],
+                                      math.prod(piece.shape))
+                values = unpack(raw, piece.dtype)
+            else:
+                values = decode_slice(piece)
             flat[piece.name][piece.start:piece.start + values.size] = values
         return view
 
@@ -427,6 +517,7 @@ class PSClient:
                         for s in range(len(self._stubs))])
 
     def close(self) -> None:
+        self._drop_mailboxes()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for channel in self._channels:
             channel.close()

@@ -18,7 +18,7 @@ from kernels import bf16_encode, fp16_encode
 
 __all__ = [
     "PullReplyView", "PushRequestView", "WireSlice", "decode_pull_reply", "decode_push_request",
-    "encode_pull_reply", "encode_push_request",
+    "encode_pull_reply", "encode_push_request", "pack",
 ]
 
 # Wire types (protobuf encoding spec): varint, 64-bit, length-delimited, 32-bit.
@@ -39,6 +39,7 @@ class WireSlice:
     shape: tuple[int, ...]
     data: memoryview
     version: int
+    offset: int = 0  # in a shared message: where the data is in the worker's mailbox
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class PullReplyView:
     slices: list[WireSlice]
     staleness_max: int
     step_skipped: bool
+    shared: bool = False  # the values are in the worker's mailbox, not in the slices
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class PushRequestView:
     slices: list[WireSlice]
     grad_scale: float  # 1.0 when the message left it unset
     skip: bool
+    shared: bool = False  # the gradients are in the worker's mailbox, not in the slices
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -81,10 +84,16 @@ _PACK = {"float32": lambda v: np.ascontiguousarray(v, dtype="<f4"),
          "bfloat16": lambda v: bf16_encode(np.ascontiguousarray(v, dtype=np.float32))}
 
 
+def pack(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as the array that travels in format `dtype` (its bytes are the data)."""
+    return _PACK[dtype](values)
+
+
 def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
-                 dtype: str = "float32") -> list:
-    """A Slice's fields in field order; default values left out, as protobuf does."""
-    data = memoryview(_PACK[dtype](values)).cast("B")
+                 dtype: str = "float32", offset: int | None = None) -> list:
+    """A Slice's fields in field order; default values left out, as protobuf does.
+    With an offset, the data stays out (it is in a mailbox): values only give the shape."""
+    data = memoryview(b"") if offset is not None else memoryview(pack(values, dtype)).cast("B")
     encoded_name = name.encode()
     encoded_dtype = dtype.encode()
     packed_shape = _varint(values.size)
@@ -96,6 +105,8 @@ def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
     if len(data):
         head += [_tag(5, _LEN), _varint(len(data))]
     tail = [_tag(6, _VARINT), _varint(version)] if version else []
+    if offset:
+        tail += [_tag(7, _VARINT), _varint(offset)]
     header = b"".join(head)
     body = [header, data] if len(data) else [header]
     return body + tail
@@ -108,35 +119,44 @@ def _message(field: int, parts: list) -> list:
 
 def encode_pull_reply(
     items: list[tuple[str, int, np.ndarray, int]], staleness_max: int = 0,
-    step_skipped: bool = False, dtype: str = "float32",
+    step_skipped: bool = False, dtype: str = "float32", offsets: list[int] | None = None,
 ) -> bytes:
-    """PullReply bytes from (name, start, float32 values, version) per key, sent as `dtype`."""
+    """PullReply bytes from (name, start, float32 values, version) per key, sent as `dtype`.
+    offsets: the values went to the worker's mailbox at these offsets; the reply says where."""
     parts = []
-    for name, start, values, version in items:
-        parts += _message(1, _slice_parts(name, start, values, version, dtype))
+    for k, (name, start, values, version) in enumerate(items):
+        offset = None if offsets is None else offsets[k]
+        parts += _message(1, _slice_parts(name, start, values, version, dtype, offset))
     if staleness_max:
         parts += [_tag(2, _VARINT), _varint(staleness_max)]
     if step_skipped:
         parts += [_tag(3, _VARINT), b"\x01"]
+    if offsets is not None:
+        parts += [_tag(4, _VARINT), b"\x01"]
     return b"".join(parts)  # the one copy of the tensor bytes
 
 
 def encode_push_request(
     worker: int, step: int, items: list[tuple[str, int, np.ndarray, int]],
     dtype: str = "float32", grad_scale: float = 0.0, skip: bool = False,
+    offsets: list[int] | None = None,
 ) -> bytes:
-    """PushRequest bytes from a worker id, a step and (name, start, grad, version) per key."""
+    """PushRequest bytes from a worker id, a step and (name, start, grad, version) per key.
+    offsets: the gradients are in the worker's mailbox at these offsets, not in the message."""
     parts = []
     if worker:
         parts += [_tag(1, _VARINT), _varint(worker)]
     if step:
         parts += [_tag(2, _VARINT), _varint(step)]
-    for name, start, values, version in items:
-        parts += _message(3, _slice_parts(name, start, values, version, dtype))
+    for k, (name, start, values, version) in enumerate(items):
+        offset = None if offsets is None else offsets[k]
+        parts += _message(3, _slice_parts(name, start, values, version, dtype, offset))
     if grad_scale:
         parts += [_tag(4, _I64), struct.pack("<d", grad_scale)]
     if skip:
         parts += [_tag(5, _VARINT), b"\x01"]
+    if offsets is not None:
+        parts += [_tag(6, _VARINT), b"\x01"]
     return b"".join(parts)
 
 
@@ -189,7 +209,7 @@ def _fields(buf: memoryview):
 
 
 def _decode_slice(buf: memoryview) -> WireSlice:
-    name, start, dtype, shape, data, version = "", 0, "", [], memoryview(b""), 0
+    name, start, dtype, shape, data, version, offset = "", 0, "", [], memoryview(b""), 0, 0
     for field, wire_type, value in _fields(buf):
         if field == 1 and wire_type == _LEN:
             name = _text(value)
@@ -208,7 +228,9 @@ def _decode_slice(buf: memoryview) -> WireSlice:
             data = value
         elif field == 6 and wire_type == _VARINT:
             version = _signed(value)
-    return WireSlice(name, start, dtype, tuple(shape), data, version)
+        elif field == 7 and wire_type == _VARINT:
+            offset = _signed(value)
+    return WireSlice(name, start, dtype, tuple(shape), data, version, offset)
 
 
 def _text(view: memoryview) -> str:
@@ -219,7 +241,7 @@ def _text(view: memoryview) -> str:
 
 
 def decode_pull_reply(payload: bytes) -> PullReplyView:
-    slices, staleness_max, skipped = [], 0, False
+    slices, staleness_max, skipped, shared = [], 0, False, False
     for field, wire_type, value in _fields(memoryview(payload)):
         if field == 1 and wire_type == _LEN:
             slices.append(_decode_slice(value))
@@ -227,11 +249,13 @@ def decode_pull_reply(payload: bytes) -> PullReplyView:
             staleness_max = _signed(value)
         elif field == 3 and wire_type == _VARINT:
             skipped = bool(value)
-    return PullReplyView(slices, staleness_max, skipped)
+        elif field == 4 and wire_type == _VARINT:
+            shared = bool(value)
+    return PullReplyView(slices, staleness_max, skipped, shared)
 
 
 def decode_push_request(payload: bytes) -> PushRequestView:
-    worker, step, slices, scale, skip = 0, 0, [], 0.0, False
+    worker, step, slices, scale, skip, shared = 0, 0, [], 0.0, False, False
     for field, wire_type, value in _fields(memoryview(payload)):
         if field == 1 and wire_type == _VARINT:
             worker = _signed(value)
@@ -244,4 +268,6 @@ def decode_push_request(payload: bytes) -> PushRequestView:
             (scale,) = struct.unpack("<d", value)
         elif field == 5 and wire_type == _VARINT:
             skip = bool(value)
-    return PushRequestView(worker, step, slices, scale or 1.0, skip)
+        elif field == 6 and wire_type == _VARINT:
+            shared = bool(value)
+    return PushRequestView(worker, step, slices, scale or 1.0, skip, shared)

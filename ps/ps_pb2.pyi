@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Slice(_message.Message):
-    __slots__ = ("name", "start", "dtype", "shape", "data", "version")
+    __slots__ = ("name", "start", "dtype", "shape", "data", "version", "offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     start: int
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     version: int
-    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class KeySpec(_message.Message):
     __slots__ = ("name", "tensor_shape", "start", "stop")
@@ -73,48 +75,56 @@ class InitReply(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., keys_pending: _Optional[int] = ...) -> None: ...
 
 class KeyRef(_message.Message):
-    __slots__ = ("name", "start")
+    __slots__ = ("name", "start", "offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     start: int
-    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker", "step", "keys", "dtype")
+    __slots__ = ("worker", "step", "keys", "dtype", "shared")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     worker: int
     step: int
     keys: _containers.RepeatedCompositeFieldContainer[KeyRef]
     dtype: str
-    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    shared: bool
+    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ..., dtype: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class PullReply(_message.Message):
-    __slots__ = ("values", "staleness_max", "step_skipped")
+    __slots__ = ("values", "staleness_max", "step_skipped", "shared")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
     STEP_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[Slice]
     staleness_max: int
     step_skipped: bool
-    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ...) -> None: ...
+    shared: bool
+    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("worker", "step", "grads", "grad_scale", "skip")
+    __slots__ = ("worker", "step", "grads", "grad_scale", "skip", "shared")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
     SKIP_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     worker: int
     step: int
     grads: _containers.RepeatedCompositeFieldContainer[Slice]
     grad_scale: float
     skip: bool
-    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., grad_scale: _Optional[float] = ..., skip: _Optional[bool] = ...) -> None: ...
+    shared: bool
+    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., grad_scale: _Optional[float] = ..., skip: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "duplicates", "staleness_max")
@@ -263,6 +273,20 @@ class StatsReply(_message.Message):
     grad_cosine: _containers.ScalarMap[int, float]
     grad_norm_ratio: _containers.ScalarMap[int, float]
     def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., rejected_pushes: _Optional[int] = ..., dropped_gradients: _Optional[int] = ..., live_workers: _Optional[_Iterable[int]] = ..., restored_from: _Optional[int] = ..., checkpoints_written: _Optional[int] = ..., suspect_workers: _Optional[_Iterable[int]] = ..., grad_cosine: _Optional[_Mapping[int, float]] = ..., grad_norm_ratio: _Optional[_Mapping[int, float]] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("worker", "name", "size")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    name: str
+    size: int
+    def __init__(self, worker: _Optional[int] = ..., name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class AttachReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

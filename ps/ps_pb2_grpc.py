@@ -74,6 +74,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_ps__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=ps_dot_ps__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/tinyps.ParameterServer/Attach',
+                request_serializer=ps_dot_ps__pb2.AttachRequest.SerializeToString,
+                response_deserializer=ps_dot_ps__pb2.AttachReply.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/tinyps.ParameterServer/Shutdown',
                 request_serializer=ps_dot_ps__pb2.ShutdownRequest.SerializeToString,
@@ -134,6 +139,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -182,6 +193,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=ps_dot_ps__pb2.LeaveRequest.FromString,
                     response_serializer=ps_dot_ps__pb2.LeaveReply.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=ps_dot_ps__pb2.AttachRequest.FromString,
+                    response_serializer=ps_dot_ps__pb2.AttachReply.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -405,6 +421,33 @@ class ParameterServer:
             '/tinyps.ParameterServer/Leave',
             ps_dot_ps__pb2.LeaveRequest.SerializeToString,
             ps_dot_ps__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinyps.ParameterServer/Attach',
+            ps_dot_ps__pb2.AttachRequest.SerializeToString,
+            ps_dot_ps__pb2.AttachReply.FromString,
             options,
             channel_credentials,
             insecure,

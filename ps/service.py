@@ -6,16 +6,26 @@ store errors map to gRPC status codes in one table.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from ps import ps_pb2, ps_pb2_grpc
-from ps.codec import CodecError, PushRequestView, decode_push_request, encode_pull_reply
+from ps.codec import (
+    CodecError,
+    PushRequestView,
+    WireSlice,
+    decode_push_request,
+    encode_pull_reply,
+    pack,
+)
 from ps.keys import Key, KeyId
+from ps.mailbox import Mailbox, MailboxError, MailboxMissing
 from ps.optimizer import OptimizerConfig
 from ps.store import (
     BadRequest,
@@ -39,6 +49,8 @@ _STATUS = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     WireError: grpc.StatusCode.INVALID_ARGUMENT,
     CodecError: grpc.StatusCode.INVALID_ARGUMENT,
+    MailboxError: grpc.StatusCode.INVALID_ARGUMENT,
+    MailboxMissing: grpc.StatusCode.FAILED_PRECONDITION,
     NotInitialised: grpc.StatusCode.FAILED_PRECONDITION,
     LayoutConflict: grpc.StatusCode.FAILED_PRECONDITION,
     StepOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
@@ -96,6 +108,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._bytes_out = 0  # message bytes of the pulls answered
         self._last_reply: tuple[tuple, bytes] | None = None  # see _encode
         self._rejected_pushes = 0  # pushes refused: malformed, non-finite, wrong step, ...
+        self._mailboxes: dict[int, Mailbox] = {}  # worker -> its shared-memory mailbox
 
     def _encode(self, got: list[tuple[Key, np.ndarray, int]], dtype: str = "float32",
                 staleness: int = 0, skipped: bool = False) -> bytes:
@@ -115,6 +128,29 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._last_reply = (signature, payload)
         return payload
 
+    def _write_shared(self, got: list[tuple[Key, np.ndarray, int]], dtype: str,
+                      mailbox: Mailbox, offsets: dict[KeyId, int], staleness: int = 0,
+                      skipped: bool = False) -> bytes:
+        """Copy the values into the worker's mailbox and answer where they are; runs under the
+        store's lock, so the values and versions are one consistent snapshot."""
+        items, where, moved = [], [], 0
+        for k, values, version in got:
+            offset = offsets[(k.name, k.start)]
+            raw = pack(values, dtype)
+            mailbox.weights(offset, raw.dtype, raw.size)[:] = raw
+            items.append((k.name, k.start, values, version))
+            where.append(offset)
+            moved += raw.nbytes
+        self._count(sent=moved)
+        return encode_pull_reply(items, staleness, skipped, dtype, where)
+
+    def _mailbox(self, worker: int) -> Mailbox:
+        with self._lock:
+            mailbox = self._mailboxes.get(worker)
+        if mailbox is None:
+            raise MailboxMissing(f"worker {worker} has no mailbox on this server: attach first")
+        return mailbox
+
     def _count(self, received: int = 0, sent: int = 0) -> None:
         with self._lock:
             self._bytes_in += received
@@ -123,7 +159,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], object]):
         try:
             return fn()
-        except (StoreError, WireError, CodecError) as err:
+        except (StoreError, WireError, CodecError, MailboxError, MailboxMissing) as err:
             context.abort(_STATUS[type(err)], str(err))
 
     def Init(self, request, context):
@@ -140,29 +176,54 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         def run():
             key_ids = [(k.name, k.start) for k in request.keys] or None
             dtype = _wire_dtype(request.dtype or "float32")
+            if request.shared:
+                mailbox, offsets = self._mailbox(request.worker), self._pull_offsets(request)
+                def read(got):
+                    return self._write_shared(got, dtype, mailbox, offsets)
+            else:
+                def read(got):
+                    return self._encode(got, dtype)
             payload = self._store.pull(key_ids, request.worker, request.step,
-                                       _wait_budget(context),
-                                       read=lambda got: self._encode(got, dtype))
+                                       _wait_budget(context), read=read)
             self._count(sent=len(payload))
             return payload
 
         return self._call(context, run)
 
+    def _pull_offsets(self, request: ps_pb2.PullRequest) -> dict[KeyId, int]:
+        """Where a shared pull wants each key's values, checked before anything is written."""
+        if not request.keys:
+            raise BadRequest("a shared pull must name its keys and their mailbox offsets")
+        mailbox = self._mailbox(request.worker)
+        sizes = {k.id: k.size for k in self._store.layout()}
+        offsets = {}
+        for ref in request.keys:
+            key_id = (ref.name, ref.start)
+            if key_id in sizes:  # an unknown key: the store says so
+                mailbox.weights(ref.offset, np.float32, sizes[key_id])  # raises if outside
+            offsets[key_id] = ref.offset
+        return offsets
+
     def _push(self, request: bytes) -> tuple[PushRequestView, tuple[int, int, int], list[KeyId]]:
         """Decode PushRequest bytes (in place) and hand the gradients to the store."""
         try:
             push = decode_push_request(request)
+            received = len(request)
+            mailbox = self._mailbox(push.worker) if push.shared else None
             grads = {}
             for s in push.slices:
                 if (s.name, s.start) in grads:
                     raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
+                if mailbox is not None:
+                    s = _from_mailbox(mailbox, s)
+                    received += len(s.data)
                 grads[(s.name, s.start)] = (decode_slice(s), s.version)
             result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip)
-        except (StoreError, WireError, CodecError):
+        except (StoreError, WireError, CodecError, MailboxError, MailboxMissing):
             with self._lock:
                 self._rejected_pushes += 1
             raise
-        self._count(received=len(request))
+        self._count(received=received)
         return push, result, list(grads)
 
     def Push(self, request: bytes, context):
@@ -180,11 +241,19 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             push, (_, _, staleness), key_ids = self._push(request)
             # The weights go back in the format the gradients came in.
             dtype = _wire_dtype(push.slices[0].dtype if push.slices else "float32")
+
             # Runs under the store's lock, after the barrier: the skip decision is made.
-            payload = self._store.pull(
-                key_ids, push.worker, push.step + 1, _wait_budget(context),
-                read=lambda got: self._encode(
-                    got, dtype, staleness, self._store.was_skipped(push.worker, push.step)))
+            def read(got):
+                skipped = self._store.was_skipped(push.worker, push.step)
+                if not push.shared:
+                    return self._encode(got, dtype, staleness, skipped)
+                # The weights go where the gradients were, in the mailbox's other half.
+                offsets = {(s.name, s.start): s.offset for s in push.slices}
+                return self._write_shared(got, dtype, self._mailbox(push.worker), offsets,
+                                          staleness, skipped)
+
+            payload = self._store.pull(key_ids, push.worker, push.step + 1,
+                                       _wait_budget(context), read=read)
             self._count(sent=len(payload))
             return payload
 
@@ -215,9 +284,33 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         stats.update(self._extra_stats())
         return ps_pb2.StatsReply(**stats)
 
+    def Attach(self, request, context):
+        """Map a worker's shared-memory mailbox (see ps/mailbox.py); a newer one replaces it."""
+        def run():
+            if not 0 <= request.worker < self._store.config.workers:
+                raise BadRequest(f"attach: worker {request.worker} is not one of the "
+                                 f"{self._store.config.workers} workers")
+            mailbox = Mailbox.open(request.name, request.size)
+            with self._lock:
+                # A replaced mailbox is unmapped once no request is still using it.
+                self._mailboxes[request.worker] = mailbox
+            return ps_pb2.AttachReply()
+
+        return self._call(context, run)
+
     def Shutdown(self, request, context):
         self._on_shutdown()
         return ps_pb2.ShutdownReply()
+
+
+def _from_mailbox(mailbox: Mailbox, piece: WireSlice) -> WireSlice:
+    """The slice with its data copied out of the worker's mailbox: the worker may write there
+    at any time, so the store must check and keep a private copy."""
+    dtype = WIRE_DTYPES.get(piece.dtype)
+    if dtype is None or any(d < 0 for d in piece.shape):
+        return piece  # decode_slice says what is wrong with it
+    raw = mailbox.gradients(piece.offset, dtype, math.prod(piece.shape)).copy()
+    return replace(piece, data=memoryview(raw).cast("B"))
 
 
 def _parsing(method: Callable, request_type) -> Callable:
@@ -255,6 +348,7 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
         "Version": handler(servicer.Version, pb.VersionRequest, pb.VersionReply),
         "Stats": handler(servicer.Stats, pb.StatsRequest, pb.StatsReply),
         "Leave": handler(servicer.Leave, pb.LeaveRequest, pb.LeaveReply),
+        "Attach": handler(servicer.Attach, pb.AttachRequest, pb.AttachReply),
         "Shutdown": handler(servicer.Shutdown, pb.ShutdownRequest, pb.ShutdownReply),
     }
     server.add_generic_rpc_handlers(

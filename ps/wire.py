@@ -13,7 +13,8 @@ import numpy as np
 from kernels import bf16_decode, fp16_decode
 from ps import ps_pb2
 
-__all__ = ["MAX_MESSAGE_BYTES", "WIRE_DTYPES", "WireError", "decode_slice", "write_slice"]
+__all__ = ["MAX_MESSAGE_BYTES", "WIRE_DTYPES", "WireError", "decode_slice", "unpack",
+           "write_slice"]
 
 # Clients cut tensors into chunks of a few MiB; this limit only has to exceed one chunk and its
 # framing with room to spare, so that a chunk-size setting never meets it.
@@ -23,6 +24,11 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<u2"),
                "bfloat16": np.dtype("<u2")}
 _UNPACK = {"float32": lambda a: a, "float16": fp16_decode, "bfloat16": bf16_decode}
+
+
+def unpack(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values from the array of format `dtype` they travelled as (float32: itself)."""
+    return _UNPACK[dtype](raw)
 
 
 class WireError(ValueError):

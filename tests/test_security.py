@@ -60,9 +60,11 @@ def test_tls_serves_clients_that_trust_the_ca(certs):
     running = serve(mode="async", workers=1, tls=tls)
     try:
         trusting = TLSFiles(ca=certs / "ca.pem")
-        with PSClient([running.address], tls=trusting) as client:
+        # Asked for TLS, every tensor stays on the encrypted channel: no shared memory.
+        with PSClient([running.address], tls=trusting, shared_memory=True) as client:
             client.init(PARAMS, "sgd", lr=1.0)
             np.testing.assert_array_equal(client.pull()["w"], 1.0)
+            assert client.shared_memory is False and client._mailboxes == {}
         assert wait_healthy([running.address], timeout=10, tls=trusting) == []
         with PSClient([running.address], retry_s=0.5, deadline_s=5) as plain, \
                 pytest.raises(PSError, match="UNAVAILABLE"):

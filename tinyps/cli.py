@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_flags(launch)
     launch.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push in two calls instead of one PushPull")
+    launch.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                        help="tensors in the gRPC messages, never through shared memory")
     _sync_flags(launch)
     _checkpoint_flags(launch, "where servers write checkpoints (default: RUN_DIR/checkpoints)")
     launch.add_argument("--resume", type=Path, default=None, metavar="DIR",
@@ -355,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute this many times slower (an injected straggler)")
     worker.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push in two calls instead of one PushPull")
+    worker.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                        help="tensors in the gRPC messages, never through a shared-memory "
+                             "mailbox (used with servers on this host that can map it)")
     worker.add_argument("--poison", type=_poison, default=None,
                         help="injected fault: label_flip | random_labels | scaled_gradient:F")
     _dp_flags(worker)
@@ -446,7 +451,8 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
         placement=args.placement, split_bytes=args.split_bytes, partition=args.partition,
         alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
-        metrics=args.metrics, start_time=args.start_time, precision=args.precision,
+        shared_memory=args.shared_memory, metrics=args.metrics, start_time=args.start_time,
+        precision=args.precision,
         loss_scale=args.loss_scale, token=args.token, poison=args.poison,
         dp=None if args.dp_noise is None else DPConfig(
             noise=args.dp_noise, clip=args.dp_clip, delta=args.dp_delta,
@@ -472,7 +478,8 @@ def _run_launch(args: argparse.Namespace) -> int:
         momentum=args.momentum, placement=args.placement, split_bytes=args.split_bytes,
         partition=args.partition, alpha=args.alpha, slow_worker=args.slow_worker,
         precision=args.precision, loss_scale=args.loss_scale, seed=args.seed,
-        fused=args.fused, run_dir=args.run_dir, token=args.token,
+        fused=args.fused, shared_memory=args.shared_memory, run_dir=args.run_dir,
+        token=args.token,
         tls_cert=_text(args.tls_cert), tls_key=_text(args.tls_key), tls_ca=_text(args.tls_ca),
         backup_workers=args.backup_workers, aggregate=args.aggregate,
         checkpoint_dir=_text(args.checkpoint_dir), checkpoint_every=args.checkpoint_every,

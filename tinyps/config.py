@@ -48,6 +48,9 @@ class LaunchConfig:
     loss_scale: float | str = "auto"  # auto (dynamic for fp16, else off) | dynamic | off | N
     seed: int = 0
     fused: bool = True  # push a step and pull the next in one round trip
+    # Tensors through shared-memory mailboxes where a server can map them (this host; never
+    # with TLS), instead of in the gRPC messages: see ps/mailbox.py.
+    shared_memory: bool = True
     run_dir: str | None = None  # default: runs/<time>-<mode>
     host: str = "127.0.0.1"  # where the servers listen
     tls_cert: str | None = None  # PEM: the servers' certificate (TLS for all traffic) ...

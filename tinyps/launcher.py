@@ -160,6 +160,8 @@ def worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: i
         args += ["--split-bytes", str(config.split_bytes)]
     if not config.fused:
         args.append("--no-fused")
+    if not config.shared_memory:
+        args.append("--no-shared-memory")
     return args + _tls_args(config)
 
 

@@ -45,6 +45,7 @@ class WorkerSettings:
     slowdown: float = 1.0  # an injected straggler: compute takes this many times as long
     seed: int = 0
     fused: bool = True  # PushPull round trips
+    shared_memory: bool = True  # tensors through mailboxes to servers on this host
     precision: str = "fp32"  # fp32 | fp16 | bf16: compute and traffic
     loss_scale: float | str = "auto"  # auto | dynamic | off | a static scale
     poison: str | None = None  # injected fault: label_flip | random_labels | scaled_gradient:F
@@ -108,7 +109,8 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
 
         with PSClient(list(settings.servers), worker_id=settings.index, token=settings.token,
                       tls=settings.tls, deadline_s=settings.deadline_s, wait_s=settings.wait_s,
-                      wire_dtype=Precision(settings.precision).wire_dtype) as client:
+                      wire_dtype=Precision(settings.precision).wire_dtype,
+                      shared_memory=settings.shared_memory) as client:
             optimizer = {"sgd": {}, "momentum": {"momentum": settings.momentum},
                          "adam": {}}.get(settings.optimizer, {})
             client.init(model.init_params(), settings.optimizer, placement=settings.placement,
