@@ -218,7 +218,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     s = _from_mailbox(mailbox, s)
                     received += len(s.data)
                 grads[(s.name, s.start)] = (decode_slice(s), s.version)
-            result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip)
+            # Gradients copied out of a mailbox are private arrays: the store may keep them.
+            result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip,
+                                      owned=mailbox is not None)
         except (StoreError, WireError, CodecError, MailboxError, MailboxMissing):
             with self._lock:
                 self._rejected_pushes += 1

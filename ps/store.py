@@ -315,6 +315,7 @@ class Store:
         grads: dict[KeyId, tuple[np.ndarray, int]],
         scale: float = 1.0,
         skip: bool = False,
+        owned: bool = False,
     ) -> tuple[int, int, int]:
         """Take worker's gradients for `step`: {key: (gradient, version it was computed from)}.
 
@@ -322,6 +323,8 @@ class Store:
         `skip`: the worker found inf or NaN; its gradients are empty, the step counts, nothing
         is applied (sync: the whole step is skipped by everyone, so that all W workers and
         their loss scalers stay in step).
+        `owned`: the arrays are the store's to keep (the caller made them for this push and
+        will not touch them again), so sync mode keeps them without a copy.
         Returns (keys accepted, keys already pushed for this step: acknowledged, not applied,
         the largest staleness among the gradients applied now).
         Every check runs first: a refused push changes nothing and uses up no step.
@@ -362,24 +365,26 @@ class Store:
                     fresh.append((slot, grad, read_version))
             with self._calling(worker):
                 self._arrive(worker, step)
-                staleness_max = self._take(worker, step, fresh, scale, skip)
+                staleness_max = self._take(worker, step, fresh, scale, skip, owned)
             self._counters.pushes += 1
             self._cond.notify_all()
             return len(fresh), len(grads) - len(fresh), staleness_max
 
-    def _take(self, worker: int, step: int, fresh: list, scale: float, skip: bool) -> int:
+    def _take(self, worker: int, step: int, fresh: list, scale: float, skip: bool,
+              owned: bool) -> int:
         """Apply or gather the checked gradients of one push; the largest staleness applied."""
         staleness_max = 0
         late = False
         for slot, grad, read_version in fresh:
             slot.next_step[worker] += 1
             if not skip and scale != 1.0:
-                grad = grad / np.float32(scale)  # unscale in fp32, as GradScaler does
+                grad = grad / np.float32(scale)  # unscale in fp32, as GradScaler does: a new
+                owned = True  # array, ours to keep
             if self.config.mode == "sync":
                 if step < slot.version:
                     late = True  # the step was applied without it (backup workers, rejoin)
                 else:
-                    self._accumulate(slot, worker, step, None if skip else grad)
+                    self._accumulate(slot, worker, step, None if skip else grad, owned)
             elif skip:
                 self._skipped.add((worker, step))
             else:
@@ -389,7 +394,8 @@ class Store:
             self._counters.dropped_gradients += 1
         return staleness_max
 
-    def _accumulate(self, slot: _Slot, worker: int, step: int, grad: np.ndarray | None) -> None:
+    def _accumulate(self, slot: _Slot, worker: int, step: int, grad: np.ndarray | None,
+                    owned: bool = False) -> None:
         """sync: gather the step's gradients; once enough are in, apply them as one update.
 
         grad None: that worker skipped the step (inf or NaN); then nobody's gradient of the
@@ -401,8 +407,9 @@ class Store:
             entry.skipped = True
             entry.grads.clear()
         elif not entry.skipped:
-            # A copy: the gradient may be a view of the request's bytes, gone after the call.
-            entry.grads[worker] = np.array(grad, np.float32, copy=True)
+            # Unless it is ours, a copy: the gradient may be a view of the request's bytes,
+            # gone after the call.
+            entry.grads[worker] = grad if owned else np.array(grad, np.float32, copy=True)
         self._advance(slot)
 
     def _advance(self, slot: _Slot) -> None:
@@ -435,10 +442,10 @@ class Store:
         rule, fraction = self._aggregate
         grads = list(entry.grads.values())
         if rule == "mean":
-            total = grads[0].copy()
-            for g in grads[1:]:  # summed in arrival order
+            total = grads[0] + grads[1] if len(grads) > 1 else grads[0].copy()
+            for g in grads[2:]:  # summed in arrival order
                 total += g
-            return total / np.float32(len(grads))
+            return np.divide(total, np.float32(len(grads)), out=total)
         stacked = np.stack(grads)
         if rule == "median":
             return aggregate_median(stacked)
