@@ -1,11 +1,16 @@
 """16-bit floats (IEEE half and bfloat16) emulated on float32 arrays.
 
-Numba has no float16 on the CPU, so these kernels work on the uint32 bit pattern of each
+Numba has no float16 type on the CPU, so these kernels work on the uint32 bit pattern of each
 float32: mixed-precision training rounds through them, and the wire carries their 16-bit codes.
+Where the CPU converts float32 to and from half itself (x86 F16C, ARM), the fp16 kernels use
+that instruction instead, and keep the bit arithmetic only for NaN payloads.
 """
 
+import llvmlite.binding as llvm
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import config, njit, types
+from numba.extending import intrinsic
 
 __all__ = [
     "bf16_decode",
@@ -131,6 +136,83 @@ def _fp16_decode_kernel(h, out):
         out[i] = u32(u32(u32(v & u32(0x8000)) << u32(16)) | bits)
 
 
+# --- IEEE half in hardware --------------------------------------------------------------------
+
+
+def _has_half_conversions() -> bool:
+    """Does this CPU convert float32 <-> half in one instruction? Without it LLVM would call a
+    runtime routine that Numba does not link; and with the JIT off there is no LLVM at all."""
+    if config.DISABLE_JIT:
+        return False
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("f16c")) or llvm.get_process_triple().startswith("aarch64")
+
+
+@intrinsic
+def _half_code(typingctx, x):
+    """The half nearest to float32 x (ties to even, by the FPU), as its uint16 code."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _half_value(typingctx, code):
+    """The float32 value of a half's uint16 code (exact)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@njit(cache=True, nogil=True)
+def _fp16_nan_code(v):
+    """numpy's half code for the float32 NaN with bits v: top 10 payload bits, lowest set if
+    none are (the FPU instead sets the quiet bit, which would differ from numpy)."""
+    return u32(u32(u32(v & _SIGN) >> u32(16)) | u32(0x7C00)
+               | max(u32((v >> u32(13)) & u32(0x3FF)), u32(1)))
+
+
+@njit(cache=True, nogil=True)
+def _fp16_encode_hw(x, u, out):
+    """fp16_encode by the FPU's conversion; NaNs by numpy's rule. Twin:
+    twins.precision.fp16_encode. Both sides of the select are cheap, so it vectorises."""
+    for i in range(u.size):
+        v = u[i]
+        code = u32(_half_code(x[i]))
+        out[i] = _fp16_nan_code(v) if u32(v & _MAGNITUDE) > _F32_INF else code
+
+
+@njit(cache=True, nogil=True)
+def _round_to_fp16_hw(x, u, out):
+    """round_to_fp16 by the FPU's two conversions; NaNs by numpy's rule. Twin:
+    twins.precision.round_to_fp16."""
+    for i in range(u.size):
+        v = u[i]
+        a = u32(v & _MAGNITUDE)
+        bits = np.float32(_half_value(_half_code(x[i]))).view(np.uint32)
+        nan = u32(u32(v & _SIGN) | max(u32(a & u32(0x7FFFE000)), _FP16_NAN_MIN))
+        out[i] = nan if a > _F32_INF else bits
+
+
+@njit(cache=True, nogil=True)
+def _fp16_decode_hw(h, out):
+    """fp16_decode by the FPU's conversion; NaN payloads kept as they are (the FPU would set
+    the quiet bit). Twin: twins.precision.fp16_decode."""
+    for i in range(h.size):
+        v = u32(h[i])
+        c = u32(v & u32(0x7FFF))
+        nan = u32(u32(u32(v & u32(0x8000)) << u32(16)) | _F32_INF
+                  | u32((c & u32(0x3FF)) << u32(13)))
+        bits = np.float32(_half_value(h[i])).view(np.uint32)
+        out[i] = nan if c > u32(0x7C00) else bits
+
+
+HARDWARE_HALF = _has_half_conversions()
+_ROUND_TO_FP16 = _round_to_fp16_hw if HARDWARE_HALF else _round_to_fp16_kernel
+_FP16_ENCODE = _fp16_encode_hw if HARDWARE_HALF else _fp16_encode_kernel
+_FP16_DECODE = _fp16_decode_hw if HARDWARE_HALF else _fp16_decode_kernel
+
+
 # --- bfloat16 ---------------------------------------------------------------------------------
 
 
@@ -205,7 +287,7 @@ def round_to_fp16(x: np.ndarray) -> np.ndarray:
     """
     flat = _flat(x, np.float32, "x", "round_to_fp16")
     out = np.empty(x.shape, np.float32)
-    _round_to_fp16_kernel(flat, flat.view(np.uint32), out.reshape(-1).view(np.uint32))
+    _ROUND_TO_FP16(flat, flat.view(np.uint32), out.reshape(-1).view(np.uint32))
     return out
 
 
@@ -213,7 +295,7 @@ def fp16_encode(x: np.ndarray) -> np.ndarray:
     """IEEE half codes of float32 `x` as uint16: `x.astype(np.float16).view(np.uint16)`."""
     flat = _flat(x, np.float32, "x", "fp16_encode")
     out = np.empty(x.shape, np.uint16)
-    _fp16_encode_kernel(flat, flat.view(np.uint32), out.reshape(-1))
+    _FP16_ENCODE(flat, flat.view(np.uint32), out.reshape(-1))
     return out
 
 
@@ -221,7 +303,7 @@ def fp16_decode(bits: np.ndarray) -> np.ndarray:
     """float32 values of uint16 half codes: `bits.view(np.float16).astype(np.float32)`."""
     flat = _flat(bits, np.uint16, "bits", "fp16_decode")
     out = np.empty(bits.shape, np.float32)
-    _fp16_decode_kernel(flat, out.reshape(-1).view(np.uint32))
+    _FP16_DECODE(flat, out.reshape(-1).view(np.uint32))
     return out
 
 

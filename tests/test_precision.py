@@ -15,6 +15,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from kernels.precision import (
+    HARDWARE_HALF,
+    _fp16_decode_hw,
+    _fp16_decode_kernel,
+    _fp16_encode_hw,
+    _fp16_encode_kernel,
+    _round_to_fp16_hw,
+    _round_to_fp16_kernel,
     bf16_decode,
     bf16_encode,
     fp16_decode,
@@ -170,6 +177,30 @@ def test_fp16_ten_million_random_patterns(random_floats):
     x = random_floats
     assert_same_bits(round_to_fp16(x), twin.round_to_fp16(x))
     assert_same_bits(fp16_encode(x), twin.fp16_encode(x))
+
+
+def _both(kernels, x, out_dtype):
+    """What each of two kernels (hardware, bit arithmetic) writes for the same input."""
+    outs = []
+    for kernel in kernels:
+        out = np.empty(x.size, out_dtype)
+        if x.dtype == np.float32:
+            kernel(x, x.view(np.uint32), out)
+        else:
+            kernel(x, out)
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.skipif(not HARDWARE_HALF, reason="this CPU has no float32 <-> half instructions")
+def test_the_fpu_and_the_bit_arithmetic_agree(random_floats):
+    # The public functions use the FPU where there is one: the bit-arithmetic kernels, the
+    # fallback elsewhere, must give the same bits (NaN payloads and subnormals included).
+    x = np.concatenate([random_floats, f32(NAN_BITS), with_neighbours(f32(
+        [0x33000000, 0x33800000, 0x387FE000, 0x38800000, 0x477FE000, 0x477FF000]))])
+    assert_same_bits(*_both([_fp16_encode_hw, _fp16_encode_kernel], x, np.uint16))
+    assert_same_bits(*_both([_round_to_fp16_hw, _round_to_fp16_kernel], x, np.uint32))
+    assert_same_bits(*_both([_fp16_decode_hw, _fp16_decode_kernel], ALL_CODES, np.uint32))
 
 
 def test_fp16_encode_then_decode_is_round(random_floats):
@@ -413,6 +444,9 @@ def test_fp16_on_every_float32():
             half = x.astype(np.float16)
         assert_same_bits(fp16_encode(x), half.view(np.uint16))
         assert_same_bits(round_to_fp16(x), half.astype(np.float32))
+        if HARDWARE_HALF:  # the public functions ran on the FPU: the fallback, too
+            assert_same_bits(_both([_fp16_encode_kernel], x, np.uint16)[0],
+                             half.view(np.uint16))
 
     every_float32(check)
 
