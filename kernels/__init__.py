@@ -1,6 +1,6 @@
 """Numba-JIT numerics for tinyps: 16-bit float emulation, dense-layer pieces, the loss,
 optimizer updates, gradient aggregation, norms and per-example norms (DP-SGD). Imports NumPy
-and Numba only.
+and Numba only (with llvmlite, the code generator Numba comes with, for an intrinsic).
 
 Every kernel has a plain-NumPy twin in tests/twins/ that specifies what it computes.
 """

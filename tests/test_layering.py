@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["kernels", "ps", "worker", "tinyps"]  # each may import only those to its left
 # Third-party packages each layer may use besides the layers below it.
 THIRD_PARTY = {
-    "kernels": {"numpy", "numba"},
+    # llvmlite is Numba's code generator: kernels that emit an instruction write LLVM IR
+    "kernels": {"numpy", "numba", "llvmlite"},
     "ps": {"numpy", "numba", "grpc", "google", "grpc_health", "grpc_reflection"},
     "worker": {"numpy", "sklearn"},
     "tinyps": {"numpy", "tqdm", "matplotlib", "ray"},  # ray: the optional Ray backend only
