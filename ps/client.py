@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from itertools import zip_longest
+from threading import Lock
 from typing import TypeVar
 
 import grpc
@@ -156,6 +157,7 @@ class PSClient:
         # who asks for TLS asks for every byte to be on the encrypted channel.
         self.shared_memory = shared_memory and tls is None
         self._mailboxes: dict[int, Mailbox | None] = {}  # server -> mailbox, None: bytes
+        self._mailbox_lock = Lock()  # chunks in flight to one server attach one mailbox
         self._offsets: dict[KeyId, int] = {}  # key -> its byte offset in its server's mailbox
         self.addresses = addresses
         self.worker_id = worker_id
@@ -257,24 +259,26 @@ class PSClient:
         """This client's mailbox on `server`, attached on first use; None: send bytes."""
         if not self.shared_memory:
             return None
-        if server not in self._mailboxes:
-            size = 4 * sum(k.size for k in self._keys[server])
-            mailbox = Mailbox.create(max(size, 4))
-            try:
-                self._call(server, "Attach", ps_pb2.AttachRequest(
-                    worker=self.worker_id, name=mailbox.name, size=mailbox.size),
-                    self.deadline_s)
-            except PSError as err:
-                mailbox.unlink()
-                mailbox.close()
-                if err.code not in (grpc.StatusCode.FAILED_PRECONDITION,
-                                    grpc.StatusCode.UNIMPLEMENTED):
-                    raise
-                mailbox = None  # the server cannot map it (another host): bytes it is
-            else:
-                mailbox.unlink()  # both have it mapped: the name is no longer needed
-            self._mailboxes[server] = mailbox
-        return self._mailboxes[server]
+        with self._mailbox_lock:
+            if server not in self._mailboxes:
+                self._mailboxes[server] = self._attach(server)
+            return self._mailboxes[server]
+
+    def _attach(self, server: int) -> Mailbox | None:
+        """A new mailbox, mapped by `server`; None if it cannot map it."""
+        mailbox = Mailbox.create(max(4 * sum(k.size for k in self._keys[server]), 4))
+        try:
+            self._call(server, "Attach", ps_pb2.AttachRequest(
+                worker=self.worker_id, name=mailbox.name, size=mailbox.size), self.deadline_s)
+        except PSError as err:
+            mailbox.unlink()
+            mailbox.close()
+            if err.code not in (grpc.StatusCode.FAILED_PRECONDITION,
+                                grpc.StatusCode.UNIMPLEMENTED):
+                raise
+            return None  # the server cannot map it (another host): bytes it is
+        mailbox.unlink()  # both have it mapped: the name is no longer needed
+        return mailbox
 
     def _drop_mailboxes(self) -> None:
         for mailbox in self._mailboxes.values():
@@ -292,8 +296,10 @@ class PSClient:
         except PSError as err:
             if mailbox is None or not _lost_mailbox(err):
                 raise
-        mailbox.close()
-        del self._mailboxes[server]
+        with self._mailbox_lock:
+            if self._mailboxes.get(server) is mailbox:  # no other thread has replaced it yet
+                del self._mailboxes[server]
+                mailbox.close()
         mailbox = self._mailbox(server)
         return self._call(server, method, build(mailbox), timeout), mailbox
 
@@ -366,7 +372,8 @@ class PSClient:
                 refs = [ps_pb2.KeyRef(name=k.name, start=k.start, offset=self._offsets[k.id])
                         for k in group]
                 return ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs,
-                                          dtype=self.wire_dtype, shared=mailbox is not None)
+                                          dtype=self.wire_dtype,
+                                          mailbox="" if mailbox is None else mailbox.name)
             return self._unpack(*self._tensor_call(server, "Pull", request, timeout), flat)
 
         self._finish(self._run([partial(fetch, s, g) for s, g in self._groups(keys)]))
@@ -456,7 +463,8 @@ class PSClient:
                 raw = pack(values, self.wire_dtype)
                 mailbox.gradients(offset, raw.dtype, raw.size)[:] = raw
         return encode_push_request(self.worker_id, step, items, self.wire_dtype,
-                                   0.0 if scale == 1.0 else scale, flat is None, offsets)
+                                   0.0 if scale == 1.0 else scale, flat is None, offsets,
+                                   "" if mailbox is None else mailbox.name)
 
     @staticmethod
     def _unpack(reply: bytes, mailbox: Mailbox | None,

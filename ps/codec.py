@@ -57,7 +57,7 @@ class PushRequestView:
     slices: list[WireSlice]
     grad_scale: float  # 1.0 when the message left it unset
     skip: bool
-    shared: bool = False  # the gradients are in the worker's mailbox, not in the slices
+    mailbox: str = ""  # the gradients are in this mailbox of the worker's, not in the slices
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -139,10 +139,11 @@ def encode_pull_reply(
 def encode_push_request(
     worker: int, step: int, items: list[tuple[str, int, np.ndarray, int]],
     dtype: str = "float32", grad_scale: float = 0.0, skip: bool = False,
-    offsets: list[int] | None = None,
+    offsets: list[int] | None = None, mailbox: str = "",
 ) -> bytes:
     """PushRequest bytes from a worker id, a step and (name, start, grad, version) per key.
-    offsets: the gradients are in the worker's mailbox at these offsets, not in the message."""
+    offsets: the gradients are in the worker's mailbox named `mailbox`, at these offsets,
+    not in the message."""
     parts = []
     if worker:
         parts += [_tag(1, _VARINT), _varint(worker)]
@@ -155,8 +156,9 @@ def encode_push_request(
         parts += [_tag(4, _I64), struct.pack("<d", grad_scale)]
     if skip:
         parts += [_tag(5, _VARINT), b"\x01"]
-    if offsets is not None:
-        parts += [_tag(6, _VARINT), b"\x01"]
+    if mailbox:
+        encoded = mailbox.encode()
+        parts += [_tag(6, _LEN), _varint(len(encoded)), encoded]
     return b"".join(parts)
 
 
@@ -255,7 +257,7 @@ def decode_pull_reply(payload: bytes) -> PullReplyView:
 
 
 def decode_push_request(payload: bytes) -> PushRequestView:
-    worker, step, slices, scale, skip, shared = 0, 0, [], 0.0, False, False
+    worker, step, slices, scale, skip, mailbox = 0, 0, [], 0.0, False, ""
     for field, wire_type, value in _fields(memoryview(payload)):
         if field == 1 and wire_type == _VARINT:
             worker = _signed(value)
@@ -268,6 +270,6 @@ def decode_push_request(payload: bytes) -> PushRequestView:
             (scale,) = struct.unpack("<d", value)
         elif field == 5 and wire_type == _VARINT:
             skip = bool(value)
-        elif field == 6 and wire_type == _VARINT:
-            shared = bool(value)
-    return PushRequestView(worker, step, slices, scale or 1.0, skip, shared)
+        elif field == 6 and wire_type == _LEN:
+            mailbox = _text(value)
+    return PushRequestView(worker, step, slices, scale or 1.0, skip, mailbox)

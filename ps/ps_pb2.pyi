@@ -85,18 +85,18 @@ class KeyRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker", "step", "keys", "dtype", "shared")
+    __slots__ = ("worker", "step", "keys", "dtype", "mailbox")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHARED_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_FIELD_NUMBER: _ClassVar[int]
     worker: int
     step: int
     keys: _containers.RepeatedCompositeFieldContainer[KeyRef]
     dtype: str
-    shared: bool
-    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ..., dtype: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
+    mailbox: str
+    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ..., dtype: _Optional[str] = ..., mailbox: _Optional[str] = ...) -> None: ...
 
 class PullReply(_message.Message):
     __slots__ = ("values", "staleness_max", "step_skipped", "shared")
@@ -111,20 +111,20 @@ class PullReply(_message.Message):
     def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("worker", "step", "grads", "grad_scale", "skip", "shared")
+    __slots__ = ("worker", "step", "grads", "grad_scale", "skip", "mailbox")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
     SKIP_FIELD_NUMBER: _ClassVar[int]
-    SHARED_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_FIELD_NUMBER: _ClassVar[int]
     worker: int
     step: int
     grads: _containers.RepeatedCompositeFieldContainer[Slice]
     grad_scale: float
     skip: bool
-    shared: bool
-    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., grad_scale: _Optional[float] = ..., skip: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
+    mailbox: str
+    def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., grad_scale: _Optional[float] = ..., skip: _Optional[bool] = ..., mailbox: _Optional[str] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "duplicates", "staleness_max")

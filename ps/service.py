@@ -144,12 +144,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._count(sent=moved)
         return encode_pull_reply(items, staleness, skipped, dtype, where)
 
-    def _mailbox(self, worker: int) -> Mailbox:
+    def _mailbox(self, worker: int, name: str) -> Mailbox:
         with self._lock:
             mailbox = self._mailboxes.get(worker)
-        if mailbox is None:
-            raise MailboxMissing(f"worker {worker} has no mailbox on this server: attach first")
+        if mailbox is None or mailbox.name != name:
+            raise MailboxMissing(f"worker {worker} has no mailbox {name} on this server: "
+                                 "attach first")
         return mailbox
+
+    def _check_room(self, mailbox: Mailbox, offsets: dict[KeyId, int]) -> None:
+        """Every key's float32 values fit in the mailbox at its offset: checked before
+        anything is taken or written, so that a refused request changes nothing."""
+        sizes = {k.id: k.size for k in self._store.layout()}
+        for key_id, offset in offsets.items():
+            if key_id in sizes:  # an unknown key: the store says so
+                mailbox.weights(offset, np.float32, sizes[key_id])  # raises if outside
 
     def _count(self, received: int = 0, sent: int = 0) -> None:
         with self._lock:
@@ -176,8 +185,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         def run():
             key_ids = [(k.name, k.start) for k in request.keys] or None
             dtype = _wire_dtype(request.dtype or "float32")
-            if request.shared:
-                mailbox, offsets = self._mailbox(request.worker), self._pull_offsets(request)
+            if request.mailbox:
+                mailbox = self._mailbox(request.worker, request.mailbox)
+                offsets = self._pull_offsets(request, mailbox)
                 def read(got):
                     return self._write_shared(got, dtype, mailbox, offsets)
             else:
@@ -190,18 +200,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
         return self._call(context, run)
 
-    def _pull_offsets(self, request: ps_pb2.PullRequest) -> dict[KeyId, int]:
-        """Where a shared pull wants each key's values, checked before anything is written."""
+    def _pull_offsets(self, request: ps_pb2.PullRequest, mailbox: Mailbox) -> dict[KeyId, int]:
+        """Where a shared pull wants each key's values."""
         if not request.keys:
             raise BadRequest("a shared pull must name its keys and their mailbox offsets")
-        mailbox = self._mailbox(request.worker)
-        sizes = {k.id: k.size for k in self._store.layout()}
-        offsets = {}
-        for ref in request.keys:
-            key_id = (ref.name, ref.start)
-            if key_id in sizes:  # an unknown key: the store says so
-                mailbox.weights(ref.offset, np.float32, sizes[key_id])  # raises if outside
-            offsets[key_id] = ref.offset
+        offsets = {(ref.name, ref.start): ref.offset for ref in request.keys}
+        self._check_room(mailbox, offsets)
         return offsets
 
     def _push(self, request: bytes) -> tuple[PushRequestView, tuple[int, int, int], list[KeyId]]:
@@ -209,7 +213,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         try:
             push = decode_push_request(request)
             received = len(request)
-            mailbox = self._mailbox(push.worker) if push.shared else None
+            mailbox = None
+            if push.mailbox:
+                mailbox = self._mailbox(push.worker, push.mailbox)
+                self._check_room(mailbox, {(s.name, s.start): s.offset for s in push.slices})
             grads = {}
             for s in push.slices:
                 if (s.name, s.start) in grads:
@@ -247,12 +254,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             # Runs under the store's lock, after the barrier: the skip decision is made.
             def read(got):
                 skipped = self._store.was_skipped(push.worker, push.step)
-                if not push.shared:
+                if not push.mailbox:
                     return self._encode(got, dtype, staleness, skipped)
                 # The weights go where the gradients were, in the mailbox's other half.
                 offsets = {(s.name, s.start): s.offset for s in push.slices}
-                return self._write_shared(got, dtype, self._mailbox(push.worker), offsets,
-                                          staleness, skipped)
+                return self._write_shared(got, dtype, self._mailbox(push.worker, push.mailbox),
+                                          offsets, staleness, skipped)
 
             payload = self._store.pull(key_ids, push.worker, push.step + 1,
                                        _wait_budget(context), read=read)

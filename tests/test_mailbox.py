@@ -125,9 +125,10 @@ def test_tensors_through_mailboxes_are_the_tensors_of_the_messages(wire_dtype):
         for name, value in results[False]["ends"][w].items():
             assert np.array_equal(results[True]["ends"][w][name], value)
     # The servers count tensor bytes whichever way they went: the counts differ only by the
-    # few bytes of each slice that say where the data is instead of how long it is.
+    # few bytes of each message that say where the data is (a mailbox's name, offsets);
+    # without the tensor bytes, the shared count would be a fraction of the other.
     for wire, shm in zip(results[False]["bytes"], results[True]["bytes"], strict=True):
-        assert abs(wire - shm) < 0.01 * wire
+        assert abs(wire - shm) < 0.05 * wire
     assert _ours() == before  # names removed once mapped: nothing is left in /dev/shm
 
 
@@ -193,23 +194,37 @@ def test_shared_requests_that_point_outside_are_refused_and_change_nothing(attac
     client, stub = attached
     before = client.stats()[0]
     push = client._stubs[0]["Push"]
-    size = client._mailboxes[0].size
-    outside = encode_push_request(0, 0, [("b", 0, np.ones(5, np.float32), 0)],
-                                  offsets=[size - 8])
-    code, details = _refused(push, outside)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside the mailbox" in details
-    stranger = encode_push_request(1, 0, [("b", 0, np.ones(5, np.float32), 0)], offsets=[0])
-    code, details = _refused(push, stranger)
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "worker 1 has no mailbox" in details
-    pull = ps_pb2.PullRequest(worker=0, step=-1, shared=True,
-                              keys=[ps_pb2.KeyRef(name="b", offset=size - 4)])
-    code, details = _refused(stub.Pull, pull)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside the mailbox" in details
-    code, details = _refused(stub.Pull, ps_pb2.PullRequest(worker=0, step=-1, shared=True))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "must name its keys" in details
+    mailbox = client._mailboxes[0]
+    b = [("b", 0, np.ones(5, np.float32), 0)]
+    refusals = [
+        (encode_push_request(0, 0, b, offsets=[mailbox.size - 8], mailbox=mailbox.name),
+         grpc.StatusCode.INVALID_ARGUMENT, "outside the mailbox"),
+        # a skipped step carries no values, but its reply would still be written there
+        (encode_push_request(0, 0, [("b", 0, np.zeros(0, np.float32), 0)], skip=True,
+                             offsets=[mailbox.size - 8], mailbox=mailbox.name),
+         grpc.StatusCode.INVALID_ARGUMENT, "outside the mailbox"),
+        (encode_push_request(1, 0, b, offsets=[0], mailbox=mailbox.name),
+         grpc.StatusCode.FAILED_PRECONDITION, "worker 1 has no mailbox"),
+        # written for a mailbox the server no longer has (a newer Attach replaced it)
+        (encode_push_request(0, 0, b, offsets=[0], mailbox="tinyps-" + "c" * 32),
+         grpc.StatusCode.FAILED_PRECONDITION, "worker 0 has no mailbox tinyps-ccc"),
+    ]
+    for request, code, words in refusals:
+        got_code, details = _refused(push, request)
+        assert got_code == code and words in details, details
+    pulls = [
+        (ps_pb2.PullRequest(worker=0, step=-1, mailbox=mailbox.name,
+                            keys=[ps_pb2.KeyRef(name="b", offset=mailbox.size - 4)]),
+         "outside the mailbox"),
+        (ps_pb2.PullRequest(worker=0, step=-1, mailbox=mailbox.name), "must name its keys"),
+    ]
+    for request, words in pulls:
+        code, details = _refused(stub.Pull, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, details
     after = client.stats()[0]
     assert after["updates"] == before["updates"] and after["pushes"] == before["pushes"]
-    assert after["rejected_pushes"] == before["rejected_pushes"] + 2
+    assert after["pulls"] == before["pulls"]
+    assert after["rejected_pushes"] == before["rejected_pushes"] + len(refusals)
     np.testing.assert_array_equal(client.pull()["b"], PARAMS["b"])
 
 
@@ -227,3 +242,23 @@ def test_attach_refuses_strangers_and_odd_files(attached):
     code, details = _refused(stub.Attach, ps_pb2.AttachRequest(
         worker=0, name="tinyps-" + "b" * 32, size=64))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "another host" in details
+
+
+def test_chunks_in_flight_to_one_server_share_one_mailbox():
+    # 4 requests at once on the first call: one Attach, and every chunk read from it.
+    big = {"w": np.linspace(0, 1, 4096, dtype=np.float32)}
+    grads = {"w": np.linspace(1, 2, 4096, dtype=np.float32)}
+    ends = {}
+    for shared in (False, True):
+        running = serve(mode="async", workers=1)
+        try:
+            with PSClient([running.address], shared_memory=shared, chunk_bytes=4096,
+                          in_flight=4) as client:
+                client.init(big, "sgd", lr=0.5)
+                ends[shared] = client.push_pull(grads, 0).params["w"]
+                assert len([m for m in client._mailboxes.values() if m]) == int(shared)
+                assert running.store.stats()["updates"] == 4  # four keys, one update each
+        finally:
+            running.stop(0)
+    np.testing.assert_array_equal(ends[True], ends[False])
+    np.testing.assert_array_equal(ends[True], big["w"] - 0.5 * grads["w"])
