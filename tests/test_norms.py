@@ -176,7 +176,9 @@ def test_clip_property(xs, max_norm):
     assert clip_by_global_norm(xs, max_norm) == before
     after = global_norm(xs)
     assert after <= max_norm * (1 + 1e-5) + 1e-30
-    if before <= max_norm:
+    # torch clips when max_norm / (total + 1e-6) < 1, so a norm just below max_norm is still
+    # scaled a little; comfortably below it, nothing changes.
+    if before + 1e-5 * max(1.0, max_norm) <= max_norm:
         assert after == before
 
 
