@@ -1,8 +1,10 @@
-"""Transport speed: tinyps pull/push against a raw gRPC bytes echo, chunks against one message.
+"""Transport speed: tinyps pull/push against a raw gRPC bytes echo, chunks against one message,
+and tensors through a shared-memory mailbox against tensors in the messages.
 
 A worker step moves the model twice: gradients up, weights down. The raw echo does the same
 (bytes up, the same bytes down) with no work in between; tinyps also checks and applies the
-gradients. Both use 4 MiB messages, four in flight.
+gradients. Both use 4 MiB messages, four in flight. The mailbox comparison runs a 64 MiB
+model and the peer benchmarks' (784-256-128-10, 0.9 MiB), where per-call costs weigh more.
 
 Run with `make bench`. The servers run in their own processes (as in a real cluster, and so
 that client and server do not share one interpreter lock); each comparison alternates its two
@@ -30,6 +32,7 @@ from ps.wire import MAX_MESSAGE_BYTES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transport.json"
 MODEL_BYTES = 64 * 1024 * 1024
+PEER_MODEL_BYTES = 4 * (784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10)
 CHUNK = 4 * 1024 * 1024
 IN_FLIGHT = 4
 ECHO = "/bench.Echo/Echo"
@@ -49,19 +52,19 @@ def _echo_server(ports) -> None:
     server.wait_for_termination()
 
 
-def _ps_server(ports) -> None:
+def _ps_server(ports, workers: int = 1) -> None:
     from ps.server import serve
 
     keep_freed_buffers()
-    running = serve(mode="async", workers=1)
+    running = serve(mode="async", workers=workers)
     ports.put(running.port)
     running.wait()
 
 
-def _start(target) -> tuple[mp.Process, str]:
+def _start(target, *args) -> tuple[mp.Process, str]:
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    proc = ctx.Process(target=target, args=(ports,), daemon=True)
+    proc = ctx.Process(target=target, args=(ports, *args), daemon=True)
     proc.start()
     return proc, f"127.0.0.1:{ports.get(timeout=60)}"
 
@@ -124,6 +127,8 @@ def transport_comparisons() -> tuple[list[Comparison], dict]:
                     ("PSClient.versions()", chunked.versions),
                     ("empty echo", lambda: echo.one(b"")), goal=1 / 1.25),
         ]
+        for size, label in ((MODEL_BYTES, "64 MiB"), (PEER_MODEL_BYTES, "0.9 MiB")):
+            runs.append(_mailbox_comparison(model["big"].reshape(-1)[:size // 4], label))
         chunked.close()
         whole.close()
         machine = {"model_bytes": MODEL_BYTES, "chunk_bytes": CHUNK, "in_flight": IN_FLIGHT}
@@ -134,6 +139,34 @@ def transport_comparisons() -> tuple[list[Comparison], dict]:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+
+
+def _mailbox_comparison(values: np.ndarray, label: str) -> Comparison:
+    """PushPull of `values` through a mailbox and in the messages, two workers of one server."""
+    proc, address = _start(_ps_server, 2)
+    try:
+        shm, wire = (PSClient([address], chunk_bytes=CHUNK, in_flight=IN_FLIGHT, deadline_s=120,
+                              shared_memory=shared, worker_id=w)
+                     for w, shared in ((0, True), (1, False)))
+        shm.init({"w": values}, "sgd", lr=0.1)
+        zero = {"w": np.zeros_like(values)}  # the weights stay as they are
+        steps = {shm: 0, wire: 0}
+
+        def exchange(client: PSClient) -> None:
+            client.push_pull(zero, steps[client])
+            steps[client] += 1
+
+        result = compare(f"push+pull {label}: through a mailbox vs in the messages",
+                         ("shared memory", lambda: exchange(shm)),
+                         ("gRPC bytes", lambda: exchange(wire)), rounds=7)
+        shm.close()
+        wire.close()
+        return result
+    finally:
+        proc.terminate()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
 
 
 def main() -> int:
