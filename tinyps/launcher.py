@@ -44,9 +44,10 @@ from worker.model import MLP
 from worker.partition import partition
 from worker.process import steps_for
 
-__all__ = ["Follower", "LaunchError", "Progress", "checkpoint_root", "launch", "load_model",
-           "prepare_run_dir", "read_resumed", "resume_into", "save_model", "server_args",
-           "start_servers", "warm_numba_cache", "worker_args", "write_results"]
+__all__ = ["Follower", "LaunchError", "LaunchPlan", "Progress", "checkpoint_root", "launch",
+           "load_model", "prepare_launch", "prepare_run_dir", "read_resumed", "resume_into",
+           "save_model", "server_args", "start_servers", "warm_numba_cache", "worker_args",
+           "write_results"]
 
 # Progress(steps done, steps in all, latest loss per worker, samples per second)
 Progress = Callable[[int, int, dict[int, float], float], None]
@@ -277,13 +278,25 @@ def resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement,
         write_checkpoint(server_directory(root, i), snapshot, config.keep_checkpoints)
 
 
-def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict, Path]:
-    """Run a cluster to the end; return (summary, run directory)."""
-    if config.backend == "ray":
-        from tinyps.ray_backend import launch_ray  # Ray is an optional extra
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What every backend settles before it starts a process (see prepare_launch)."""
 
-        return launch_ray(config, progress, config.ray_address)
-    keep_freed_buffers()
+    config: LaunchConfig  # with the DP noise settled
+    run_dir: Path
+    data: Dataset
+    placement: Placement
+    steps: int  # per worker
+    shard_sizes: list[int]
+    checkpoints: Path  # absolute: a Ray actor's working directory may be another
+    resumed: list[Snapshot] | None  # the resumed run's newest checkpoints, or None
+    started: float  # time.time() when the launch began
+
+
+def prepare_launch(config: LaunchConfig) -> LaunchPlan:
+    """Check and settle a run before anything starts: the data, the placement, the steps,
+    the DP plan, a resume's checkpoints; then write the run directory and config.json, and
+    warm Numba's cache for the processes that follow. Shared by every backend."""
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
@@ -299,26 +312,39 @@ def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict
         privacy.check_resume(config, Path(config.resume))
     prepare_run_dir(run_dir)  # every check has passed: nothing is written before this
     (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    checkpoints = checkpoint_root(config, run_dir)
+    checkpoints = checkpoint_root(config, run_dir).resolve()
     if resumed is not None:
         resume_into(config, resumed, placement, checkpoints)
-    warm_numba_cache()
+    warm_numba_cache()  # for the processes on this machine; other hosts compile their own
+    return LaunchPlan(config, run_dir, data, placement, steps, shard_sizes, checkpoints,
+                      resumed, started)
 
-    run = _Run(config, run_dir, checkpoints, steps, started)
+
+def launch(config: LaunchConfig, progress: Progress | None = None) -> tuple[dict, Path]:
+    """Run a cluster to the end; return (summary, run directory)."""
+    if config.backend == "ray":
+        from tinyps.ray_backend import launch_ray  # Ray is an optional extra
+
+        return launch_ray(config, progress, config.ray_address)
+    keep_freed_buffers()
+    plan = prepare_launch(config)
+    config = plan.config
+    run = _Run(config, plan.run_dir, plan.checkpoints, plan.steps, plan.started)
     try:
-        run.servers, run.addresses = start_servers(config, run_dir, checkpoints,
+        run.servers, run.addresses = start_servers(config, plan.run_dir, plan.checkpoints,
                                                    restore=config.resume is not None)
         run.workers = [run.start_worker(i) for i in range(config.workers)]
         records = run.supervise(progress)
-        summary, params = _finish(config, data, placement, run, records, steps, started)
-        summary.update(privacy.spent(config, shard_sizes,
+        summary, params = _finish(config, plan.data, plan.placement, run, records, plan.steps,
+                                  plan.started)
+        summary.update(privacy.spent(config, plan.shard_sizes,
                                      privacy.steps_made(records, config.workers,
-                                                        resumed=resumed is not None)))
+                                                        resumed=plan.resumed is not None)))
     finally:
         end_all(run.servers + run.workers)
 
-    write_results(run_dir, records, summary, params, config, data, placement)
-    return summary, run_dir
+    write_results(plan.run_dir, records, summary, params, config, plan.data, plan.placement)
+    return summary, plan.run_dir
 
 
 def write_results(run_dir: Path, records: list[dict], summary: dict, params: dict,

@@ -41,22 +41,16 @@ from tinyps.launcher import (
     Follower,
     LaunchError,
     Progress,
-    checkpoint_root,
-    model_placement,
-    prepare_run_dir,
-    read_resumed,
-    resume_into,
+    prepare_launch,
     server_args,
-    warm_numba_cache,
     worker_args,
     write_results,
 )
 from tinyps.processes import TOKEN_ENV
 from tinyps.summary import build_summary
-from worker.data import Dataset, load_dataset
+from worker.data import Dataset
 from worker.model import MLP
-from worker.partition import partition
-from worker.process import WorkerSettings, run_worker_process, steps_for
+from worker.process import WorkerSettings, run_worker_process
 
 __all__ = ["kill_server_actor", "launch_ray"]
 
@@ -491,43 +485,26 @@ def launch_ray(config: LaunchConfig, progress: Progress | None = None,
     Joins the Ray instance this process has already initialised, else ray.init(ray_address)
     (None: a new local instance, shut down again at the end).
     """
-    started = time.time()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
-    resumed = read_resumed(config) if config.resume else None
-    prepare_run_dir(run_dir)
-    data = load_dataset(config.dataset, seed=config.seed)
-    placement = model_placement(config, data)
-    steps = config.steps or steps_for(len(data.X_train), config.workers, config.batch_size,
-                                      config.epochs)
-    shard_sizes = [len(s) for s in partition(data, config.workers, config.partition,
-                                             alpha=config.alpha, seed=config.seed)]
-    config = privacy.plan(config, shard_sizes, steps)  # sigma settled before anything starts
-    (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    # Absolute: the actors' working directory is not necessarily this one.
-    checkpoints = checkpoint_root(config, run_dir).resolve()
-    if resumed is not None:
-        resume_into(config, resumed, placement, checkpoints)
-    warm_numba_cache()  # for the actors on this node; other nodes compile their own
-
+    plan = prepare_launch(config)
+    config = plan.config
     ours = not ray.is_initialized()
     if ours:
         ray.init(address=ray_address, log_to_driver=False)
-    run = _RayRun(config, run_dir, checkpoints, steps, started)
+    run = _RayRun(config, plan.run_dir, plan.checkpoints, plan.steps, plan.started)
     try:
         run.reserve()
         run.start_actors(restore=config.resume is not None)
         for i in range(config.workers):
             run.start_worker(i)
         records = run.supervise(progress)
-        summary, params = run.finish(data, placement, records)
-        summary.update(privacy.spent(config, shard_sizes,
+        summary, params = run.finish(plan.data, plan.placement, records)
+        summary.update(privacy.spent(config, plan.shard_sizes,
                                      privacy.steps_made(records, config.workers,
-                                                        resumed=resumed is not None)))
+                                                        resumed=plan.resumed is not None)))
     finally:
         run.end()
         if ours:
             ray.shutdown()
 
-    write_results(run_dir, records, summary, params, config, data, placement)
-    return summary, run_dir
+    write_results(plan.run_dir, records, summary, params, config, plan.data, plan.placement)
+    return summary, plan.run_dir
