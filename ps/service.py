@@ -109,6 +109,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._last_reply: tuple[tuple, bytes] | None = None  # see _encode
         self._rejected_pushes = 0  # pushes refused: malformed, non-finite, wrong step, ...
         self._mailboxes: dict[int, Mailbox] = {}  # worker -> its shared-memory mailbox
+        self._key_sizes: tuple[tuple[Key, ...] | None, dict[KeyId, int]] = (None, {})
 
     def _encode(self, got: list[tuple[Key, np.ndarray, int]], dtype: str = "float32",
                 staleness: int = 0, skipped: bool = False) -> bytes:
@@ -155,7 +156,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _check_room(self, mailbox: Mailbox, offsets: dict[KeyId, int]) -> None:
         """Every key's float32 values fit in the mailbox at its offset: checked before
         anything is taken or written, so that a refused request changes nothing."""
-        sizes = {k.id: k.size for k in self._store.layout()}
+        layout = self._store.layout()
+        if self._key_sizes[0] is not layout:  # the layout changes only at init or restore
+            self._key_sizes = (layout, {k.id: k.size for k in layout})
+        sizes = self._key_sizes[1]
         for key_id, offset in offsets.items():
             if key_id in sizes:  # an unknown key: the store says so
                 mailbox.weights(offset, np.float32, sizes[key_id])  # raises if outside
