@@ -9,10 +9,12 @@ from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimme
 from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
 from kernels.matmul import blocked_matmul
 from kernels.norms import all_finite, clip_by_global_norm, global_norm
-from kernels.optim import adam_update, sgd_update
+from kernels.optim import adam_update, sgd_update, sgd_update_codes
 from kernels.precision import (
+    bf16_all_finite,
     bf16_decode,
     bf16_encode,
+    fp16_all_finite,
     fp16_decode,
     fp16_encode,
     round_to_bf16,
@@ -25,11 +27,13 @@ __all__ = [
     "aggregate_median",
     "aggregate_trimmed_mean",
     "all_finite",
+    "bf16_all_finite",
     "bf16_decode",
     "bf16_encode",
     "bias_relu_forward",
     "blocked_matmul",
     "clip_by_global_norm",
+    "fp16_all_finite",
     "fp16_decode",
     "fp16_encode",
     "global_norm",
@@ -39,5 +43,6 @@ __all__ = [
     "round_to_bf16",
     "round_to_fp16",
     "sgd_update",
+    "sgd_update_codes",
     "softmax_cross_entropy",
 ]

@@ -13,8 +13,10 @@ from numba import config, njit, types
 from numba.extending import intrinsic
 
 __all__ = [
+    "bf16_all_finite",
     "bf16_decode",
     "bf16_encode",
+    "fp16_all_finite",
     "fp16_decode",
     "fp16_encode",
     "round_to_bf16",
@@ -117,23 +119,32 @@ def _fp16_encode_kernel(x, u, out):
 
 
 @njit(cache=True, nogil=True)
+def _fp16_bits(h):
+    """The float32 bits of the half with code h. Exact, NaN payloads kept.
+
+    Twin: twins.precision.fp16_decode. Tricks: normals and inf/NaN are bit moves; a subnormal
+    half is c * 2**-24 with c < 1024, which float32 holds exactly, so an int-to-float
+    conversion and a multiply normalise it (no leading-zero count).
+    """
+    v = u32(h)
+    c = u32(v & u32(0x7FFF))
+    if c >= u32(0x7C00):
+        bits = _F32_INF | u32((c & u32(0x3FF)) << u32(13))
+    elif c >= u32(0x0400):
+        bits = u32((c << u32(13)) + _FP16_REBIAS)
+    else:
+        bits = np.float32(np.float32(c) * _TWO_POW_M24).view(np.uint32)
+    return u32(u32(u32(v & u32(0x8000)) << u32(16)) | bits)
+
+
+@njit(cache=True, nogil=True)
 def _fp16_decode_kernel(h, out):
     """Inner loop of fp16_decode: out[i] = float32 bits of the half with code h[i].
 
-    Twin: twins.precision.fp16_decode. Exact, NaN payloads kept. Tricks: normals and
-    inf/NaN are bit moves; a subnormal half is c * 2**-24 with c < 1024, which float32 holds
-    exactly, so an int-to-float conversion and a multiply normalise it (no leading-zero count).
+    Twin: twins.precision.fp16_decode. One pass; see _fp16_bits.
     """
     for i in range(h.size):
-        v = u32(h[i])
-        c = u32(v & u32(0x7FFF))
-        if c >= u32(0x7C00):
-            bits = _F32_INF | u32((c & u32(0x3FF)) << u32(13))
-        elif c >= u32(0x0400):
-            bits = u32((c << u32(13)) + _FP16_REBIAS)
-        else:
-            bits = np.float32(np.float32(c) * _TWO_POW_M24).view(np.uint32)
-        out[i] = u32(u32(u32(v & u32(0x8000)) << u32(16)) | bits)
+        out[i] = _fp16_bits(h[i])
 
 
 # --- IEEE half in hardware --------------------------------------------------------------------
@@ -195,16 +206,24 @@ def _round_to_fp16_hw(x, u, out):
 
 
 @njit(cache=True, nogil=True)
+def _fp16_bits_hw(h):
+    """_fp16_bits by the FPU's conversion; NaN payloads kept as they are (the FPU would set
+    the quiet bit). Twin: twins.precision.fp16_decode. Both sides of the select are cheap,
+    so a loop over it vectorises."""
+    v = u32(h)
+    c = u32(v & u32(0x7FFF))
+    nan = u32(u32(u32(v & u32(0x8000)) << u32(16)) | _F32_INF
+              | u32((c & u32(0x3FF)) << u32(13)))
+    bits = np.float32(_half_value(h)).view(np.uint32)
+    return nan if c > u32(0x7C00) else bits
+
+
+@njit(cache=True, nogil=True)
 def _fp16_decode_hw(h, out):
-    """fp16_decode by the FPU's conversion; NaN payloads kept as they are (the FPU would set
-    the quiet bit). Twin: twins.precision.fp16_decode."""
+    """fp16_decode by the FPU's conversion (see _fp16_bits_hw). Twin:
+    twins.precision.fp16_decode."""
     for i in range(h.size):
-        v = u32(h[i])
-        c = u32(v & u32(0x7FFF))
-        nan = u32(u32(u32(v & u32(0x8000)) << u32(16)) | _F32_INF
-                  | u32((c & u32(0x3FF)) << u32(13)))
-        bits = np.float32(_half_value(h[i])).view(np.uint32)
-        out[i] = nan if c > u32(0x7C00) else bits
+        out[i] = _fp16_bits_hw(h[i])
 
 
 HARDWARE_HALF = _has_half_conversions()
@@ -251,13 +270,45 @@ def _bf16_encode_kernel(u, out):
 
 
 @njit(cache=True, nogil=True)
+def _bf16_bits(h):
+    """The float32 bits of the bfloat16 with code h: h << 16. Exact; NaN payloads and signs
+    survive. Twin: twins.precision.bf16_decode."""
+    return u32(u32(h) << u32(16))
+
+
+@njit(cache=True, nogil=True)
 def _bf16_decode_kernel(h, out):
     """Inner loop of bf16_decode: out[i] = h[i] << 16, the float32 bits of a bfloat16 code.
 
-    Twin: twins.precision.bf16_decode. Exact; NaN payloads and signs survive.
+    Twin: twins.precision.bf16_decode. One pass; see _bf16_bits.
     """
     for i in range(h.size):
-        out[i] = u32(u32(h[i]) << u32(16))
+        out[i] = _bf16_bits(h[i])
+
+
+# --- finiteness, read off the codes ----------------------------------------------------------
+
+_CHUNK = 4096  # codes scanned between early exits: long enough to vectorise, short to stop
+_FP16_EXPONENT = u32(0x7C00)  # a half is inf or NaN exactly when these bits are all ones
+_BF16_EXPONENT = u32(0x7F80)  # as a float32's top half: the same rule
+
+
+@njit(cache=True, nogil=True)
+def _codes_finite_kernel(bits, exponent):
+    """True when no uint16 code in `bits` (flat) has all of its `exponent` bits set.
+
+    Twin: twins.precision.fp16_all_finite / bf16_all_finite. Reads the 16-bit codes, half the
+    bytes of their float32 values. Tricks as kernels.norms.all_finite: an integer max of
+    (code & exponent) over a chunk decides it and vectorises; exit per chunk.
+    """
+    for c0 in range(0, bits.size, _CHUNK):
+        chunk = bits[c0 : c0 + _CHUNK]  # indexed from 0: no wraparound checks, plain loads
+        worst = u32(0)
+        for i in range(chunk.size):
+            worst = max(worst, u32(u32(chunk[i]) & exponent))
+        if worst == exponent:
+            return False
+    return True
 
 
 # --- public functions -------------------------------------------------------------------------
@@ -333,3 +384,17 @@ def bf16_decode(bits: np.ndarray) -> np.ndarray:
     out = np.empty(bits.shape, np.float32)
     _bf16_decode_kernel(flat, out.reshape(-1).view(np.uint32))
     return out
+
+
+def fp16_all_finite(bits: np.ndarray) -> bool:
+    """True when no uint16 half code in `bits` (any shape) is inf or NaN: what
+    `np.isfinite(fp16_decode(bits)).all()` says, without decoding."""
+    flat = _flat(bits, np.uint16, "bits", "fp16_all_finite")
+    return bool(_codes_finite_kernel(flat, _FP16_EXPONENT))
+
+
+def bf16_all_finite(bits: np.ndarray) -> bool:
+    """True when no uint16 bfloat16 code in `bits` (any shape) is inf or NaN: what
+    `np.isfinite(bf16_decode(bits)).all()` says, without decoding."""
+    flat = _flat(bits, np.uint16, "bits", "bf16_all_finite")
+    return bool(_codes_finite_kernel(flat, _BF16_EXPONENT))

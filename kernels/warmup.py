@@ -11,10 +11,12 @@ import numpy as np
 from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
 from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
 from kernels.norms import all_finite, clip_by_global_norm, global_norm
-from kernels.optim import adam_update, sgd_update
+from kernels.optim import adam_update, sgd_update, sgd_update_codes
 from kernels.precision import (
+    bf16_all_finite,
     bf16_decode,
     bf16_encode,
+    fp16_all_finite,
     fp16_decode,
     fp16_encode,
     round_to_bf16,
@@ -53,3 +55,9 @@ def warm_up() -> None:
     frozen = np.frombuffer(np.ones(3, np.float32).tobytes(), np.float32)
     all_finite(frozen)
     sgd_update(p, frozen, 0.1)
+    # A server updates straight from 16-bit gradient codes (async SGD), also read-only views.
+    codes = np.frombuffer(fp16_encode(v).tobytes(), np.uint16)
+    fp16_all_finite(codes)
+    bf16_all_finite(codes)
+    sgd_update_codes(p, codes, "float16", 0.1)
+    sgd_update_codes(p, codes, "bfloat16", 0.1, scale=2.0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import adam_update, sgd_update
+from kernels import adam_update, sgd_update, sgd_update_codes
 
 __all__ = ["OPTIMIZERS", "OptimizerConfig", "Optimizer"]
 
@@ -86,3 +86,20 @@ class Optimizer:
             )
         else:
             sgd_update(param, grad, lr, weight_decay=cfg.weight_decay)
+
+    @property
+    def fuses_codes(self) -> bool:
+        """Whether step_codes can apply a gradient straight from its 16-bit codes: plain SGD
+        without weight decay (every other rule takes the float32 gradient to step)."""
+        return self.config.name == "sgd" and self.config.weight_decay == 0.0
+
+    def step_codes(self, name: str, param: np.ndarray, codes: np.ndarray, fmt: str,
+                   scale: float = 1.0, lr: float | None = None) -> None:
+        """step() from a gradient still in 16-bit codes (fmt "float16" or "bfloat16") times a
+        loss scale: bit for bit step(name, param, decode(codes) / float32(scale), lr), in one
+        pass without the float32 gradient. Only where fuses_codes."""
+        if not self.fuses_codes:
+            raise ValueError(f"step_codes: {self.config.name} with weight decay "
+                             f"{self.config.weight_decay} needs the float32 gradient; decode "
+                             f"the codes and call step")
+        sgd_update_codes(param, codes, fmt, self.config.lr if lr is None else lr, scale)

@@ -32,13 +32,14 @@ from ps.store import (
     Closed,
     LayoutConflict,
     NotInitialised,
+    Packed,
     StepOutOfRange,
     Store,
     StoreError,
     UnknownKey,
     WaitTimeout,
 )
-from ps.wire import WIRE_DTYPES, WireError, decode_slice
+from ps.wire import WIRE_DTYPES, WireError, decode_slice, raw_slice
 
 __all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_to_server"]
 
@@ -228,7 +229,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 if mailbox is not None:
                     s = _from_mailbox(mailbox, s)
                     received += len(s.data)
-                grads[(s.name, s.start)] = (decode_slice(s), s.version)
+                # 16-bit gradients go to the store as their codes: it decodes them only
+                # where the update cannot read codes itself.
+                raw = raw_slice(s)
+                grads[(s.name, s.start)] = (raw if s.dtype == "float32" else Packed(raw, s.dtype),
+                                            s.version)
             # Gradients copied out of a mailbox are private arrays: the store may keep them.
             result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip,
                                       owned=mailbox is not None)
@@ -321,7 +326,7 @@ def _from_mailbox(mailbox: Mailbox, piece: WireSlice) -> WireSlice:
     at any time, so the store must check and keep a private copy."""
     dtype = WIRE_DTYPES.get(piece.dtype)
     if dtype is None or any(d < 0 for d in piece.shape):
-        return piece  # decode_slice says what is wrong with it
+        return piece  # raw_slice says what is wrong with it
     raw = mailbox.gradients(piece.offset, dtype, math.prod(piece.shape)).copy()
     return replace(piece, data=memoryview(raw).cast("B"))
 

@@ -18,15 +18,23 @@ from typing import TypeVar
 
 import numpy as np
 
-from kernels import aggregate_median, aggregate_trimmed_mean, all_finite
+from kernels import (
+    aggregate_median,
+    aggregate_trimmed_mean,
+    all_finite,
+    bf16_all_finite,
+    bf16_decode,
+    fp16_all_finite,
+    fp16_decode,
+)
 from ps.keys import Key, KeyId
 from ps.optimizer import Optimizer, OptimizerConfig
 from ps.snapshot import KeyState, Snapshot
 from ps.watch import GradientWatch
 
 __all__ = [
-    "AGGREGATES", "MODES", "BadRequest", "Closed", "LayoutConflict", "NotInitialised", "Store",
-    "StoreConfig", "StoreError", "StepOutOfRange", "UnknownKey", "WaitTimeout",
+    "AGGREGATES", "MODES", "BadRequest", "Closed", "LayoutConflict", "NotInitialised", "Packed",
+    "Store", "StoreConfig", "StoreError", "StepOutOfRange", "UnknownKey", "WaitTimeout",
     "parse_aggregate",
 ]
 
@@ -35,6 +43,9 @@ AGGREGATES = ("mean", "median", "trimmed_mean")  # trimmed_mean:F trims F of eac
 
 T = TypeVar("T")
 _SKIPPED = object()  # sync: a step's partial sum once any worker has skipped it
+# 16-bit gradient formats: their decoders to float32, and their finiteness checks on the codes.
+_DECODE = {"float16": fp16_decode, "bfloat16": bf16_decode}
+_FINITE = {"float16": fp16_all_finite, "bfloat16": bf16_all_finite}
 
 
 class StoreError(Exception):
@@ -67,6 +78,28 @@ class WaitTimeout(StoreError):
 
 class Closed(StoreError):
     pass
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A gradient still in the 16-bit format it travelled in: the uint16 codes of float16 or
+    bfloat16 values. The store decodes it to float32 only where it must; plain SGD in async
+    and ssp mode updates straight from the codes (Optimizer.step_codes), which saves writing
+    and reading a float32 copy."""
+
+    codes: np.ndarray  # uint16
+    fmt: str  # "float16" | "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.fmt not in _DECODE:
+            raise ValueError(f"Packed: fmt must be one of {', '.join(_DECODE)}, got {self.fmt!r}")
+        if not isinstance(self.codes, np.ndarray) or self.codes.dtype != np.uint16:
+            raise ValueError(f"Packed: codes must be a uint16 array, got "
+                             f"{getattr(self.codes, 'dtype', type(self.codes).__name__)}")
+
+    def decode(self) -> np.ndarray:
+        """The float32 values (a new array)."""
+        return _DECODE[self.fmt](self.codes)
 
 
 @dataclass(frozen=True)
@@ -312,7 +345,7 @@ class Store:
         self,
         worker: int,
         step: int,
-        grads: dict[KeyId, tuple[np.ndarray, int]],
+        grads: dict[KeyId, tuple[np.ndarray | Packed, int]],
         scale: float = 1.0,
         skip: bool = False,
         owned: bool = False,
@@ -325,10 +358,13 @@ class Store:
         their loss scalers stay in step).
         `owned`: the arrays are the store's to keep (the caller made them for this push and
         will not touch them again), so sync mode keeps them without a copy.
+        A gradient may also come as Packed 16-bit codes: they are checked as codes, and
+        decoded to float32 unless the update reads the codes itself (see _unpack).
         Returns (keys accepted, keys already pushed for this step: acknowledged, not applied,
         the largest staleness among the gradients applied now).
         Every check runs first: a refused push changes nothing and uses up no step.
         """
+        grads, decoded = self._unpack(grads, skip)
         with self._cond:
             self._check_ready()
             self._check_worker(worker)
@@ -346,7 +382,7 @@ class Store:
                     if grad.size:
                         raise BadRequest(f"push {slot.key}: a skipped step carries no values")
                 else:
-                    _check_values("push", slot.key, grad)
+                    _check_gradient("push", slot.key, grad)
                 expected = int(slot.next_step[worker])
                 if rejoining:
                     expected = max(expected, step)
@@ -362,22 +398,46 @@ class Store:
                         f"at version {slot.version}"
                     )
                 if step == expected:
-                    fresh.append((slot, grad, read_version))
+                    fresh.append((slot, grad, read_version, owned or key_id in decoded))
             with self._calling(worker):
                 self._arrive(worker, step)
-                staleness_max = self._take(worker, step, fresh, scale, skip, owned)
+                staleness_max = self._take(worker, step, fresh, scale, skip)
             self._counters.pushes += 1
             self._cond.notify_all()
             return len(fresh), len(grads) - len(fresh), staleness_max
 
-    def _take(self, worker: int, step: int, fresh: list, scale: float, skip: bool,
-              owned: bool) -> int:
-        """Apply or gather the checked gradients of one push; the largest staleness applied."""
+    def _unpack(self, grads: dict[KeyId, tuple[np.ndarray | Packed, int]],
+                skip: bool) -> tuple[dict[KeyId, tuple[np.ndarray | Packed, int]], set[KeyId]]:
+        """The gradients with Packed ones decoded to float32, unless the update reads codes
+        itself (async or ssp, an optimizer that fuses them: plain SGD); and the keys decoded
+        here (new arrays: the store's to keep).
+
+        Runs before the lock is taken, so that other pushes need not wait for the decoding.
+        The optimizer is set once (init, restore) and never replaced, so reading it unlocked
+        is safe; before it is set everything is decoded, and the push is then refused.
+        """
+        optimizer = self._optimizer
+        fused = (not skip and self.config.mode != "sync" and optimizer is not None
+                 and optimizer.fuses_codes)
+        if fused:
+            return grads, set()
+        out, decoded = {}, set()
+        for key_id, (grad, read_version) in grads.items():
+            if isinstance(grad, Packed):
+                grad = grad.decode()
+                decoded.add(key_id)
+            out[key_id] = (grad, read_version)
+        return out, decoded
+
+    def _take(self, worker: int, step: int, fresh: list, scale: float, skip: bool) -> int:
+        """Apply or gather the checked gradients of one push; the largest staleness applied.
+        `fresh`: (slot, gradient, version read, whether the array is the store's to keep)."""
         staleness_max = 0
         late = False
-        for slot, grad, read_version in fresh:
+        for slot, grad, read_version, owned in fresh:
             slot.next_step[worker] += 1
-            if not skip and scale != 1.0:
+            # Packed codes are unscaled by the update itself, in the same pass.
+            if not skip and scale != 1.0 and not isinstance(grad, Packed):
                 grad = grad / np.float32(scale)  # unscale in fp32, as GradScaler does: a new
                 owned = True  # array, ours to keep
             if self.config.mode == "sync":
@@ -388,7 +448,8 @@ class Store:
             elif skip:
                 self._skipped.add((worker, step))
             else:
-                staleness_max = max(staleness_max, self._apply_one(slot, grad, read_version))
+                staleness_max = max(staleness_max,
+                                    self._apply_one(slot, grad, read_version, scale))
         if late and self._last_dropped.get(worker) != step:
             self._last_dropped[worker] = step  # a step's requests to this server count once
             self._counters.dropped_gradients += 1
@@ -462,8 +523,10 @@ class Store:
         std = self.config.dp_noise_std / count
         return rng.normal(0.0, std, slot.key.size).astype(np.float32)
 
-    def _apply_one(self, slot: _Slot, grad: np.ndarray, read_version: int) -> int:
-        """async / ssp: apply on arrival, unless staler than allowed. Returns the staleness."""
+    def _apply_one(self, slot: _Slot, grad: np.ndarray | Packed, read_version: int,
+                   scale: float = 1.0) -> int:
+        """async / ssp: apply on arrival, unless staler than allowed. Returns the staleness.
+        `scale`: the loss scale still in Packed codes (a float32 gradient is unscaled)."""
         staleness = slot.version - read_version
         limit = self.config.max_staleness
         if limit is not None and staleness > limit:
@@ -472,7 +535,11 @@ class Store:
         lr = None
         if self.config.staleness_lr and staleness > 1:
             lr = self._optimizer.config.lr / staleness  # Zhang et al. 2016
-        self._optimizer.step(str(slot.key), slot.value, grad, lr=lr)
+        if isinstance(grad, Packed):  # decoded, unscaled and applied in one pass
+            self._optimizer.step_codes(str(slot.key), slot.value, grad.codes, grad.fmt, scale,
+                                       lr=lr)
+        else:
+            self._optimizer.step(str(slot.key), slot.value, grad, lr=lr)
         slot.version += 1
         self._counters.updates += 1
         self._record_staleness(staleness, 1)
@@ -821,6 +888,18 @@ def _check_layout(layout: tuple[Key, ...]) -> None:
         if k.id in seen:
             raise BadRequest(f"init: key {k} appears twice in the layout")
         seen.add(k.id)
+
+
+def _check_gradient(verb: str, key: Key, grad: np.ndarray | Packed) -> None:
+    """_check_values, or for Packed codes the same checks on the codes (half the bytes)."""
+    if not isinstance(grad, Packed):
+        _check_values(verb, key, grad)
+        return
+    if grad.codes.shape != (key.size,):
+        raise BadRequest(f"{verb} {key}: expected {grad.fmt} ({key.size},), got {grad.fmt} "
+                         f"{grad.codes.shape}")
+    if not _FINITE[grad.fmt](grad.codes):
+        raise BadRequest(f"{verb} {key}: the values hold inf or NaN")
 
 
 def _check_values(verb: str, key: Key, value: np.ndarray) -> None:

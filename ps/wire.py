@@ -1,7 +1,8 @@
 """Tensors on the wire: NumPy arrays to and from `Slice` messages, as raw little-endian bytes.
 
-Decoding checks dtype, shape and byte length against each other and never copies: the array
-is a read-only view of the message's bytes, and the store copies what it keeps.
+Decoding checks dtype, shape and byte length against each other. float32 values are never
+copied: the array is a read-only view of the message's bytes, and the store copies what it
+keeps; 16-bit values are decoded into a new array, or (raw_slice) left as their codes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 from kernels import bf16_decode, fp16_decode
 from ps import ps_pb2
 
-__all__ = ["MAX_MESSAGE_BYTES", "WIRE_DTYPES", "WireError", "decode_slice", "unpack",
-           "write_slice"]
+__all__ = ["MAX_MESSAGE_BYTES", "WIRE_DTYPES", "WireError", "decode_slice", "raw_slice",
+           "unpack", "write_slice"]
 
 # Clients cut tensors into chunks of a few MiB; this limit only has to exceed one chunk and its
 # framing with room to spare, so that a chunk-size setting never meets it.
@@ -56,6 +57,13 @@ def write_slice(
 def decode_slice(msg: ps_pb2.Slice) -> np.ndarray:
     """The values of a Slice as a float32 array of its shape (float32: a read-only view of
     the message's bytes; 16-bit formats: decoded into a new array)."""
+    return unpack(raw_slice(msg), msg.dtype)
+
+
+def raw_slice(msg: ps_pb2.Slice) -> np.ndarray:
+    """The values of a Slice as they travelled, in an array of its shape: a read-only view of
+    the message's bytes, float32 or (16-bit formats) uint16 codes. For a reader that can use
+    the codes without decoding them first (a server's fused fp16 update)."""
     dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
         raise WireError(f"{msg.name!r}: dtype {msg.dtype!r} is not one of "
@@ -68,4 +76,4 @@ def decode_slice(msg: ps_pb2.Slice) -> np.ndarray:
     if len(data) != want:
         raise WireError(f"{msg.name!r}: shape {list(shape)} of {msg.dtype} needs {want} "
                         f"bytes, got {len(data)}")
-    return _UNPACK[msg.dtype](np.frombuffer(data, dtype=dtype)).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -11,7 +11,21 @@ from hypothesis.extra.numpy import arrays
 from jit import outputs_with_and_without_jit
 from twins import optim as twin
 
-from kernels.optim import _fma32, adam_update, sgd_update
+from kernels.optim import (
+    _fma32,
+    _sgd_fp16_hw_kernel,
+    _sgd_fp16_kernel,
+    adam_update,
+    sgd_update,
+    sgd_update_codes,
+)
+from kernels.precision import (
+    HARDWARE_HALF,
+    bf16_all_finite,
+    bf16_decode,
+    fp16_all_finite,
+    fp16_decode,
+)
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1001,)]
 
@@ -457,3 +471,161 @@ TORCH_GRADS = [
         "3f3612f2 3f4b18ce"
     ),
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# sgd_update_codes: SGD straight from fp16/bf16 codes, bit for bit what the server did before
+# it fused the steps (decode, divide out the loss scale, sgd_update).
+
+ALL_CODES = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+_DECODE = {"float16": fp16_decode, "bfloat16": bf16_decode}
+_FINITE = {"float16": fp16_all_finite, "bfloat16": bf16_all_finite}
+
+
+def _unfused(param, codes, fmt, lr, scale):
+    """The kernels one after the other, as the server ran them before."""
+    grad = _DECODE[fmt](codes)
+    if scale != 1.0:
+        with np.errstate(over="ignore"):  # a huge bfloat16 over 2**-3 is inf: refused later
+            grad = grad / np.float32(scale)
+    sgd_update(param, grad, lr)
+
+
+def _params_for(codes, rng):
+    """Parameters with the awkward values: +-0, float32 subnormals, the gradient's negation
+    (which cancels to zero), and ordinary ones."""
+    p = _data(rng, codes.shape)
+    p[0::7] = 0.0
+    p[1::7] = -0.0
+    p[2::7] = np.float32(1e-40) * np.sign(p[2::7] + 0.5)
+    return p
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("scale", [1.0, 1024.0, 3.0, 2.0**-3, 65536.0 * 3])
+@pytest.mark.parametrize("lr", [0.01, 1.0, 0.0])
+def test_sgd_update_codes_is_decode_then_sgd_bit_for_bit_on_every_finite_code(fmt, scale, lr):
+    # Every finite code: subnormal halves and bfloat16s, -0.0, the largest values; with a loss
+    # scale whose division rounds (3) and one that makes subnormals of small gradients.
+    codes = ALL_CODES[np.isfinite(_DECODE[fmt](ALL_CODES))]
+    rng = np.random.default_rng(11)
+    for _ in range(3):  # each code against three different parameters
+        codes = rng.permutation(codes)
+        param = _params_for(codes, rng)
+        want_kernels, want_twin, got = param.copy(), param.copy(), param.copy()
+        _unfused(want_kernels, codes, fmt, lr, scale)
+        twin.sgd_update_codes(want_twin, codes, fmt, lr, scale)
+        sgd_update_codes(got, codes, fmt, lr, scale)
+        np.testing.assert_array_equal(got.view(np.uint32), want_kernels.view(np.uint32))
+        np.testing.assert_array_equal(got.view(np.uint32), want_twin.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_sgd_update_codes_on_non_finite_codes_is_what_the_unfused_steps_give(fmt):
+    # Servers refuse such pushes before they update; the kernel still means the same thing.
+    codes = ALL_CODES[~np.isfinite(_DECODE[fmt](ALL_CODES))]
+    param = _params_for(codes, np.random.default_rng(12))
+    want, got = param.copy(), param.copy()
+    with np.errstate(all="ignore"):
+        _unfused(want, codes, fmt, 0.5, 8.0)
+    sgd_update_codes(got, codes, fmt, 0.5, 8.0)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.skipif(not HARDWARE_HALF, reason="this CPU has no float32 <-> half instructions")
+def test_sgd_update_codes_fpu_and_bit_arithmetic_decoders_agree():
+    codes = ALL_CODES
+    param = _params_for(codes, np.random.default_rng(13))
+    hw, bits = param.copy(), param.copy()
+    for p, kernel in ((hw, _sgd_fp16_hw_kernel), (bits, _sgd_fp16_kernel)):
+        kernel(p, codes, np.float32(-0.25), np.float32(3.0), True)
+    np.testing.assert_array_equal(hw.view(np.uint32), bits.view(np.uint32))
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    st.integers(0, 40).flatmap(lambda n: st.tuples(
+        arrays(np.float32, n, elements=st.floats(width=32)),
+        arrays(np.uint16, n))),
+    st.sampled_from(["float16", "bfloat16"]),
+    st.sampled_from([1.0, 2.0, 3.0, 1e-3, 1e30]),
+)
+def test_sgd_update_codes_property_any_bits(arrs, fmt, scale):
+    param, codes = arrs
+    got, want = param.copy(), param.copy()
+    with np.errstate(all="ignore"):
+        sgd_update_codes(got, codes, fmt, 0.01, scale)
+        twin.sgd_update_codes(want, codes, fmt, 0.01, scale)
+    assert_same_bits(got, want)
+
+
+def test_sgd_update_codes_any_shape_matches_flat():
+    rng = np.random.default_rng(14)
+    codes = rng.integers(0, 0x7C00, (3, 5), dtype=np.uint16)  # positive finite halves
+    param = _data(rng, (3, 5))
+    got, want = param.copy(), param.reshape(-1).copy()
+    sgd_update_codes(got, codes, "float16", 0.1)
+    sgd_update_codes(want, codes.reshape(-1), "float16", 0.1)
+    np.testing.assert_array_equal(got.reshape(-1).view(np.uint32), want.view(np.uint32))
+
+
+CODES_BAD = [
+    (dict(codes="f32"), TypeError, "codes must be uint16"),
+    (dict(codes="list"), TypeError, "codes must be a numpy.ndarray"),
+    (dict(codes="short"), ValueError, "codes has shape"),
+    (dict(codes="strided"), ValueError, "codes must be C-contiguous"),
+    (dict(codes="param"), ValueError, "param and codes share memory"),
+    (dict(param="f64"), TypeError, "param must be float32"),
+    (dict(param="readonly"), ValueError, "param is read-only"),
+    (dict(fmt="float32"), ValueError, "fmt must be one of float16, bfloat16"),
+    (dict(lr=-0.1), ValueError, "lr must be >= 0"),
+    (dict(scale=0.0), ValueError, "scale must be > 0"),
+    (dict(scale=-2.0), ValueError, "scale must be >= 0"),
+    (dict(scale=float("inf")), ValueError, "scale must be finite"),
+]
+
+
+@pytest.mark.parametrize("bad, exc, message", CODES_BAD, ids=lambda x: str(x)[:40])
+def test_sgd_update_codes_refuses_and_changes_nothing(bad, exc, message):
+    rng = np.random.default_rng(15)
+    param = _data(rng, (6,))
+    before = param.copy()
+    args = {"param": param, "codes": np.full(6, 0x3C00, np.uint16), "fmt": "float16",
+            "lr": 0.1, "scale": 1.0}
+    for key, value in bad.items():
+        if value == "f32":
+            value = np.ones(6, np.float32)
+        elif value == "list":
+            value = [0x3C00] * 6
+        elif value == "short":
+            value = np.ones(5, np.uint16)
+        elif value == "strided":
+            value = np.ones(12, np.uint16)[::2]
+        elif value == "param":
+            value = param.view(np.uint16)[:6]
+        elif value == "f64":
+            value = np.zeros(6)
+        elif value == "readonly":
+            value = param.copy()
+            value.flags.writeable = False
+        args[key] = value
+    with pytest.raises(exc, match=message):
+        sgd_update_codes(**args)
+    _assert_unchanged({"param": before}, {"param": param})
+
+
+def test_sgd_update_codes_and_code_checks_match_under_disable_jit():
+    code = (
+        "import numpy as np\n"
+        "from kernels import bf16_all_finite, fp16_all_finite, sgd_update_codes\n"
+        "rng = np.random.default_rng(16)\n"
+        "codes = rng.integers(0, 2**16, 4000, dtype=np.uint16)\n"
+        "finite = codes[np.isfinite(codes.view(np.float16))]\n"
+        "p = rng.standard_normal(finite.size).astype(np.float32); q = p.copy()\n"
+        "sgd_update_codes(p, finite, 'float16', 0.1, 3.0)\n"
+        "sgd_update_codes(q, finite, 'bfloat16', 0.1)\n"
+        "print(np.concatenate([p, q]).view(np.uint32).tolist())\n"
+        "print(fp16_all_finite(codes), fp16_all_finite(finite), bf16_all_finite(codes))\n"
+    )
+    outs = outputs_with_and_without_jit(code)
+    assert outs[0] == outs[1]

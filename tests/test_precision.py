@@ -22,8 +22,10 @@ from kernels.precision import (
     _fp16_encode_kernel,
     _round_to_fp16_hw,
     _round_to_fp16_kernel,
+    bf16_all_finite,
     bf16_decode,
     bf16_encode,
+    fp16_all_finite,
     fp16_decode,
     fp16_encode,
     round_to_bf16,
@@ -460,3 +462,39 @@ def test_bf16_on_every_float32():
         assert_same_bits(round_to_bf16(x).view(np.uint32), code.astype(np.uint32) << 16)
 
     every_float32(check)
+
+
+# --- finiteness of codes ---------------------------------------------------------------------
+
+CODE_CHECKS = [(fp16_all_finite, twin.fp16_all_finite, twin.fp16_decode, 0x7C00),
+               (bf16_all_finite, twin.bf16_all_finite, twin.bf16_decode, 0x7F80)]
+
+
+@pytest.mark.parametrize(("kernel", "spec", "decode", "exponent"), CODE_CHECKS)
+def test_codes_all_finite_every_code(kernel, spec, decode, exponent):
+    # Each code alone, and the rule it follows: not finite exactly when the exponent bits are
+    # all ones (inf, NaN, either sign).
+    for code in ALL_CODES:
+        one = code.reshape(1)
+        assert kernel(one) == spec(one) == ((int(code) & exponent) != exponent), hex(code)
+
+
+@pytest.mark.parametrize(("kernel", "spec", "decode", "exponent"), CODE_CHECKS)
+def test_codes_all_finite_finds_one_bad_code_anywhere(kernel, spec, decode, exponent):
+    # One inf or NaN among finite codes, at the ends and on either side of a chunk boundary.
+    rng = np.random.default_rng(7)
+    finite = rng.choice(ALL_CODES[np.isfinite(decode(ALL_CODES))], 10_001)
+    assert kernel(finite) and spec(finite)
+    assert kernel(finite[:0]) and kernel(finite.reshape(73, 137))
+    for position in (0, 1, 4095, 4096, 4097, 8191, 10_000):
+        for bad in (exponent, exponent | 0x8000, exponent | 1, 0xFFFF):
+            x = finite.copy()
+            x[position] = bad
+            assert not kernel(x) and not spec(x), (position, hex(bad))
+
+
+def test_codes_all_finite_refuses_other_dtypes():
+    with pytest.raises(TypeError, match="fp16_all_finite: bits must have dtype uint16"):
+        fp16_all_finite(np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="bf16_all_finite: bits must be a numpy array"):
+        bf16_all_finite([0, 1])

@@ -68,6 +68,12 @@ def _code(call, request):
         (_push(shape=[-2]), grpc.StatusCode.INVALID_ARGUMENT, "negative dimension"),
         (_push(values=np.array([1, np.inf], np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
          "inf or NaN"),
+        (_push(dtype="float16", data=np.array([0x3C00, 0x7C00], "<u2").tobytes()),
+         grpc.StatusCode.INVALID_ARGUMENT, "inf or NaN"),
+        (_push(dtype="bfloat16", data=np.array([0x7FC0, 0x3F80], "<u2").tobytes()),
+         grpc.StatusCode.INVALID_ARGUMENT, "inf or NaN"),
+        (_push(dtype="float16", shape=[3], data=b"\x00" * 6), grpc.StatusCode.INVALID_ARGUMENT,
+         "expected float16 (2,)"),
         (_push(name="dense9.bias"), grpc.StatusCode.NOT_FOUND, "no tensor 'dense9.bias'"),
         (_push(step=5), grpc.StatusCode.OUT_OF_RANGE, "beyond worker 0's next step 0"),
         (_push(step=-1), grpc.StatusCode.OUT_OF_RANGE, "step must be >= 0"),
@@ -82,6 +88,19 @@ def test_bad_pushes_get_their_status_and_change_nothing(initialised, stub, reque
         np.testing.assert_array_equal(client.pull()["dense0.bias"], 0.0)
         assert client.stats()[0]["pushes"] == 0
         assert client.versions()[0]["clocks"] == {0: 0, 1: 0}
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+def test_a_16_bit_push_applies_the_decoded_gradient(initialised, wire_dtype):
+    # 3 and 2**-18 are exact in both formats (2**-18 a subnormal half), as are the results:
+    # divided by the scale 4, times lr 0.5.
+    grad = np.array([3.0, 2.0**-18], np.float32)
+    with PSClient([initialised.address], wire_dtype=wire_dtype) as client:
+        client.pull()
+        client.push({"dense0.weight": np.zeros((3, 2), np.float32), "dense0.bias": grad}, 0,
+                     scale=4.0)
+        np.testing.assert_array_equal(client.pull()["dense0.bias"],
+                                      np.array([-0.375, -2.0**-21], np.float32))
 
 
 def test_push_before_init_is_a_failed_precondition(stub):

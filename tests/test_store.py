@@ -5,12 +5,14 @@ import threading
 import numpy as np
 import pytest
 
+from kernels import bf16_decode, bf16_encode, fp16_decode, fp16_encode
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
 from ps.store import (
     BadRequest,
     LayoutConflict,
     NotInitialised,
+    Packed,
     StepOutOfRange,
     Store,
     StoreConfig,
@@ -181,3 +183,106 @@ def test_ssp_holds_a_worker_within_k_clocks_of_the_slowest():
 def test_a_pull_beyond_the_workers_own_clock_is_refused():
     with pytest.raises(StepOutOfRange, match="its next step is 0"):
         _store("sync", workers=2).pull(None, 0, 3, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit gradients pushed as their codes (Packed): plain SGD in async and ssp mode updates from
+# the codes in one pass; everything else decodes them. Either way the weights must be bit for
+# bit those of pushing the decoded float32 gradients, as servers did before.
+
+BIG_KEY = Key("b", (3000,), 0, 3000)
+_ENCODE = {"float16": fp16_encode, "bfloat16": bf16_encode}
+_DECODE = {"float16": fp16_decode, "bfloat16": bf16_decode}
+OPTIMIZERS = {
+    "sgd": OptimizerConfig("sgd", lr=0.01),
+    "sgd_wd": OptimizerConfig("sgd", lr=0.01, weight_decay=1e-3),
+    "momentum": OptimizerConfig("momentum", lr=0.01, momentum=0.9, nesterov=True),
+    "adam": OptimizerConfig("adam", lr=1e-3),
+}
+
+
+def _packed_gradients(fmt, steps, workers):
+    """Codes of small and subnormal gradients, -0.0 and the format's extremes; per step."""
+    rng = np.random.default_rng(21)
+    grads = []
+    for _ in range(steps * workers):
+        g = (rng.standard_normal(BIG_KEY.size) * 10.0 ** rng.integers(-9, 2, BIG_KEY.size))
+        g = g.astype(np.float32)
+        g[:4] = [-0.0, 0.0, 6.0e-8, -65504.0]
+        grads.append(_ENCODE[fmt](g))
+    return grads
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("scale", [1.0, 1024.0, 3.0])
+@pytest.mark.parametrize("mode", ["async", "ssp", "sync"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_packed_gradients_give_the_weights_of_their_decoded_values(fmt, scale, mode, optimizer):
+    workers, steps = 2, 3
+    rng = np.random.default_rng(22)
+    first = rng.standard_normal(BIG_KEY.size).astype(np.float32)
+    first[:2] = [-0.0, 0.0]
+    stores = []
+    for _ in range(2):
+        store = Store(StoreConfig(mode=mode, workers=workers,
+                                  staleness=steps if mode == "ssp" else 0))
+        store.init([BIG_KEY], OPTIMIZERS[optimizer], {BIG_KEY.id: first.copy()})
+        stores.append(store)
+    packed, decoded = stores
+    codes = iter(_packed_gradients(fmt, steps, workers))
+    for step in range(steps):
+        for w in range(workers):
+            c = next(codes)
+            read = 0 if mode == "sync" else step  # async: some staleness too
+            packed.push(w, step, {BIG_KEY.id: (Packed(c, fmt), read)}, scale=scale)
+            decoded.push(w, step, {BIG_KEY.id: (_DECODE[fmt](c), read)}, scale=scale)
+    got, want = (store.pull(None, 0, -1, 1.0)[0] for store in stores)
+    assert got[2] == want[2] == steps * (1 if mode == "sync" else workers)  # versions
+    np.testing.assert_array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
+    assert packed.stats()["staleness_histogram"] == decoded.stats()["staleness_histogram"]
+
+
+def test_async_plain_sgd_never_makes_a_float32_gradient(monkeypatch):
+    # The point of Packed: plain SGD reads the codes, so nothing decodes them.
+    def refuse(self):
+        raise AssertionError("decoded a gradient that the update could read as codes")
+
+    monkeypatch.setattr(Packed, "decode", refuse)
+    store = _store("async", workers=1)
+    store.push(0, 0, {W_KEY.id: (Packed(fp16_encode(_grad(0.25)), "float16"), 0)}, scale=2.0)
+    np.testing.assert_array_equal(_value(store), 1.0 - 0.5 * 0.125)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize(("fmt", "bad"), [
+    ("float16", 0x7C00), ("float16", 0xFC00), ("float16", 0x7E00), ("float16", 0x7C01),
+    ("bfloat16", 0x7F80), ("bfloat16", 0xFF80), ("bfloat16", 0x7FC0), ("bfloat16", 0x7F81),
+])
+def test_packed_inf_and_nan_codes_are_refused_and_change_nothing(mode, fmt, bad):
+    store = _store(mode, workers=1)
+    before = store.stats()
+    codes = _ENCODE[fmt](_grad(0.25))
+    codes[2] = bad
+    with pytest.raises(BadRequest, match="inf or NaN"):
+        store.push(0, 0, {W_KEY.id: (Packed(codes, fmt), 0)}, scale=4.0)
+    _, value, version = store.pull(None, 0, -1, 1.0)[0]
+    np.testing.assert_array_equal(value, 1.0)
+    after = store.stats()
+    assert version == 0
+    assert (after["pushes"], after["updates"], after["clocks"]) == (
+        before["pushes"], before["updates"], before["clocks"])
+
+
+def test_packed_codes_of_the_wrong_length_are_refused():
+    store = _store("async", workers=1)
+    with pytest.raises(BadRequest, match=r"expected float16 \(4,\), got float16 \(3,\)"):
+        store.push(0, 0, {W_KEY.id: (Packed(np.zeros(3, np.uint16), "float16"), 0)})
+    np.testing.assert_array_equal(_value(store), 1.0)
+    assert store.stats()["pushes"] == 0
+
+
+def test_packed_is_refused_unless_uint16_codes_of_a_16_bit_format():
+    with pytest.raises(ValueError, match="fmt must be one of float16, bfloat16"):
+        Packed(np.zeros(2, np.uint16), "float32")
+    with pytest.raises(ValueError, match="codes must be a uint16 array"):
+        Packed(np.zeros(2, np.float32), "float16")

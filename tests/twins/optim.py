@@ -7,7 +7,9 @@ vectorised CPU kernel uses a fused multiply-add. No checks: the kernels check.
 
 import numpy as np
 
-__all__ = ["adam_update", "fma32", "sgd_update"]
+from twins import precision
+
+__all__ = ["adam_update", "fma32", "sgd_update", "sgd_update_codes"]
 
 f32 = np.float32
 
@@ -41,6 +43,16 @@ def sgd_update(param, grad, lr, momentum=0.0, buf=None, weight_decay=0.0, nester
         buf[...] = buf * f32(momentum) + g  # buf.mul_(momentum).add_(grad)
         g = fma32(buf, f32(momentum), g) if nesterov else buf  # grad.add(buf, alpha=momentum)
     param[...] = fma32(g, f32(-lr), param)  # param.add_(grad, alpha=-lr)
+
+
+def sgd_update_codes(param, codes, fmt, lr, scale=1.0):
+    """What a server did before it fused the steps: decode the 16-bit codes to float32,
+    divide the loss scale out in float32 (GradScaler's unscale), one plain SGD step."""
+    grad = precision.fp16_decode(codes) if fmt == "float16" else precision.bf16_decode(codes)
+    if scale != 1.0:
+        with np.errstate(all="ignore"):
+            grad = grad / f32(scale)
+    sgd_update(param, grad, lr)
 
 
 def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):

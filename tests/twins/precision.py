@@ -87,3 +87,16 @@ def torch_bf16_encode(x):
     bits = x.view(np.uint32).astype(np.uint64)
     code = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return np.where(np.isnan(x), BF16_NAN, code).astype(np.uint16)
+
+
+# --- finiteness of codes -----------------------------------------------------------------------
+
+
+def fp16_all_finite(bits):
+    """Are all the half codes finite? Decode them and ask NumPy."""
+    return bool(np.all(np.isfinite(fp16_decode(bits))))
+
+
+def bf16_all_finite(bits):
+    """Are all the bfloat16 codes finite? Decode them and ask NumPy."""
+    return bool(np.all(np.isfinite(bf16_decode(bits))))
