@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps import ps_pb2, ps_pb2_grpc
 from ps.codec import PullReplyView, decode_pull_reply, encode_push_request, pack
 from ps.keys import DEFAULT_CHUNK_BYTES, Key, KeyId, cut
+from ps.local import LocalChannel, LocalError, LocalUnavailable
 from ps.mailbox import Mailbox
 from ps.optimizer import OptimizerConfig
 from ps.placement import Placement, TensorSpec, place
@@ -157,6 +158,8 @@ class PSClient:
         # who asks for TLS asks for every byte to be on the encrypted channel.
         self.shared_memory = shared_memory and tls is None
         self._mailboxes: dict[int, Mailbox | None] = {}  # server -> mailbox, None: bytes
+        # server -> its local channel (ps/local.py), which came with the mailbox's Attach
+        self._locals: dict[int, LocalChannel] = {}
         self._mailbox_lock = Lock()  # chunks in flight to one server attach one mailbox
         self._offsets: dict[KeyId, int] = {}  # key -> its byte offset in its server's mailbox
         self.addresses = addresses
@@ -265,10 +268,11 @@ class PSClient:
             return self._mailboxes[server]
 
     def _attach(self, server: int) -> Mailbox | None:
-        """A new mailbox, mapped by `server`; None if it cannot map it."""
+        """A new mailbox, mapped by `server`, and the server's local channel if it offers
+        one; None if it cannot map it."""
         mailbox = Mailbox.create(max(4 * sum(k.size for k in self._keys[server]), 4))
         try:
-            self._call(server, "Attach", ps_pb2.AttachRequest(
+            reply = self._call(server, "Attach", ps_pb2.AttachRequest(
                 worker=self.worker_id, name=mailbox.name, size=mailbox.size), self.deadline_s)
         except PSError as err:
             mailbox.unlink()
@@ -278,13 +282,45 @@ class PSClient:
                 raise
             return None  # the server cannot map it (another host): bytes it is
         mailbox.unlink()  # both have it mapped: the name is no longer needed
+        self._forget_local(server)
+        if reply.channel:
+            self._locals[server] = LocalChannel(reply.channel, reply.channel_key,
+                                                guard_s=max(self.wait_s, self.deadline_s) + 5)
         return mailbox
+
+    def _forget_local(self, server: int, channel: LocalChannel | None = None) -> None:
+        """Stop using `server`'s local channel (only `channel`, if given: not a newer one)."""
+        current = self._locals.get(server)
+        if current is not None and (channel is None or current is channel):
+            del self._locals[server]
+            current.close()
 
     def _drop_mailboxes(self) -> None:
         for mailbox in self._mailboxes.values():
             if mailbox is not None:
                 mailbox.close()
         self._mailboxes = {}
+        for server in list(self._locals):
+            self._forget_local(server)
+
+    def _send(self, server: int, method: str, request, timeout: float,
+              mailbox: Mailbox | None):
+        """A tensor call: over the server's local channel if it came with this mailbox, else
+        through gRPC. A channel that is gone (the server stopped or restarted) is dropped,
+        and gRPC retries until the server is back."""
+        channel = self._locals.get(server) if mailbox is not None else None
+        if channel is not None:
+            payload = request if isinstance(request, bytes) else request.SerializeToString()
+            try:
+                reply = channel.call(method, payload, timeout)
+            except LocalUnavailable:
+                with self._mailbox_lock:
+                    self._forget_local(server, channel)
+            except LocalError as err:
+                raise PSError(self.addresses[server], err.code, err.details) from None
+            else:
+                return ps_pb2.PushReply.FromString(reply) if method == "Push" else reply
+        return self._call(server, method, request, timeout)
 
     def _tensor_call(self, server: int, method: str, build: Callable[[Mailbox | None], object],
                      timeout: float) -> tuple[object, Mailbox | None]:
@@ -292,7 +328,7 @@ class PSClient:
         mailbox). A server that restarted has lost the mailbox: attach again, call again."""
         mailbox = self._mailbox(server)
         try:
-            return self._call(server, method, build(mailbox), timeout), mailbox
+            return self._send(server, method, build(mailbox), timeout, mailbox), mailbox
         except PSError as err:
             if mailbox is None or not _lost_mailbox(err):
                 raise
@@ -300,8 +336,9 @@ class PSClient:
             if self._mailboxes.get(server) is mailbox:  # no other thread has replaced it yet
                 del self._mailboxes[server]
                 mailbox.close()
+                self._forget_local(server)
         mailbox = self._mailbox(server)
-        return self._call(server, method, build(mailbox), timeout), mailbox
+        return self._send(server, method, build(mailbox), timeout, mailbox), mailbox
 
     # -- the verbs ------------------------------------------------------------------------
 

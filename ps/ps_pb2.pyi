@@ -285,8 +285,12 @@ class AttachRequest(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class AttachReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("channel", "channel_key")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_KEY_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    channel_key: bytes
+    def __init__(self, channel: _Optional[str] = ..., channel_key: _Optional[bytes] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

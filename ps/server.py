@@ -18,8 +18,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ps.checkpoint import latest_checkpoint, write_checkpoint
+from ps.local import LocalServer
 from ps.security import TLSFiles, TokenInterceptor, server_credentials
-from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server
+from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server, local_handlers
 from ps.store import Store, StoreConfig
 from ps.wire import MAX_MESSAGE_BYTES
 
@@ -82,6 +83,7 @@ class RunningServer:
     _stopped: threading.Event
     _checkpointer: _Checkpointer | None = None
     _thread: threading.Thread | None = None
+    local: LocalServer | None = None  # the local channel, for workers on this host
     _stopping: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -99,6 +101,8 @@ class RunningServer:
             # threads run: wait for that, not for a guess at how long a busy machine takes.
             self.store.wait_idle(grace + 10)
             self.server.stop(grace).wait(grace + 5)
+            if self.local is not None:
+                self.local.stop()  # after the calls in flight: they answered through it
             if self._checkpointer is not None:
                 self._thread.join()
                 if self.store.stats()["initialised"]:
@@ -170,7 +174,8 @@ def serve(
     def extra_stats() -> dict:
         return {"checkpoints_written": running.checkpoints_written if running else 0}
 
-    add_to_server(ParameterServerServicer(store, shutdown_soon, extra_stats), server)
+    servicer = ParameterServerServicer(store, shutdown_soon, extra_stats)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -188,11 +193,20 @@ def serve(
         raise OSError(f"cannot bind {host}:{port}: is the port in use?" + (
             "" if tls is None else " Or are the TLS certificate and key not a valid PEM pair?"))
     server.start()
+    # Workers on this host may also call over a Unix socket, off gRPC (ps/local.py); with
+    # TLS, who asked for it asked for every byte on the encrypted channel: gRPC only.
+    local = None
+    if tls is None:
+        local = LocalServer(local_handlers(servicer))
+        if local.start():
+            servicer.offer_local(local.name, local.key)
+        else:
+            local = None
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     thread = None
     if checkpointer is not None:
         thread = threading.Thread(target=checkpointer.run, name="checkpointer", daemon=True)
         thread.start()
-    running = RunningServer(server, bound, host, store, stopped, checkpointer, thread)
+    running = RunningServer(server, bound, host, store, stopped, checkpointer, thread, local)
     return running

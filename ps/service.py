@@ -25,6 +25,7 @@ from ps.codec import (
     pack,
 )
 from ps.keys import Key, KeyId
+from ps.local import Handler
 from ps.mailbox import Mailbox, MailboxError, MailboxMissing
 from ps.optimizer import OptimizerConfig
 from ps.store import (
@@ -41,7 +42,7 @@ from ps.store import (
 )
 from ps.wire import WIRE_DTYPES, WireError, decode_slice, raw_slice
 
-__all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_to_server"]
+__all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_to_server", "local_handlers"]
 
 SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
@@ -111,6 +112,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._rejected_pushes = 0  # pushes refused: malformed, non-finite, wrong step, ...
         self._mailboxes: dict[int, Mailbox] = {}  # worker -> its shared-memory mailbox
         self._key_sizes: tuple[tuple[Key, ...] | None, dict[KeyId, int]] = (None, {})
+        self._local_channel: tuple[str, bytes] | None = None  # see offer_local
+
+    def offer_local(self, name: str, key: bytes) -> None:
+        """Tell workers that attach a mailbox of this server's local channel (ps/local.py)."""
+        self._local_channel = (name, key)
 
     def _encode(self, got: list[tuple[Key, np.ndarray, int]], dtype: str = "float32",
                 staleness: int = 0, skipped: bool = False) -> bytes:
@@ -312,7 +318,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             with self._lock:
                 # A replaced mailbox is unmapped once no request is still using it.
                 self._mailboxes[request.worker] = mailbox
-            return ps_pb2.AttachReply()
+            # A worker that can map our files is on our host: it may use the local channel.
+            name, key = self._local_channel or ("", b"")
+            return ps_pb2.AttachReply(channel=name, channel_key=key)
 
         return self._call(context, run)
 
@@ -343,6 +351,16 @@ def _parsing(method: Callable, request_type) -> Callable:
         return method(request, context)
 
     return parse_then_call
+
+
+def local_handlers(servicer: ParameterServerServicer) -> dict[str, Handler]:
+    """The tensor calls as a local channel (ps/local.py) takes them: the methods that gRPC
+    calls, request bytes in and reply bytes out."""
+    def push(payload: bytes, context) -> bytes:
+        return servicer.Push(payload, context).SerializeToString()
+
+    return {"Pull": _parsing(servicer.Pull, ps_pb2.PullRequest), "Push": push,
+            "PushPull": servicer.PushPull}
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:

@@ -65,6 +65,7 @@ def test_tls_serves_clients_that_trust_the_ca(certs):
             client.init(PARAMS, "sgd", lr=1.0)
             np.testing.assert_array_equal(client.pull()["w"], 1.0)
             assert client.shared_memory is False and client._mailboxes == {}
+        assert running.local is None  # nor a local channel beside the encrypted one
         assert wait_healthy([running.address], timeout=10, tls=trusting) == []
         with PSClient([running.address], retry_s=0.5, deadline_s=5) as plain, \
                 pytest.raises(PSError, match="UNAVAILABLE"):
