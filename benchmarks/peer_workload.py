@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push as two calls instead of one PushPull")
     parser.add_argument("--no-shared-memory", dest="shared", action="store_false",
-                        help="tensors in the gRPC messages, not through shared-memory mailboxes")
+                        help="every call through gRPC, tensors in the messages (no mailbox, "
+                             "no local socket)")
     args = parser.parse_args()
     cfg = common.RunConfig(args.mode, args.workers, args.steps)
     try:

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push in two calls instead of one PushPull")
     launch.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
-                        help="tensors in the gRPC messages, never through shared memory")
+                        help="every call through gRPC, tensors in the messages: no "
+                             "shared-memory mailbox, no local socket")
     _sync_flags(launch)
     _checkpoint_flags(launch, "where servers write checkpoints (default: RUN_DIR/checkpoints)")
     launch.add_argument("--resume", type=Path, default=None, metavar="DIR",
@@ -358,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--no-fused", dest="fused", action="store_false",
                         help="pull and push in two calls instead of one PushPull")
     worker.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
-                        help="tensors in the gRPC messages, never through a shared-memory "
-                             "mailbox (used with servers on this host that can map it)")
+                        help="every call through gRPC, tensors in the messages (else a "
+                             "server on this host gets them through a shared-memory mailbox "
+                             "and a local socket)")
     worker.add_argument("--poison", type=_poison, default=None,
                         help="injected fault: label_flip | random_labels | scaled_gradient:F")
     _dp_flags(worker)
