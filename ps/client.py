@@ -33,7 +33,10 @@ from ps.wire import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode_slice, unpack, write_
 
 __all__ = ["PSClient", "PSError", "PushPullResult", "PushResult", "wait_healthy"]
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# Statuses that mean "the server is not there right now": wait and call again. CANCELLED is
+# one: this client never cancels a call of its own, so a cancelled call is one that a
+# stopping server received but never started (gRPC cancels those at shutdown).
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 T = TypeVar("T")
 

@@ -36,6 +36,14 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[name], b[name])
 
 
+def _until(condition, what: str) -> None:
+    """Wait, with a deadline, until condition() holds (checked every 10 ms)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"not in time: {what}"
+        threading.Event().wait(0.01)  # a polling interval, with the deadline above
+
+
 def _in_thread(fn):
     out = {}
 
@@ -128,6 +136,7 @@ def test_sigterm_answers_the_calls_in_flight_writes_a_final_checkpoint_and_exits
             expected = w0.pull(3)
             w0.push(_grads(1.0), 3)
             waiting = _in_thread(lambda: w0.pull(4))  # blocked: worker 1 has not pushed
+            _until(lambda: w1.stats()[0]["waiting"] == 1, "the pull waits in the server")
             proc.send_signal(signal.SIGTERM)
             with pytest.raises(PSError) as err:
                 waiting()
@@ -202,6 +211,44 @@ def test_a_retried_push_pull_is_applied_once():
         assert [s.version for s in first.values] == [s.version for s in again.values] == [1, 1]
         assert running.store.stats()["updates"] == 2  # one per key, once
         assert first.values[0].data == again.values[0].data
+    finally:
+        running.stop(0)
+
+
+class _Status(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return f"scripted {self._code.name}"
+
+
+def test_a_call_the_server_could_not_take_is_retried_and_others_are_not():
+    # UNAVAILABLE: no server there; CANCELLED: a stopping server cancelled the call before it
+    # started. Both mean "not now": the client calls again. Any other status is the answer.
+    running = serve(mode="async", workers=1)
+    try:
+        with PSClient([running.address], retry_s=DEADLINE_S) as client:
+            client.init(PARAMS, "sgd", lr=0.5)
+            real = client._stubs[0]["Stats"]
+            script = [grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE]
+            calls = []
+
+            def flaky(request, **kwargs):
+                calls.append(request)
+                if script:
+                    raise _Status(script.pop(0))
+                return real(request, **kwargs)
+
+            client._stubs[0]["Stats"] = flaky
+            assert client.stats()[0]["address"] == running.address and len(calls) == 3
+            script[:] = [grpc.StatusCode.INVALID_ARGUMENT]
+            with pytest.raises(PSError, match="INVALID_ARGUMENT: scripted"):
+                client.stats()
+            assert len(calls) == 4  # not retried
     finally:
         running.stop(0)
 
