@@ -21,8 +21,10 @@ COMMON = {"servers": 2, "workers": 2, "mode": "sync", "seed": 0, "checkpoint_eve
 W_STEPS = 300  # per worker in the worker-kill runs, of 3 workers
 W_KILL = 3 * W_STEPS // 4  # worker 1 is killed after a quarter of the 3 * W_STEPS records
 # A restarted worker needs about 1.5 s to start (imports, kernels, data). A straggler paces
-# the barrier (about 18 ms a step instead of 4) so that the others, who no longer wait for
-# the dead worker, still have seconds of steps left when it rejoins.
+# the barrier (tens of ms a step instead of about one) so that the others, who no longer wait
+# for the dead worker, still have seconds of steps left when it rejoins. The runs that kill a
+# process take it too: the launcher looks every 0.05 s, and without it the rest of a run can
+# end before the kill lands.
 PACE = (0, 50.0)
 BYZANTINE = {"servers": 1, "workers": 5, "mode": "sync", "seed": 0, "steps": 200,
              "byzantine": 1}
@@ -30,13 +32,14 @@ BACKUP = {"servers": 1, "workers": 3, "mode": "sync", "seed": 0, "steps": 100,
           "slow_worker": (2, 5.0)}
 RUNS = {
     "sync": {**COMMON, "steps": STEPS},
-    "server_killed": {**COMMON, "steps": STEPS, "kill_server": (1, STEPS)},  # mid-run
+    "server_killed": {**COMMON, "steps": STEPS, "kill_server": (1, STEPS),  # mid-run
+                      "slow_worker": PACE},
     "first_half": {**COMMON, "steps": STEPS // 2},
     "resumed": {**COMMON, "servers": 3, "steps": STEPS, "resume": "first_half"},
     "worker_restarted": {**COMMON, "workers": 3, "steps": W_STEPS, "kill_worker": (1, W_KILL),
                          "slow_worker": PACE},
     "worker_lost": {**COMMON, "workers": 3, "steps": W_STEPS, "kill_worker": (1, W_KILL),
-                    "max_restarts": 0},
+                    "max_restarts": 0, "slow_worker": PACE},
     "mean": {**BYZANTINE, "aggregate": "mean"},
     "median": {**BYZANTINE, "aggregate": "median"},
     "trimmed_mean:0.2": {**BYZANTINE, "aggregate": "trimmed_mean:0.2"},

@@ -26,14 +26,20 @@ from tinyps.cli import build_parser, server_kwargs, worker_settings
 from tinyps.ray_backend import launch_ray
 
 STEPS = 80  # per worker
+PACE = (0, 50.0)  # worker 0 computes 50 times slower: see the runs that kill an actor
 COMMON = {"servers": 2, "workers": 2, "steps": STEPS, "seed": 0, "checkpoint_every": 10,
           "token": "ray-test-token"}  # the token travels to the actors in their environment
 RUNS = {
     "sync": {**COMMON, "mode": "sync"},
     "async": {**COMMON, "mode": "async"},
-    # Killed once half of the 2 * STEPS step records are in: mid-run.
-    "server_killed": {**COMMON, "mode": "sync", "kill_server": (1, STEPS)},
-    "worker_killed": {**COMMON, "mode": "sync", "kill_worker": (1, STEPS)},
+    # Killed once half of the 2 * STEPS step records are in: mid-run. The driver looks every
+    # 0.1 s, and an unpaced step takes about a millisecond, so the rest of the run could end
+    # before the kill lands; a straggler paces the barrier (tens of ms a step) to leave it
+    # about a second.
+    "server_killed": {**COMMON, "mode": "sync", "kill_server": (1, STEPS),
+                      "slow_worker": PACE},
+    "worker_killed": {**COMMON, "mode": "sync", "kill_worker": (1, STEPS),
+                      "slow_worker": PACE},
 }
 CPUS = 2
 
