@@ -272,7 +272,8 @@ class PSClient:
 
     def _attach(self, server: int) -> Mailbox | None:
         """A new mailbox, mapped by `server`, and the server's local channel if it offers
-        one; None if it cannot map it."""
+        one; None if it cannot map it. A channel that came with an older mailbox goes."""
+        self._forget_local(server)
         mailbox = Mailbox.create(max(4 * sum(k.size for k in self._keys[server]), 4))
         try:
             reply = self._call(server, "Attach", ps_pb2.AttachRequest(
@@ -285,7 +286,6 @@ class PSClient:
                 raise
             return None  # the server cannot map it (another host): bytes it is
         mailbox.unlink()  # both have it mapped: the name is no longer needed
-        self._forget_local(server)
         if reply.channel:
             self._locals[server] = LocalChannel(reply.channel, reply.channel_key,
                                                 guard_s=max(self.wait_s, self.deadline_s) + 5)
@@ -339,8 +339,7 @@ class PSClient:
             if self._mailboxes.get(server) is mailbox:  # no other thread has replaced it yet
                 del self._mailboxes[server]
                 mailbox.close()
-                self._forget_local(server)
-        mailbox = self._mailbox(server)
+        mailbox = self._mailbox(server)  # attaching again also drops the old local channel
         return self._send(server, method, build(mailbox), timeout, mailbox), mailbox
 
     # -- the verbs ------------------------------------------------------------------------

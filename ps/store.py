@@ -419,8 +419,8 @@ class Store:
         optimizer = self._optimizer
         fused = (not skip and self.config.mode != "sync" and optimizer is not None
                  and optimizer.fuses_codes)
-        if fused:
-            return grads, set()
+        if fused or not any(isinstance(grad, Packed) for grad, _ in grads.values()):
+            return grads, set()  # float32 pushes (most of them) pass as they came
         out, decoded = {}, set()
         for key_id, (grad, read_version) in grads.items():
             if isinstance(grad, Packed):
