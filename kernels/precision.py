@@ -330,6 +330,21 @@ def _flat(x: np.ndarray, want: type, name: str, func: str) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1)  # copies only non-contiguous views
 
 
+def _codes_out(out: np.ndarray | None, x: np.ndarray, func: str) -> np.ndarray:
+    """A new uint16 array shaped like x, or `out` once checked: an encoder writes into it
+    in place, so it must be writable, contiguous uint16 with one element per value."""
+    if out is None:
+        return np.empty(x.shape, np.uint16)
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint16:
+        got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
+        raise TypeError(f"{func}: out must be a numpy array of uint16, got {got}")
+    if out.size != x.size or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{func}: out must be a writable, C-contiguous array of {x.size} "
+                         f"elements (x's size), got {out.size} elements, "
+                         f"contiguous={out.flags.c_contiguous}, writable={out.flags.writeable}")
+    return out
+
+
 def round_to_fp16(x: np.ndarray) -> np.ndarray:
     """Round float32 `x` to the nearest IEEE half values; returns a new float32 array.
 
@@ -342,10 +357,14 @@ def round_to_fp16(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def fp16_encode(x: np.ndarray) -> np.ndarray:
-    """IEEE half codes of float32 `x` as uint16: `x.astype(np.float16).view(np.uint16)`."""
+def fp16_encode(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """IEEE half codes of float32 `x` as uint16: `x.astype(np.float16).view(np.uint16)`.
+
+    out: a uint16 array of x's size to write the codes into (say, the part of a message or a
+    mailbox that carries them), instead of a new array; returned.
+    """
     flat = _flat(x, np.float32, "x", "fp16_encode")
-    out = np.empty(x.shape, np.uint16)
+    out = _codes_out(out, x, "fp16_encode")
     _FP16_ENCODE(flat, flat.view(np.uint32), out.reshape(-1))
     return out
 
@@ -370,10 +389,13 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def bf16_encode(x: np.ndarray) -> np.ndarray:
-    """bfloat16 codes of float32 `x` as uint16, rounded as round_to_bf16 rounds."""
+def bf16_encode(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 codes of float32 `x` as uint16, rounded as round_to_bf16 rounds.
+
+    out: a uint16 array of x's size to write the codes into, instead of a new array; returned.
+    """
     flat = _flat(x, np.float32, "x", "bf16_encode")
-    out = np.empty(x.shape, np.uint16)
+    out = _codes_out(out, x, "bf16_encode")
     _bf16_encode_kernel(flat.view(np.uint32), out.reshape(-1))
     return out
 

@@ -498,9 +498,9 @@ class PSClient:
         offsets = None
         if mailbox is not None:
             offsets = [self._offsets[k.id] for k in group]
+            wire_type = WIRE_DTYPES[self.wire_dtype]
             for (_, _, values, _), offset in zip(items, offsets, strict=True):
-                raw = pack(values, self.wire_dtype)
-                mailbox.gradients(offset, raw.dtype, raw.size)[:] = raw
+                pack(values, self.wire_dtype, mailbox.gradients(offset, wire_type, values.size))
         return encode_push_request(self.worker_id, step, items, self.wire_dtype,
                                    0.0 if scale == 1.0 else scale, flat is None, offsets,
                                    "" if mailbox is None else mailbox.name)

@@ -1,9 +1,12 @@
-"""Process memory settings: keep freed MiB-sized buffers for reuse instead of unmapping them.
+"""Memory for MiB-sized messages: buffers kept for reuse, and bytes written in place.
 
 Every pull and push allocates MiB-sized buffers. glibc's malloc gives each large one fresh
 pages from the kernel and returns them on free, so every message pays for page faults (in a
 virtual machine, more than the copy itself). Raising the two thresholds below keeps freed
 buffers in the heap for reuse. Called once at the edge of each process that moves tensors.
+
+gRPC sends only `bytes`, which Python builds by copying finished data; `filled_bytes` lets an
+encoder write a message's tensor straight into its bytes instead, saving a pass over it.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Callable
 
-__all__ = ["keep_freed_buffers"]
+import numpy as np
+
+__all__ = ["filled_bytes", "keep_freed_buffers"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -31,3 +37,28 @@ def keep_freed_buffers() -> bool:
         return False  # not glibc (musl has no mallopt): nothing to tune
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+# CPython's C API makes a bytes object of n uninitialised bytes, for its maker to fill before
+# anyone else sees it (PyBytes_FromStringAndSize(NULL, n)); its data starts where an empty
+# bytes object's terminating NUL sits.
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_BYTES_DATA = sys.getsizeof(b"") - 1
+_IN_PLACE = sys.implementation.name == "cpython"
+
+
+def filled_bytes(size: int, fill: Callable[[np.ndarray], None]) -> bytes:
+    """A new bytes object of `size` bytes, written by fill(view), where view is a writable
+    uint8 array over them. Only `fill` ever sees them writable: the view must not outlive it.
+    """
+    if size < 0:
+        raise ValueError(f"filled_bytes: size must be >= 0, got {size}")
+    if not _IN_PLACE or size == 0:
+        buffer = bytearray(size)
+        fill(np.frombuffer(buffer, np.uint8))
+        return bytes(buffer)  # elsewhere: one more copy, the same bytes
+    out = _new_bytes(None, size)
+    fill(np.frombuffer((ctypes.c_char * size).from_address(id(out) + _BYTES_DATA), np.uint8))
+    return out

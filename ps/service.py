@@ -144,8 +144,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         items, where, moved = [], [], 0
         for k, values, version in got:
             offset = offsets[(k.name, k.start)]
-            raw = pack(values, dtype)
-            mailbox.weights(offset, raw.dtype, raw.size)[:] = raw
+            raw = pack(values, dtype, mailbox.weights(offset, WIRE_DTYPES[dtype], values.size))
             items.append((k.name, k.start, values, version))
             where.append(offset)
             moved += raw.nbytes

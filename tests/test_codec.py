@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from ps import ps_pb2, ps_pb2_grpc
 from ps.client import PSClient
 from ps.codec import (
+    _IN_PLACE_MIN,
     CodecError,
     decode_pull_reply,
     decode_push_request,
@@ -93,6 +94,34 @@ def test_16_bit_slices_halve_the_bytes_and_decode_to_the_rounded_values(dtype):
     reply = encode_pull_reply([("w", 0, values, 2)], step_skipped=True, dtype=dtype)
     assert ps_pb2.PullReply.FromString(reply).step_skipped
     np.testing.assert_array_equal(decode_slice(decode_pull_reply(reply).slices[0]), rounded)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_large_16_bit_slices_written_in_place_are_protobufs_bytes(dtype):
+    # From _IN_PLACE_MIN values up, the kernel writes the codes straight into the message;
+    # below, they go through an array. Both must give protobuf's bytes, in any mix.
+    from kernels import bf16_encode, fp16_encode
+
+    encode = fp16_encode if dtype == "float16" else bf16_encode
+    rng = np.random.default_rng(3)
+    sizes = [_IN_PLACE_MIN - 1, _IN_PLACE_MIN, 3, _IN_PLACE_MIN + 17]
+    arrays = [(f"t{i}", 5 * i, rng.standard_normal(n, dtype=np.float32), i)
+              for i, n in enumerate(sizes)]
+    arrays[2][2][1] = np.float32(np.nan)  # codes of every kind travel as they are
+    arrays[3][2][:4] = [np.inf, -np.inf, 1e-8, -0.0]
+
+    def protobuf_slice(msg, name, start, values, version):
+        msg.name, msg.start, msg.dtype, msg.version = name, start, dtype, version
+        msg.shape.append(values.size)
+        msg.data = encode(values).tobytes()
+
+    request = ps_pb2.PushRequest(worker=4, step=9, grad_scale=512.0)
+    reply = ps_pb2.PullReply(staleness_max=2)
+    for item in arrays:
+        protobuf_slice(request.grads.add(), *item)
+        protobuf_slice(reply.values.add(), *item)
+    assert encode_push_request(4, 9, arrays, dtype, 512.0) == request.SerializeToString()
+    assert encode_pull_reply(arrays, 2, dtype=dtype) == reply.SerializeToString()
 
 
 def test_reading_accepts_unpacked_shapes_and_skips_unknown_fields():

@@ -373,6 +373,31 @@ def test_other_dtypes_are_refused(kernel, bad):
         kernel(bad)
 
 
+@pytest.mark.parametrize("encode", [fp16_encode, bf16_encode])
+def test_encoders_write_into_out(encode):
+    x = np.random.default_rng(4).standard_normal((3, 50), dtype=np.float32)
+    buffer = np.full(160, 0xABCD, np.uint16)  # a message: codes in the middle of other bytes
+    got = encode(x, out=buffer[5:155])
+    assert got is not None and np.shares_memory(got, buffer)
+    assert_same_bits(buffer[5:155], encode(x).reshape(-1))
+    assert (buffer[:5] == 0xABCD).all() and (buffer[155:] == 0xABCD).all()
+
+
+@pytest.mark.parametrize("encode", [fp16_encode, bf16_encode])
+@pytest.mark.parametrize(("out", "problem"), [
+    (np.zeros(6, np.float32), "out must be a numpy array of uint16, got float32"),
+    ([0] * 6, "out must be a numpy array of uint16, got list"),
+    (np.zeros(5, np.uint16), "6 elements .x's size., got 5 elements"),
+    (np.zeros(12, np.uint16)[::2], "contiguous=False"),
+    (np.frombuffer(bytes(12), np.uint16), "writable=False"),
+])
+def test_a_bad_out_is_refused_and_left_alone(encode, out, problem):
+    before = np.array(out, copy=True)
+    with pytest.raises((TypeError, ValueError), match=rf"{encode.__name__}: .*{problem}"):
+        encode(np.ones(6, np.float32), out=out)
+    np.testing.assert_array_equal(np.asarray(out), before)
+
+
 @pytest.mark.parametrize("kernel", [fp16_decode, bf16_decode])
 def test_decode_wants_uint16(kernel):
     with pytest.raises(TypeError, match=r"bits must have dtype uint16, got float32"):
