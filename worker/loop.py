@@ -159,10 +159,14 @@ def run_worker(
         # straggler's slowdown of it) is the model's, not the loading of machine code. Before
         # the pull of the first step: that pull is the start line, and loading takes each
         # process its own time, which would let the workers leave the line apart.
+        # The pass calls what a step calls, the finiteness check included: a kernel that
+        # step 0 loads would cost it milliseconds, and a straggler multiplies its compute.
         warm = model.init_params()
-        model.loss_and_grads(warm, shard.X[:1], shard.y[:1], precision)
+        _, warm_grads = model.loss_and_grads(warm, shard.X[:1], shard.y[:1], precision,
+                                             scaler.get_scale(), {})
         if dp is not None:
             model.clipped_grad_sum(warm, shard.X[:1], shard.y[:1], dp.clip)
+        all(all_finite(g) for g in warm_grads.values())
     t0 = time.monotonic()
     params = client.pull(first_step) if todo else {}
     pull_s = time.monotonic() - t0
