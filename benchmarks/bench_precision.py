@@ -110,10 +110,10 @@ def push_costs() -> list:
         runs = [
             compare("push a 16 MiB gradient: fp16 vs fp32 (packing and unpacking included)",
                     ("fp16", push("float16")), ("fp32", push("float32")), goal=1 / 0.7,
-                    rounds=25),  # one push a round: more rounds, a steadier median
+                    rounds=41),  # one push a round: more rounds, a steadier median
             compare("push a 16 MiB gradient: fp16 packed by NumPy astype vs fp32",
                     ("fp16 astype", push("float16", _astype_encode)), ("fp32", push("float32")),
-                    rounds=25),
+                    rounds=41),
             compare("pack 16 MiB to fp16: kernel vs NumPy astype",
                     ("fp16_encode", lambda: fp16_encode(grad)),
                     ("astype(f16).view(u16)", lambda: grad.astype(np.float16).view(np.uint16))),
