@@ -5,7 +5,8 @@
 - the bytes a worker step moves in each precision (PushRequest up, PullReply down);
 - pushing a 16 MiB gradient as fp16 against fp32, packing and unpacking included (goal:
   <= 0.70x the fp32 time); the same push with the codes made by NumPy's astype instead of
-  the kernel; and the packing kernels against astype on their own.
+  the kernel; the CPU each push costs the client and the server; and the packing kernels
+  against astype on their own.
 
 Run with `make bench`; writes benchmarks/results/precision.json.
 """
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +83,36 @@ def _astype_encode(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def push_costs() -> list:
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid`, all its threads (Linux); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def push_cpu(pushes: dict[str, Callable[[], None]], server_pid: int, blocks: int = 6,
+             per_block: int = 10) -> dict[str, dict[str, float]] | None:
+    """CPU milliseconds per push, on the client and on the server, blocks of each contender
+    in alternation. On two cores a loopback push is bound by CPU, not by the wire: its time
+    ratio follows this one."""
+    if _cpu_s(server_pid) is None:
+        return None
+    spent = {name: [0.0, 0.0] for name in pushes}
+    for _ in range(blocks):
+        for name, run in pushes.items():
+            client, server = time.process_time(), _cpu_s(server_pid)
+            for _ in range(per_block):
+                run()
+            spent[name][0] += time.process_time() - client
+            spent[name][1] += _cpu_s(server_pid) - server
+    count = blocks * per_block
+    return {name: {"client_ms": 1e3 * c / count, "server_ms": 1e3 * s / count}
+            for name, (c, s) in spent.items()}
+
+
+def push_costs() -> tuple[list, dict | None]:
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
     proc = ctx.Process(target=_server, args=(ports,), daemon=True)
@@ -121,9 +153,10 @@ def push_costs() -> list:
                     ("fp16_decode", lambda: fp16_decode(bits)),
                     ("view(f16).astype(f32)", lambda: bits.view(np.float16).astype(np.float32))),
         ]
+        cpu = push_cpu({"fp16": push("float16"), "fp32": push("float32")}, proc.pid)
         for client in clients.values():
             client.close()
-        return runs
+        return runs, cpu
     finally:
         proc.terminate()
         proc.join(10)
@@ -132,15 +165,23 @@ def push_costs() -> list:
 def main() -> int:
     keep_freed_buffers()
     started = time.perf_counter()
-    runs = step_costs() + push_costs()
+    pushes, cpu = push_costs()
+    runs = step_costs() + pushes
     sizes = bytes_per_step()
     print(table("precision", runs))
     print("bytes a worker step moves (push + pull, 784-256-128-10): "
           + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
           + f" (fp16/fp32 = {sizes['fp16'] / sizes['fp32']:.3f})")
+    if cpu is not None:
+        total = {name: c["client_ms"] + c["server_ms"] for name, c in cpu.items()}
+        print("CPU per 16 MiB push, client + server: " + ", ".join(
+            f"{name} {c['client_ms']:.1f} + {c['server_ms']:.1f} ms" for name, c in cpu.items())
+            + f" (fp16/fp32 = {total['fp16'] / total['fp32']:.2f}; on two cores the push's "
+            "time ratio follows it)")
     print("speedup = baseline time / ours; the push goal >= 1.43x is fp16 <= 0.70x fp32's time")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"runs": [r.as_dict() for r in runs], "bytes_per_step": sizes,
+                                   "push_cpu_ms": cpu,
                                    "bench_s": time.perf_counter() - started}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
     return 0
