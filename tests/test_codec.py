@@ -168,3 +168,27 @@ def test_a_malformed_push_is_invalid_argument_not_a_crash():
         np.testing.assert_array_equal(decode_slice(reply.values[0]), [1.0, 1.0])
     finally:
         running.stop(0)
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+def test_large_16_bit_pushes_and_pulls_through_a_server(wire_dtype):
+    # Past _IN_PLACE_MIN values the codes go straight into the messages both ways; the
+    # weights must be what decoding the codes and stepping gives, and the pull their codes.
+    from kernels import bf16_decode, bf16_encode, fp16_decode, fp16_encode, sgd_update
+
+    encode, decode = ((fp16_encode, fp16_decode) if wire_dtype == "float16"
+                      else (bf16_encode, bf16_decode))
+    rng = np.random.default_rng(6)
+    start = rng.standard_normal(_IN_PLACE_MIN + 5, dtype=np.float32)
+    grad = rng.standard_normal(start.size, dtype=np.float32)
+    running = serve(mode="async", workers=1)
+    try:
+        with PSClient([running.address], wire_dtype=wire_dtype) as client:
+            client.init({"w": start}, "sgd", lr=0.5)
+            client.push({"w": grad}, 0)
+            pulled = client.pull()["w"]
+    finally:
+        running.stop(0)
+    master = start.copy()
+    sgd_update(master, decode(encode(grad)), 0.5)  # the server steps as decode-then-update
+    np.testing.assert_array_equal(pulled, decode(encode(master)))
