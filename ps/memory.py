@@ -42,11 +42,12 @@ def keep_freed_buffers() -> bool:
 # CPython's C API makes a bytes object of n uninitialised bytes, for its maker to fill before
 # anyone else sees it (PyBytes_FromStringAndSize(NULL, n)); its data starts where an empty
 # bytes object's terminating NUL sits.
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-_BYTES_DATA = sys.getsizeof(b"") - 1
 _IN_PLACE = sys.implementation.name == "cpython"
+if _IN_PLACE:
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype = ctypes.py_object
+    _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _BYTES_DATA = sys.getsizeof(b"") - 1
 
 
 def filled_bytes(size: int, fill: Callable[[np.ndarray], None]) -> bytes:
