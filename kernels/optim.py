@@ -201,7 +201,8 @@ def sgd_update(
 # patterns. Decoding them into a float32 array and then updating writes and reads that array
 # once more than needed; these kernels decode each code where the update uses it. Three
 # kernels, one per decoder, because the hardware one cannot be compiled where there is no
-# F16C (a branch would not keep it out of the machine code).
+# F16C (a branch would not keep it out of the machine code), and a kernel made by a factory
+# around its decoder is not cached by Numba (each process would compile it again).
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

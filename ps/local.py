@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from ps.wire import MAX_MESSAGE_BYTES
+
 __all__ = ["METHODS", "LocalChannel", "LocalContext", "LocalError", "LocalServer",
            "LocalUnavailable"]
 
@@ -44,7 +46,6 @@ _HELLO = 0
 _REQUEST = struct.Struct("<IBd")
 _REPLY = struct.Struct("<IB")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
-_MAX_BODY = 256 * 1024 * 1024  # as gRPC's message limit (ps.wire.MAX_MESSAGE_BYTES)
 _MAX_CONNECTIONS = 256  # per server: a bound on threads, far above W workers' chunks in flight
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -202,7 +203,7 @@ class LocalServer:
         if header is None:
             return False
         size, method, timeout = _REQUEST.unpack(header)
-        if not 1 <= method <= len(METHODS) or size > _MAX_BODY or not timeout >= 0:
+        if not 1 <= method <= len(METHODS) or size > MAX_MESSAGE_BYTES or not timeout >= 0:
             _reply(conn, grpc.StatusCode.INVALID_ARGUMENT.value[0],
                    f"malformed local frame: method {method}, {size} bytes, timeout "
                    f"{timeout}".encode())
