@@ -8,7 +8,8 @@ import tinyps
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
 from ps.store import Store, StoreConfig
-from worker.precision import LossScaler, Precision
+from worker.loop import WorkerConfig
+from worker.precision import GROWTH_INTERVAL, INIT_SCALE, LossScaler, Precision
 
 # Recorded from torch 2.13.0: torch.amp.GradScaler("cpu", init_scale=1024, growth_factor=2,
 # backoff_factor=0.5, growth_interval=3), one step per entry of PATTERN (True: the gradients
@@ -111,6 +112,45 @@ def test_an_overflowing_step_is_skipped_and_never_reaches_the_weights(tmp_path):
     assert summary["skipped_steps"] > 0
     _, weights, _ = tinyps.load_model(run_dir)
     assert weights and all(np.isfinite(w).all() for w in weights.values())
+
+
+def test_init_scale_and_growth_interval_reach_the_workers_scalers(tmp_path):
+    # 25 good steps from 1024, doubling every 10: 1024 -> 2048 (step 10) -> 4096 (step 20).
+    summary, _ = tinyps.launch(servers=1, workers=2, mode="sync", steps=25, precision="fp16",
+                               init_scale=1024.0, growth_interval=10, run_dir=str(tmp_path))
+    assert summary["skipped_steps"] == 0
+    assert summary["loss_scale_final"] == 4096.0
+
+
+@pytest.mark.parametrize("settings, exc, message", [
+    ({"precision": "fp16", "growth_interval": 0}, ValueError, "growth_interval must be >= 1"),
+    ({"precision": "fp16", "growth_interval": 2.5}, TypeError, "growth_interval must be an int"),
+    ({"precision": "fp16", "growth_interval": True}, TypeError, "growth_interval must be an int"),
+    ({"precision": "fp16", "init_scale": 0.0}, ValueError, "init_scale must be positive"),
+    ({"precision": "fp16", "init_scale": float("inf")}, ValueError, "init_scale must be positive"),
+    ({"precision": "bf16", "init_scale": 1024.0}, ValueError, "loss scale is off"),
+    ({"precision": "fp16", "loss_scale": 512.0, "growth_interval": 10}, ValueError,
+     "loss scale is 512.0"),
+    ({"precision": "fp32", "loss_scale": "dynamic", "init_scale": 8.0}, None, None),
+])
+def test_dynamic_scaling_settings_are_checked(settings, exc, message):
+    if exc is None:
+        scaler, dynamic = WorkerConfig(steps=1, **settings).scaler()
+        assert dynamic and scaler.get_scale() == 8.0
+        tinyps.LaunchConfig(**settings)
+        return
+    with pytest.raises(exc, match=message):
+        tinyps.LaunchConfig(**settings)
+
+
+def test_the_cli_defaults_are_grad_scalers():
+    from tinyps.cli import build_parser
+
+    args = build_parser().parse_args(["launch"])
+    assert (args.init_scale, args.growth_interval) == (INIT_SCALE, GROWTH_INTERVAL)
+    assert (INIT_SCALE, GROWTH_INTERVAL) == (65536.0, 2000)  # torch.amp.GradScaler's
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["launch", "--growth-interval", "0"])
 
 
 def test_precision_names_are_checked():

@@ -228,6 +228,11 @@ def _precision_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-scale", type=_loss_scale, default="auto",
                    help="auto (dynamic for fp16, off for bf16), dynamic, off, or a static "
                         "scale such as 1024")
+    p.add_argument("--init-scale", type=_positive_float, default=65536.0,
+                   help="dynamic loss scaling: the first scale (default: 65536)")
+    p.add_argument("--growth-interval", type=_positive_int, default=2000,
+                   help="dynamic loss scaling: good steps in a row that double the scale "
+                        "(default: 2000)")
 
 
 def _security_flags(p: argparse.ArgumentParser) -> None:
@@ -455,7 +460,8 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         alpha=args.alpha, slowdown=args.slowdown, seed=args.seed, fused=args.fused,
         shared_memory=args.shared_memory, metrics=args.metrics, start_time=args.start_time,
         precision=args.precision,
-        loss_scale=args.loss_scale, token=args.token, poison=args.poison,
+        loss_scale=args.loss_scale, init_scale=args.init_scale,
+        growth_interval=args.growth_interval, token=args.token, poison=args.poison,
         dp=None if args.dp_noise is None else DPConfig(
             noise=args.dp_noise, clip=args.dp_clip, delta=args.dp_delta,
             noise_at=args.dp_noise_at, seed=args.dp_seed),
@@ -479,7 +485,8 @@ def _run_launch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         momentum=args.momentum, placement=args.placement, split_bytes=args.split_bytes,
         partition=args.partition, alpha=args.alpha, slow_worker=args.slow_worker,
-        precision=args.precision, loss_scale=args.loss_scale, seed=args.seed,
+        precision=args.precision, loss_scale=args.loss_scale, init_scale=args.init_scale,
+        growth_interval=args.growth_interval, seed=args.seed,
         fused=args.fused, shared_memory=args.shared_memory, run_dir=args.run_dir,
         token=args.token,
         tls_cert=_text(args.tls_cert), tls_key=_text(args.tls_key), tls_ca=_text(args.tls_ca),

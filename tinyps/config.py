@@ -14,7 +14,7 @@ from ps.store import MODES, parse_aggregate
 from worker.loop import WorkerConfig
 from worker.partition import PARTITION_SCHEMES
 from worker.poison import BYZANTINE, parse_poison
-from worker.precision import PRECISIONS
+from worker.precision import GROWTH_INTERVAL, INIT_SCALE, PRECISIONS
 from worker.privacy import DPConfig
 
 __all__ = ["BACKENDS", "LaunchConfig"]
@@ -46,6 +46,8 @@ class LaunchConfig:
     slow_worker: tuple[int, float] | None = None  # (worker, factor): an injected straggler
     precision: str = "fp32"  # fp32 | fp16 | bf16: worker compute and wire traffic
     loss_scale: float | str = "auto"  # auto (dynamic for fp16, else off) | dynamic | off | N
+    init_scale: float = INIT_SCALE  # dynamic loss scaling: the first scale ...
+    growth_interval: int = GROWTH_INTERVAL  # ... and how many good steps in a row double it
     seed: int = 0
     fused: bool = True  # push a step and pull the next in one round trip
     # Tensors through shared-memory mailboxes where a server can map them (this host; never
@@ -127,7 +129,8 @@ class LaunchConfig:
         need(self.alpha > 0 and math.isfinite(self.alpha), f"alpha must be > 0, got {self.alpha}")
         need(self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        WorkerConfig(steps=1, precision=self.precision, loss_scale=self.loss_scale)
+        WorkerConfig(steps=1, precision=self.precision, loss_scale=self.loss_scale,
+                     init_scale=self.init_scale, growth_interval=self.growth_interval)
         need(self.split_bytes is None or self.split_bytes >= 1,
              f"split_bytes must be >= 1, got {self.split_bytes}")
         if self.slow_worker is not None:

@@ -145,7 +145,8 @@ def worker_args(config: LaunchConfig, index: int, addresses: list[str], steps: i
             "--placement", config.placement, "--partition", config.partition,
             "--alpha", repr(config.alpha), "--slowdown", repr(config.slowdown(index)),
             "--seed", str(config.seed), "--precision", config.precision,
-            "--loss-scale", str(config.loss_scale)]
+            "--loss-scale", str(config.loss_scale), "--init-scale", repr(config.init_scale),
+            "--growth-interval", str(config.growth_interval)]
     if metrics is not None:
         args += ["--metrics", str(metrics)]
     if start_time is not None:

@@ -8,6 +8,7 @@ one PushPull round trip; `fused=False` makes them two calls, as a textbook draws
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from ps.client import PSClient
 from worker.model import MLP
 from worker.partition import Shard
 from worker.poison import parse_poison, poison_grads, poison_shard
-from worker.precision import LossScaler, Precision
+from worker.precision import GROWTH_INTERVAL, INIT_SCALE, LossScaler, Precision
 from worker.preprocess import augment_shifts
 from worker.privacy import DPConfig, add_noise, poisson_batches
 
@@ -39,6 +40,10 @@ class WorkerConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (the client must travel in the same format)
     # "auto": dynamic for fp16, off for bf16 and fp32; "dynamic"; "off"; or a static scale.
     loss_scale: float | str = "auto"
+    # Dynamic scaling only (GradScaler's names): the first scale, and how many good steps in a
+    # row double it. A short interval shows the scale climbing within a classroom run.
+    init_scale: float = INIT_SCALE
+    growth_interval: int = GROWTH_INTERVAL
     poison: str | None = None  # injected fault (worker/poison.py): label_flip, ...
     dp: DPConfig | None = None  # DP-SGD: Poisson batches, per-example clipping, noise
 
@@ -61,16 +66,32 @@ class WorkerConfig:
                                  f"got {self.loss_scale!r}")
         elif not (self.loss_scale > 0 and np.isfinite(self.loss_scale)):
             raise ValueError(f"a static loss_scale must be positive, got {self.loss_scale}")
+        if isinstance(self.growth_interval, bool) or not isinstance(self.growth_interval,
+                                                                    numbers.Integral):
+            raise TypeError(f"growth_interval must be an int, got {self.growth_interval!r}")
+        LossScaler(init_scale=self.init_scale, growth_interval=self.growth_interval)
+        tuned = (self.init_scale, self.growth_interval) != (INIT_SCALE, GROWTH_INTERVAL)
+        if tuned and self._scaling() != "dynamic":
+            # Silently ignoring them would leave the user reading a scale they did not get.
+            raise ValueError(
+                f"init_scale and growth_interval apply to dynamic loss scaling, but this run's "
+                f"loss scale is {self._scaling()} (loss_scale {self.loss_scale!r}, precision "
+                f"{self.precision})")
+
+    def _scaling(self) -> float | str:
+        """dynamic, off, or the static scale: what loss_scale means at this precision."""
+        if self.loss_scale == "auto":
+            return "dynamic" if self.precision == "fp16" else "off"
+        return self.loss_scale
 
     def scaler(self) -> tuple[LossScaler, bool]:
         """The loss scaler this config asks for, and whether it adapts (dynamic)."""
-        mode = self.loss_scale
-        if mode == "auto":
-            mode = "dynamic" if self.precision == "fp16" else "off"
+        mode = self._scaling()
         if mode == "off":
             return LossScaler(enabled=False), False
         if mode == "dynamic":
-            return LossScaler(), True
+            return LossScaler(init_scale=self.init_scale,
+                              growth_interval=self.growth_interval), True
         return LossScaler(init_scale=float(mode)), False
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from kernels import all_finite, round_to_bf16, round_to_fp16
 
-__all__ = ["PRECISIONS", "LossScaler", "Precision"]
+__all__ = ["GROWTH_INTERVAL", "INIT_SCALE", "PRECISIONS", "LossScaler", "Precision"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _WIRE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -47,6 +47,12 @@ class Precision:
         return _ROUND[self.name](np.ascontiguousarray(x, dtype=np.float32))
 
 
+# torch.amp.GradScaler's defaults for dynamic scaling: the first scale, and how many good steps
+# in a row double it.
+INIT_SCALE = 65536.0
+GROWTH_INTERVAL = 2000
+
+
 class LossScaler:
     """Dynamic loss scaling, as torch.amp.GradScaler does it (the scale kept in float32).
 
@@ -55,8 +61,8 @@ class LossScaler:
     `growth_interval` good steps in a row. enabled=False makes it the identity (scale 1).
     """
 
-    def __init__(self, init_scale: float = 65536.0, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000,
+    def __init__(self, init_scale: float = INIT_SCALE, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = GROWTH_INTERVAL,
                  enabled: bool = True) -> None:
         if not init_scale > 0 or not np.isfinite(init_scale):
             raise ValueError(f"init_scale must be positive and finite, got {init_scale}")

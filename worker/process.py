@@ -19,7 +19,7 @@ from worker.data import load_dataset
 from worker.loop import StepRecord, WorkerConfig, run_worker
 from worker.model import MLP
 from worker.partition import PARTITION_SCHEMES, partition
-from worker.precision import Precision
+from worker.precision import GROWTH_INTERVAL, INIT_SCALE, Precision
 from worker.privacy import DPConfig
 
 __all__ = ["WorkerSettings", "run_worker_process", "steps_for"]
@@ -48,6 +48,8 @@ class WorkerSettings:
     shared_memory: bool = True  # tensors through mailboxes to servers on this host
     precision: str = "fp32"  # fp32 | fp16 | bf16: compute and traffic
     loss_scale: float | str = "auto"  # auto | dynamic | off | a static scale
+    init_scale: float = INIT_SCALE  # dynamic scaling: the first scale ...
+    growth_interval: int = GROWTH_INTERVAL  # ... and the good steps that double it
     poison: str | None = None  # injected fault: label_flip | random_labels | scaled_gradient:F
     dp: DPConfig | None = None  # DP-SGD settings
     metrics: Path | None = None  # append one JSON line per step here
@@ -94,6 +96,8 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
     config = WorkerConfig(steps=steps, batch_size=settings.batch_size, seed=settings.seed,
                           slowdown=settings.slowdown, fused=settings.fused,
                           precision=settings.precision, loss_scale=settings.loss_scale,
+                          init_scale=settings.init_scale,
+                          growth_interval=settings.growth_interval,
                           poison=settings.poison, dp=settings.dp)
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
