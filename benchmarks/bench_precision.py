@@ -139,8 +139,9 @@ def push_costs() -> tuple[list, dict | None]:
             return run
 
         bits = fp16_encode(grad)
-        # One push a round, so the rounds are many: in one process, 720 rounds cut into runs
-        # of 41 gave medians from 1.41x to 1.57x around 1.49x; runs of 81, 1.43x to 1.55x.
+        # One push a round, so the rounds are many: 720 rounds in each of two processes, cut
+        # into runs of 41, gave medians from 1.40x to 1.57x around 1.49x; runs of 81, 1.43x
+        # to 1.52x.
         runs = [
             compare("push a 16 MiB gradient: fp16 vs fp32 (packing and unpacking included)",
                     ("fp16", push("float16")), ("fp32", push("float32")), goal=1 / 0.7,
