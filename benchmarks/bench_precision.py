@@ -128,15 +128,18 @@ def push_costs() -> tuple[list, dict | None]:
 
         def push(name: str, encoder=None):
             def run() -> None:
+                clients[name].push({"g": grad}, steps[name])
+                steps[name] += 1
+
+            def run_with_encoder() -> None:
                 # The astype variant: the same client and message, its codes made by NumPy.
                 kernel = codec._ENCODERS["float16"]
-                codec._ENCODERS["float16"] = encoder or kernel
+                codec._ENCODERS["float16"] = encoder
                 try:
-                    clients[name].push({"g": grad}, steps[name])
+                    run()
                 finally:
                     codec._ENCODERS["float16"] = kernel
-                steps[name] += 1
-            return run
+            return run if encoder is None else run_with_encoder
 
         bits = fp16_encode(grad)
         # One push a round, so the rounds are many: 720 rounds in each of two processes, cut
