@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["STRATEGIES", "Part", "Placement", "TensorSpec", "place"]
+from ps.settings import setting
+
+__all__ = ["STRATEGIES", "Part", "Placement", "PlacementConfig", "TensorSpec", "place"]
 
 STRATEGIES = ("round_robin", "size_balanced")  # or an explicit "dense0=1,dense1=0"
 
@@ -211,3 +213,22 @@ def place(
             parts[spec.name] = [Part(spec, server, (0, spec.rows))]
     ordered = tuple(p for spec in specs for p in parts[spec.name])
     return Placement(servers, strategy, ordered)
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Which placement a run asks for (checked against its model by `place`)."""
+
+    placement: str = setting(
+        "size_balanced", "round_robin | size_balanced | per layer, e.g. dense0=1,dense1=0")
+    split_bytes: int | None = setting(
+        None, "split tensors larger than this many bytes into row ranges across servers")
+
+    def __post_init__(self) -> None:
+        if self.split_bytes is not None and self.split_bytes < 1:
+            raise ValueError(f"split_bytes must be >= 1, got {self.split_bytes}")
+        if not self.placement:
+            raise ValueError("placement must not be empty")
+
+    def place(self, specs: Sequence[TensorSpec], servers: int) -> Placement:
+        return place(specs, servers, self.placement, self.split_bytes)

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import grpc
 
-__all__ = ["TLSFiles", "TokenInterceptor", "channel_credentials", "client_tls",
-           "server_credentials", "server_tls"]
+from ps.settings import setting
+
+__all__ = ["TOKEN_ENV", "SecurityConfig", "TLSFiles", "TokenInterceptor", "channel_credentials",
+           "client_tls", "server_credentials", "server_tls"]
+
+TOKEN_ENV = "TINYPS_TOKEN"  # the shared token travels to child processes in the environment
 
 _PROTECTED = "/tinyps.ParameterServer/"  # method prefix of the service the token guards
 
@@ -60,6 +64,39 @@ def client_tls(cert, key, ca=None) -> TLSFiles | None:
     if ca is None:
         return TLSFiles(ca=cert)
     return TLSFiles(cert=cert, key=key, ca=ca)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may talk to the servers: the same settings for every process of a cluster."""
+
+    token: str | None = setting(
+        None, "shared token checked on every call (default: $TINYPS_TOKEN)", secret=True,
+        env=TOKEN_ENV)
+    tls_cert: str | None = setting(None, "PEM certificate of the servers (TLS for all traffic)")
+    tls_key: str | None = setting(None, "PEM key of that certificate")
+    tls_ca: str | None = setting(
+        None, "PEM CA: servers demand client certificates it signed (mutual TLS)")
+
+    def __post_init__(self) -> None:
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, str(value))
+        if self.token == "":
+            raise ValueError("the token must not be empty")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-ca needs --tls-cert and --tls-key (the servers' own "
+                             "certificate)")
+        self.tls(client=False)  # the files exist and come in pairs
+
+    def tls(self, client: bool) -> TLSFiles | None:
+        """TLS files for a server, or for a client of the servers (None: no TLS)."""
+        make = client_tls if client else server_tls
+        return make(self.tls_cert, self.tls_key, self.tls_ca)
+
+    def __repr__(self) -> str:  # never shows the token
+        return (f"SecurityConfig(token={'(set)' if self.token else None}, "
+                f"tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}, tls_ca={self.tls_ca!r})")
 
 
 def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:

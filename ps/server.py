@@ -19,28 +19,59 @@ from grpc_reflection.v1alpha import reflection
 
 from ps.checkpoint import latest_checkpoint, write_checkpoint
 from ps.local import LocalServer
-from ps.security import TLSFiles, TokenInterceptor, server_credentials
+from ps.security import SecurityConfig, TokenInterceptor, server_credentials
 from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server, local_handlers
+from ps.settings import from_flat, part, setting
 from ps.store import Store, StoreConfig
 from ps.wire import MAX_MESSAGE_BYTES
 
-__all__ = ["Checkpointing", "RunningServer", "SERVICE_NAME", "serve"]
+__all__ = ["CheckpointConfig", "RunningServer", "SERVICE_NAME", "ServerConfig", "serve"]
 
 
 @dataclass(frozen=True)
-class Checkpointing:
+class CheckpointConfig:
     """Where and how often a server writes its shard."""
 
-    directory: Path  # this server's own directory (ps.checkpoint.server_directory)
-    every: int = 100  # write when the shard's every key has this many more updates
-    keep: int = 3  # checkpoints kept; older ones are deleted
-    restore: bool = False  # start from the newest checkpoint in `directory`, if there is one
+    checkpoint_dir: str | None = setting(
+        None, "this server's checkpoint folder (default: no checkpoints)")
+    checkpoint_every: int = setting(100, "a server writes its shard every N updates")
+    keep_checkpoints: int = setting(3, "checkpoints kept per server; older ones are deleted")
+    restore: bool = setting(
+        False, "start from the newest checkpoint in --checkpoint-dir, if there is one")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "directory", Path(self.directory))
-        if self.every < 1 or self.keep < 1:
-            raise ValueError(f"checkpoint every and keep must be >= 1, got {self.every}, "
-                             f"{self.keep}")
+        if self.checkpoint_dir is not None:
+            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.restore and self.checkpoint_dir is None:
+            raise ValueError("--restore needs --checkpoint-dir (where the checkpoints are)")
+
+    @property
+    def directory(self) -> Path | None:
+        return None if self.checkpoint_dir is None else Path(self.checkpoint_dir)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything one parameter-server process is told: `serve(config)` runs it."""
+
+    host: str = setting("127.0.0.1", "the address to bind (127.0.0.1: this machine only)")
+    port: int = setting(0, "the port to bind (0: a free one)")
+    threads: int | None = setting(
+        None, "handler threads (default: 8 per worker and 8 more, so that waiting pulls never "
+              "starve the pushes that end their wait)")
+    store: StoreConfig = part(StoreConfig)
+    checkpoint: CheckpointConfig = part(CheckpointConfig)
+    security: SecurityConfig = part(SecurityConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 @dataclass
@@ -49,7 +80,7 @@ class _Checkpointer:
     `every` (the first right after initialisation, so that a restart always finds one)."""
 
     store: Store
-    policy: Checkpointing
+    policy: CheckpointConfig
     written: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -58,7 +89,7 @@ class _Checkpointer:
         while not self.store.closed:
             if self.store.wait_version(target, timeout=1.0):
                 seq = self.write()
-                target = (seq // self.policy.every + 1) * self.policy.every
+                target = (seq // self.policy.checkpoint_every + 1) * self.policy.checkpoint_every
 
     def write(self) -> int:
         """Write a checkpoint now; returns its seq (the shard's min version)."""
@@ -66,7 +97,7 @@ class _Checkpointer:
             snapshot = self.store.snapshot()
             # The count travels in the checkpoint, so that a restarted server goes on from it.
             snapshot.counters["checkpoints_written"] = self.written + 1
-            write_checkpoint(self.policy.directory, snapshot, self.policy.keep)
+            write_checkpoint(self.policy.directory, snapshot, self.policy.keep_checkpoints)
             self.written += 1
             return snapshot.seq
 
@@ -118,38 +149,26 @@ class RunningServer:
         return self._stopped.wait(timeout)
 
 
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 0,
-    mode: str = "sync",
-    workers: int = 1,
-    staleness: int = 0,
-    *,
-    staleness_lr: bool = False,
-    max_staleness: int | None = None,
-    threads: int | None = None,
-    token: str | None = None,
-    tls: TLSFiles | None = None,
-    backup_workers: int = 0,
-    aggregate: str = "mean",
-    lease_s: float | None = None,
-    checkpointing: Checkpointing | None = None,
-    dp_noise_std: float = 0.0,
-    dp_seed: int | None = None,
-) -> RunningServer:
-    """Start a parameter server on host:port (0: a free port) and return it running.
+def serve(config: ServerConfig | None = None, **settings) -> RunningServer:
+    """Start a parameter server and return it running (port 0: a free port).
 
-    token: every call of the tinyps service must carry it (health and reflection stay open).
-    tls: serve over TLS; with tls.ca set, clients must show a certificate signed by it.
-    backup_workers, aggregate, lease_s, dp_noise_std, dp_seed: see StoreConfig.
-    checkpointing: write checkpoints (and, with restore, start from the newest one).
+    `serve(ServerConfig(...))`, or the settings by name as a shorthand:
+    `serve(mode="async", workers=2, token="s3cret")`. The token guards every call of the
+    tinyps service (health and reflection stay open); with TLS files the server speaks TLS,
+    and with a CA it demands client certificates; with a checkpoint folder it writes
+    checkpoints (and, with restore, starts from the newest one).
     """
-    store = Store(StoreConfig(mode=mode, workers=workers, staleness=staleness,
-                              staleness_lr=staleness_lr, max_staleness=max_staleness,
-                              backup_workers=backup_workers, aggregate=aggregate,
-                              lease_s=lease_s, dp_noise_std=dp_noise_std, dp_seed=dp_seed))
+    if config is None:
+        config = from_flat(ServerConfig, settings, where="serve")
+    elif settings:
+        raise TypeError(f"serve: give a ServerConfig or settings by name, not both "
+                        f"({sorted(settings)})")
+    host, port, workers = config.host, config.port, config.store.workers
+    token, tls = config.security.token, config.security.tls(client=False)
+    store = Store(config.store)
     checkpointer = None
-    if checkpointing is not None:
+    checkpointing = config.checkpoint
+    if checkpointing.directory is not None:
         checkpointer = _Checkpointer(store, checkpointing)
         if checkpointing.restore and (snapshot := latest_checkpoint(checkpointing.directory)):
             store.restore(snapshot)
@@ -157,7 +176,7 @@ def serve(
     # Pulls that wait on a barrier hold a thread each; the pool leaves room for every worker's
     # waiting pulls (a few chunks each) and their pushes, so waiting can never starve the
     # pushes that would end the wait.
-    pool = ThreadPoolExecutor(max_workers=threads or 8 * (workers + 1) + 8,
+    pool = ThreadPoolExecutor(max_workers=config.threads or 8 * (workers + 1) + 8,
                               thread_name_prefix="ps-handler")
     server = grpc.server(pool, options=[
         ("grpc.so_reuseport", 0),

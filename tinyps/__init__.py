@@ -4,8 +4,8 @@ The front door: `tinyps.launch(...)` runs a cluster to the end, `tinyps.cluster(
 servers up for hands-on work, and the `tinyps` command does both from a terminal.
 """
 
-from tinyps.api import Cluster, cluster, launch
+from tinyps.api import Cluster, RunResult, cluster, launch
 from tinyps.config import LaunchConfig
-from tinyps.launcher import load_model
+from tinyps.rundir import load_model
 
-__all__ = ["Cluster", "LaunchConfig", "cluster", "launch", "load_model"]
+__all__ = ["Cluster", "LaunchConfig", "RunResult", "cluster", "launch", "load_model"]

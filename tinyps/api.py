@@ -12,51 +12,49 @@ Both take the settings of `tinyps launch` (LaunchConfig) and always stop their p
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from ps.client import PSClient
 from tinyps.config import LaunchConfig
 from tinyps.launcher import launch as _launch
-from tinyps.launcher import prepare_run_dir, start_servers
+from tinyps.local_backend import start_servers
 from tinyps.processes import Child, end_all
+from tinyps.progress import StepBar
+from tinyps.rundir import prepare_run_dir, write_config
 from tinyps.status import status_table
 
-__all__ = ["Cluster", "cluster", "launch"]
+__all__ = ["Cluster", "RunResult", "cluster", "launch"]
+
+
+class RunResult(NamedTuple):
+    """What a finished run gives back: `summary, run_dir = tinyps.launch(...)`."""
+
+    summary: dict  # summary.json
+    run_dir: Path
 
 
 def _config(config: LaunchConfig | None, settings: dict) -> LaunchConfig:
+    """A config from another and settings by name (`mode="async"`), which win."""
     if config is None:
-        return LaunchConfig(**settings)
-    return dataclasses.replace(config, **settings) if settings else config
+        return LaunchConfig.from_flat(settings)
+    return config.replace(**settings) if settings else config
 
 
 def launch(config: LaunchConfig | None = None, *, progress: bool = False,
-           **settings) -> tuple[dict, Path]:
+           **settings) -> RunResult:
     """Run a cluster to the end, as `tinyps launch` does; return (summary, run directory).
 
-    Settings are LaunchConfig fields, given as a config, as keywords, or both (keywords win).
-    progress=True shows a progress bar (tqdm's, which notebooks render as a widget or text).
+    Settings are those of `tinyps launch` by name (mode="async", epochs=5, ...), given as a
+    config, as keywords, or both (keywords win). progress=True shows a progress bar (tqdm's,
+    which notebooks render as a widget or text).
     """
     config = _config(config, settings)
     if not progress:
-        return _launch(config)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(unit="step", desc=config.mode)
-
-    def show(done: int, total: int, losses: dict[int, float], rate: float) -> None:
-        if bar.total != total:
-            bar.reset(total=total)
-        bar.set_postfix_str(f"loss {sum(losses.values()) / len(losses):.4f}", refresh=False)
-        bar.update(done - bar.n)
-
-    try:
-        return _launch(config, progress=show)
-    finally:
-        bar.close()
+        return RunResult(*_launch(config))
+    with StepBar(config.mode, notebook=True, rate=False) as bar:
+        return RunResult(*_launch(config, progress=bar))
 
 
 class Cluster:
@@ -72,21 +70,21 @@ class Cluster:
                         else Path("runs") / f"{stamp}-cluster-{config.mode}")
         prepare_run_dir(self.run_dir)
         # Marks the folder as a tinyps run's, so that the next cluster may reuse it.
-        (self.run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+        write_config(self.run_dir, config.to_json())
         self._children: list[Child]
         self._children, self.addresses = start_servers(config, self.run_dir)
         self._clients: list[PSClient] = []
 
     def client(self, worker_id: int = 0, **options) -> PSClient:
         """A PSClient of these servers as worker `worker_id` (closed with the cluster)."""
-        options.setdefault("token", self.config.token)
+        options.setdefault("token", self.config.security.token)
         options.setdefault("tls", self.config.tls(client=True))
         client = PSClient(self.addresses, worker_id=worker_id, **options)
         self._clients.append(client)
         return client
 
     def stats(self) -> list[dict]:
-        with PSClient(self.addresses, token=self.config.token,
+        with PSClient(self.addresses, token=self.config.security.token,
                       tls=self.config.tls(client=True)) as client:
             return client.stats()
 

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from ps.settings import to_flat
 from tinyps.config import LaunchConfig
 from worker.accountant import RdpAccountant, dp_sgd_epsilon, sigma_for_epsilon
 
@@ -21,28 +22,28 @@ __all__ = ["check_resume", "plan", "spent", "steps_made"]
 
 
 def _rates(config: LaunchConfig, shard_sizes: list[int]) -> list[float]:
-    return [min(1.0, config.batch_size / n) for n in shard_sizes]
+    return [min(1.0, config.train.batch_size / n) for n in shard_sizes]
 
 
 def plan(config: LaunchConfig, shard_sizes: list[int], steps: int) -> LaunchConfig:
     """The config with sigma settled: given, or chosen for dp_target_epsilon (as Opacus's
     make_private_with_epsilon). Refuses, before anything starts, a plan over its budget."""
-    if not config.dp:
+    if not config.privacy.on:
         return config
     q = max(_rates(config, shard_sizes))
-    target, sigma = config.dp_target_epsilon, config.dp_noise
+    target, sigma = config.privacy.dp_target_epsilon, config.privacy.dp_noise
     if target is not None:
         if sigma is None:
             try:
-                sigma = sigma_for_epsilon(target, q, steps, config.dp_delta)
+                sigma = sigma_for_epsilon(target, q, steps, config.privacy.dp_delta)
             except ValueError as err:
                 raise ValueError(f"dp_target_epsilon {target}: {err}") from None
-        elif (planned := dp_sgd_epsilon(q, sigma, steps, config.dp_delta)) > target:
+        elif (planned := dp_sgd_epsilon(q, sigma, steps, config.privacy.dp_delta)) > target:
             raise ValueError(
                 f"the planned {steps} steps per worker at sigma {sigma} (sampling rate "
                 f"{q:.4f}) would spend epsilon {planned:.3f}, over the budget of {target}: "
                 f"train fewer steps, add noise, or leave out --dp-noise to have it chosen")
-    return dataclasses.replace(config, dp_noise=sigma)
+    return config.with_privacy(dataclasses.replace(config.privacy, dp_noise=sigma))
 
 
 def steps_made(records: list[dict], workers: int, resumed: bool) -> list[int]:
@@ -64,14 +65,14 @@ def check_resume(config: LaunchConfig, source: Path) -> None:
         old = None
     keys = ("dp_noise", "dp_clip", "dp_delta", "batch_size", "partition", "seed")
     if old is None:
-        if config.dp:
+        if config.privacy.on:
             raise ValueError(f"resume: {source} has no readable config.json, so a DP run "
                              f"cannot know what the resumed steps spent")
         return
-    if not (config.dp or old.get("dp_noise") is not None):
+    if not (config.privacy.on or old.get("dp_noise") is not None):
         return
-    changed = {k: (old.get(k), getattr(config, k)) for k in keys if old.get(k) != getattr(
-        config, k)}
+    now = to_flat(config)
+    changed = {k: (old.get(k), now[k]) for k in keys if old.get(k) != now[k]}
     if changed:
         raise ValueError(f"resume: a DP run must keep the resumed run's settings so that "
                          f"epsilon adds up; changed (old, new): {changed}")
@@ -79,10 +80,10 @@ def check_resume(config: LaunchConfig, source: Path) -> None:
 
 def spent(config: LaunchConfig, shard_sizes: list[int], steps_done: list[int]) -> dict:
     """summary.json's privacy figures for the steps each worker actually made."""
-    if not config.dp:
+    if not config.privacy.on:
         return {}
     rates = _rates(config, shard_sizes)
-    sigma, delta = config.dp_noise, config.dp_delta
+    sigma, delta = config.privacy.dp_noise, config.privacy.dp_delta
     epsilons = [dp_sgd_epsilon(q, sigma, n, delta) for q, n in zip(rates, steps_done,
                                                                     strict=True)]
     # Epsilon after each whole epoch (1/q steps) of the worker that spends the most.
@@ -100,8 +101,8 @@ def spent(config: LaunchConfig, shard_sizes: list[int], steps_done: list[int]) -
         "dp_epsilon_per_worker": epsilons,
         "dp_delta": delta,
         "dp_noise": sigma,
-        "dp_clip": config.dp_clip,
-        "dp_noise_at": config.dp_noise_at,
+        "dp_clip": config.privacy.dp_clip,
+        "dp_noise_at": config.privacy.dp_noise_at,
         "sample_rate": max(rates),
         "dp_sampling": "poisson",  # each example in each batch with probability q
     }

@@ -17,10 +17,11 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ps.security import TOKEN_ENV
+
 __all__ = ["TOKEN_ENV", "Child", "die_with_parent", "end_all", "start_child", "thread_env"]
 
 PARENT_ENV = "TINYPS_PARENT_PID"
-TOKEN_ENV = "TINYPS_TOKEN"  # the shared token travels to children in the environment
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -49,14 +50,25 @@ def thread_env(processes: int) -> dict[str, str]:
             "OPENBLAS_NUM_THREADS": share, "MKL_NUM_THREADS": share}
 
 
-def start_child(name: str, args: list[str], log: Path, env: dict[str, str]) -> Child:
-    """Start `python -m tinyps ARGS` with its output in `log`."""
+def start_child(name: str, args: list[str], log: Path, env: dict[str, str],
+                settings: str | None = None) -> Child:
+    """Start `python -m tinyps ARGS` with its output in `log`, and `settings` (its settings
+    as JSON, for `--settings -`) on its standard input."""
     log.parent.mkdir(parents=True, exist_ok=True)
     child_env = dict(os.environ, **env, **{PARENT_ENV: str(os.getpid())})
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tinyps", *args], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL if settings is None else subprocess.PIPE,
                                 env=child_env)
+    if settings is not None:
+        # A few KiB, less than a pipe holds: the write never waits for the child. A child
+        # that died at once shows as a dead child, not as an error here.
+        try:
+            proc.stdin.write(settings.encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
     return Child(name, proc, log)
 
 

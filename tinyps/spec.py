@@ -3,8 +3,8 @@
 Each process is started by hand on its own host (`tinyps server --cluster FILE --index i`,
 `tinyps worker --cluster FILE --index j`) and takes its part of the file: the servers'
 addresses, the number of workers, the mode and training settings, the TLS files. The token is
-never in the file: every process reads it from --token or $TINYPS_TOKEN. A spec process is
-configured by the same command line the launcher would give it, so the two cannot differ.
+never in the file: every process reads it from --token or $TINYPS_TOKEN. A spec process gets
+the same settings (tinyps.roles) the launcher would give it, so the two cannot differ.
 """
 
 from __future__ import annotations
@@ -15,20 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ps.client import PSClient
-from tinyps import privacy
+from ps.server import ServerConfig
+from tinyps import privacy, roles
 from tinyps.config import LaunchConfig
-from tinyps.launcher import (
-    LaunchError,
-    model_placement,
-    server_args,
-    worker_args,
-    write_results,
-)
-from tinyps.summary import build_summary
+from tinyps.plan import LaunchError, model_placement
+from tinyps.rundir import write_config, write_results
+from tinyps.supervisor import summarise
 from worker.data import load_dataset
-from worker.model import MLP
 from worker.partition import partition
-from worker.process import steps_for
+from worker.process import WorkerSettings, steps_for
 
 __all__ = ["ClusterSpec", "finish_run"]
 
@@ -73,11 +68,6 @@ class ClusterSpec:
         if "token" in data:
             raise ValueError(f"{where}: a token never goes in the spec (it would be read by "
                              f"everyone who can read the file); give --token or $TINYPS_TOKEN")
-        if "hidden" in data:
-            data["hidden"] = tuple(data["hidden"])
-        for pair in ("slow_worker", "kill_server", "kill_worker"):
-            if data.get(pair) is not None:
-                data[pair] = tuple(data[pair])
         try:
             config = LaunchConfig.from_json({**data, "servers": len(servers)})
         except (TypeError, ValueError) as err:
@@ -87,34 +77,41 @@ class ClusterSpec:
     def _settled(self) -> LaunchConfig:
         """The config with DP's sigma settled, as every process must agree on it."""
         config = self.config
-        if config.dp_target_epsilon is None or config.dp_noise is not None:
+        if config.privacy.dp_target_epsilon is None or config.privacy.dp_noise is not None:
             return config
-        data = load_dataset(config.dataset, seed=config.seed)
-        sizes = [len(s) for s in partition(data, config.workers, config.partition,
-                                           alpha=config.alpha, seed=config.seed)]
+        data = load_dataset(config.train.dataset, seed=config.train.seed)
+        sizes = [len(s) for s in partition(data, config.workers, config.split.partition,
+                                           alpha=config.split.alpha, seed=config.train.seed)]
         return privacy.plan(config, sizes, self.steps(data))
 
     def steps(self, data=None) -> int:
         config = self.config
-        if config.steps is not None:
-            return config.steps
-        data = data or load_dataset(config.dataset, seed=config.seed)
-        return steps_for(len(data.X_train), config.workers, config.batch_size, config.epochs)
+        if config.train.steps is not None:
+            return config.train.steps
+        data = data or load_dataset(config.train.dataset, seed=config.train.seed)
+        return steps_for(len(data.X_train), config.workers, config.train.batch_size,
+                         config.train.epochs)
 
-    def server_argv(self, index: int, host: str | None = None) -> list[str]:
-        """`tinyps server` arguments for server `index`: it binds exactly its address in the
-        spec (or `host` at that port). With a checkpoint folder it restores from it."""
+    def _with_token(self, token: str | None) -> LaunchConfig:
+        return self._settled().replace(token=token)
+
+    def server_config(self, index: int, token: str | None = None,
+                      host: str | None = None) -> ServerConfig:
+        """Server `index`'s settings: it binds exactly its address in the spec (or `host`
+        at that port). With a checkpoint folder it restores from it."""
         self._check_index(index, len(self.servers), "server")
         spec_host, port = _address(self.servers[index], f"servers[{index}]")
-        checkpoints = (Path(self.config.checkpoint_dir) if self.config.checkpoint_dir
-                       else None)
-        return server_args(self._settled(), None, checkpoints, index, port=port,
-                           restore=checkpoints is not None, host=host or spec_host)
+        folder = self.config.checkpoint.checkpoint_dir
+        checkpoints = Path(folder) if folder else None
+        return roles.server_config(self._with_token(token), index, port=port,
+                                   host=host or spec_host, checkpoints=checkpoints,
+                                   restore=checkpoints is not None)
 
-    def worker_argv(self, index: int) -> list[str]:
-        """`tinyps worker` arguments for worker `index`."""
+    def worker_settings(self, index: int, token: str | None = None) -> WorkerSettings:
+        """Worker `index`'s settings."""
         self._check_index(index, self.config.workers, "worker")
-        return worker_args(self._settled(), index, list(self.servers), self.config.steps)
+        return roles.worker_settings(self._with_token(token), index, self.servers,
+                                     steps=self.config.train.steps)
 
     @staticmethod
     def _check_index(index: int, count: int, kind: str) -> None:
@@ -131,7 +128,7 @@ def finish_run(spec: ClusterSpec, run_dir: Path, records: list[dict], token: str
     everyone. The servers keep running: stop them on their hosts (Ctrl-C or SIGTERM).
     """
     config = spec._settled()
-    data = load_dataset(config.dataset, seed=config.seed)
+    data = load_dataset(config.train.dataset, seed=config.train.seed)
     steps = spec.steps(data)
     run_dir.mkdir(parents=True, exist_ok=True)
     with PSClient(list(spec.servers), token=token, tls=config.tls(client=True)) as client:
@@ -148,17 +145,14 @@ def finish_run(spec: ClusterSpec, run_dir: Path, records: list[dict], token: str
             time.sleep(_POLL_S)  # polling the servers with a deadline, not synchronisation
         stats = client.stats()
         params = client.pull()
-    model = MLP((data.n_features, *config.hidden, data.n_classes))
-    test_loss, test_accuracy = model.evaluate(params, data.X_test, data.y_test)
     placement = model_placement(config, data)
     # Worker 0's own span: the processes of a spec share no clock origin.
     span = (max(r["time"] for r in records) - min(r["pulled"] for r in records)
             if records else 0.0)
-    summary = build_summary(config, records, stats, test_loss, test_accuracy, placement,
-                            span, steps, len(data.X_train))
+    summary = summarise(config, data, placement, records, stats, params, span, steps)
     summary["cluster"] = list(spec.servers)
     saved = {k: v for k, v in config.to_json().items() if k != "token"}
     saved["servers"] = list(spec.servers)  # config.json is a spec for the same cluster
-    (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    write_config(run_dir, saved)
     write_results(run_dir, records, summary, params, config, data, placement)
     return summary

@@ -56,14 +56,14 @@ def build_summary(
         "servers": config.servers,
         "workers": config.workers,
         "staleness_bound": config.staleness_bound,
-        "precision": config.precision,
-        "dataset": config.dataset,
-        "optimizer": config.optimizer,
+        "precision": config.precision.precision,
+        "dataset": config.train.dataset,
+        "optimizer": config.train.optimizer,
         # Passes over the training set: as configured, or what --steps amounted to.
-        "epochs": (config.epochs if config.steps is None else
-                   round(steps_per_worker * config.workers * config.batch_size / n_train, 2)),
+        "epochs": (config.train.epochs if config.train.steps is None else
+                   round(steps_per_worker * config.workers * config.train.batch_size / n_train, 2)),
         "steps_per_worker": steps_per_worker,
-        "batch_size": config.batch_size,  # per worker
+        "batch_size": config.train.batch_size,  # per worker
         "wall_s": wall_s,
         "train_s": train_end - train_start,
         "samples_per_s": (sum(r["samples"] for r in records) / (train_end - train_start)
@@ -89,8 +89,8 @@ def build_summary(
         "dropped_gradients": max((s["dropped_gradients"] for s in stats), default=0),
         "workers_lost": faults.get("workers_lost", []),
         "fault_events": faults.get("fault_events", []),
-        "aggregate": config.aggregate,
-        "byzantine_workers": config.byzantine,
+        "aggregate": config.store.aggregate,
+        "byzantine_workers": config.faults.byzantine,
         "diverged": _diverged(test_loss, per_worker),
         # sync: workers whose gradients stood apart (flagged by any server; ps/watch.py),
         # and what the servers saw of each worker, weighted by the parameters they hold.

@@ -12,42 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ps.optimizer import Optimizer, OptimizerConfig
+from ps.optimizer import Optimizer
 from worker.data import augment_shifts, load_dataset
 from worker.model import MLP
+from worker.settings import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "train_single_process"]
+__all__ = ["StepCallback", "TrainConfig", "TrainResult", "train_single_process"]
 
 # on_step(step, total_steps, loss): called after every update, e.g. to drive a progress bar.
 StepCallback = Callable[[int, int, float], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    dataset: str = "digits"  # a load_dataset name: digits | synthetic | mnist:DIR | csv:PATH
-    hidden: tuple[int, ...] = (128,)  # hidden layer widths; input and output come from the data
-    epochs: int = 30  # passes over the training split
-    batch_size: int = 32  # examples per update
-    lr: float = 0.05
-    optimizer: str = "sgd"  # sgd | momentum | adam
-    momentum: float = 0.9  # for the momentum optimizer
-    weight_decay: float = 0.0
-    augment: bool = False  # random one-pixel shifts of image data sets, per batch
-    seed: int = 0  # fixes the split, the initial weights and the batch order
-
-    def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
-        self.optimizer_config()  # validates the optimizer settings now, not mid-run
-
-    def optimizer_config(self) -> OptimizerConfig:
-        return OptimizerConfig(
-            name=self.optimizer, lr=self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay,
-        )
 
 
 @dataclass
@@ -84,14 +57,17 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
 
     n = len(data.X_train)
     batches_per_epoch = -(-n // config.batch_size)
-    total = config.epochs * batches_per_epoch
+    total = config.steps or config.epochs * batches_per_epoch  # steps, when given, win
     step = 0
     epoch_losses: list[float] = []
+    samples = 0
     start = time.perf_counter()
-    for _ in range(config.epochs):
+    while step < total:
         order = rng.permutation(n)
         losses = []
         for first in range(0, n, config.batch_size):
+            if step == total:
+                break
             idx = order[first : first + config.batch_size]
             X = data.X_train[idx]
             if config.augment and data.image_shape is not None:
@@ -100,6 +76,7 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
             for name, grad in grads.items():
                 optimizer.step(name, params[name], grad)
             losses.append(loss)
+            samples += len(idx)
             step += 1
             if on_step is not None:
                 on_step(step, total, loss)
@@ -113,7 +90,7 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
         final_train_loss=epoch_losses[-1],
         steps=step,
         wall_s=wall,
-        samples_per_s=config.epochs * n / wall,
+        samples_per_s=samples / wall,
         params=params,
         epoch_losses=epoch_losses,
     )

@@ -8,7 +8,6 @@ one PushPull round trip; `fused=False` makes them two calls, as a textbook draws
 
 from __future__ import annotations
 
-import numbers
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -20,7 +19,13 @@ from ps.client import PSClient
 from worker.model import MLP
 from worker.partition import Shard
 from worker.poison import parse_poison, poison_grads, poison_shard
-from worker.precision import GROWTH_INTERVAL, INIT_SCALE, LossScaler, Precision
+from worker.precision import (
+    GROWTH_INTERVAL,
+    INIT_SCALE,
+    LossScaler,
+    Precision,
+    PrecisionConfig,
+)
 from worker.preprocess import augment_shifts
 from worker.privacy import DPConfig, add_noise, poisson_batches
 
@@ -54,45 +59,21 @@ class WorkerConfig:
         if self.slowdown < 1.0 or self.delay_s < 0.0:
             raise ValueError(f"slowdown must be >= 1 and delay_s >= 0, got {self.slowdown}, "
                              f"{self.delay_s}")
-        Precision(self.precision)
+        self.precision_config()  # the precision and loss-scale checks live there
         if self.poison is not None:
             parse_poison(self.poison)
         if self.dp is not None and self.precision != "fp32":
             raise ValueError("DP-SGD runs in fp32: per-example clipping is not emulated in "
                              f"{self.precision}")
-        if isinstance(self.loss_scale, str):
-            if self.loss_scale not in ("auto", "dynamic", "off"):
-                raise ValueError(f"loss_scale must be auto, dynamic, off or a number, "
-                                 f"got {self.loss_scale!r}")
-        elif not (self.loss_scale > 0 and np.isfinite(self.loss_scale)):
-            raise ValueError(f"a static loss_scale must be positive, got {self.loss_scale}")
-        if isinstance(self.growth_interval, bool) or not isinstance(self.growth_interval,
-                                                                    numbers.Integral):
-            raise TypeError(f"growth_interval must be an int, got {self.growth_interval!r}")
-        LossScaler(init_scale=self.init_scale, growth_interval=self.growth_interval)
-        tuned = (self.init_scale, self.growth_interval) != (INIT_SCALE, GROWTH_INTERVAL)
-        if tuned and self._scaling() != "dynamic":
-            # Silently ignoring them would leave the user reading a scale they did not get.
-            raise ValueError(
-                f"init_scale and growth_interval apply to dynamic loss scaling, but this run's "
-                f"loss scale is {self._scaling()} (loss_scale {self.loss_scale!r}, precision "
-                f"{self.precision})")
 
-    def _scaling(self) -> float | str:
-        """dynamic, off, or the static scale: what loss_scale means at this precision."""
-        if self.loss_scale == "auto":
-            return "dynamic" if self.precision == "fp16" else "off"
-        return self.loss_scale
+    def precision_config(self) -> PrecisionConfig:
+        return PrecisionConfig(precision=self.precision, loss_scale=self.loss_scale,
+                               init_scale=self.init_scale,
+                               growth_interval=self.growth_interval)
 
     def scaler(self) -> tuple[LossScaler, bool]:
         """The loss scaler this config asks for, and whether it adapts (dynamic)."""
-        mode = self._scaling()
-        if mode == "off":
-            return LossScaler(enabled=False), False
-        if mode == "dynamic":
-            return LossScaler(init_scale=self.init_scale,
-                              growth_interval=self.growth_interval), True
-        return LossScaler(init_scale=float(mode)), False
+        return self.precision_config().scaler()
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,18 @@ gradients overflowed, and adapt the scale.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from kernels import all_finite, round_to_bf16, round_to_fp16
+from ps.settings import setting
 
-__all__ = ["GROWTH_INTERVAL", "INIT_SCALE", "PRECISIONS", "LossScaler", "Precision"]
+__all__ = ["GROWTH_INTERVAL", "INIT_SCALE", "PRECISIONS", "LossScaler", "Precision",
+           "PrecisionConfig", "parse_loss_scale"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _WIRE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -110,3 +114,65 @@ class LossScaler:
             if np.isfinite(grown):  # torch keeps the old scale rather than grow to inf
                 self._scale = grown
             self._good_steps = 0
+
+
+def parse_loss_scale(text: str) -> float | str:
+    """"auto", "dynamic", "off" or a static scale such as "1024"."""
+    if text in ("auto", "dynamic", "off"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected auto, dynamic, off or a number, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """A worker's number format and its loss scaling (servers keep fp32 master weights)."""
+
+    precision: str = setting("fp32", "worker compute and wire format", choices=PRECISIONS)
+    # "auto": dynamic for fp16, off for bf16 and fp32; "dynamic"; "off"; or a static scale.
+    loss_scale: float | str = setting(
+        "auto", "auto (dynamic for fp16, off for bf16), dynamic, off, or a static scale such "
+                "as 1024", parse=parse_loss_scale)
+    # GradScaler's names: the first scale, and how many good steps in a row double it. A short
+    # interval shows the scale climbing within a classroom run.
+    init_scale: float = setting(INIT_SCALE, "dynamic loss scaling: the first scale")
+    growth_interval: int = setting(
+        GROWTH_INTERVAL, "dynamic loss scaling: good steps in a row that double the scale")
+
+    def __post_init__(self) -> None:
+        Precision(self.precision)
+        if isinstance(self.loss_scale, str):
+            if self.loss_scale not in ("auto", "dynamic", "off"):
+                raise ValueError(f"loss_scale must be auto, dynamic, off or a number, "
+                                 f"got {self.loss_scale!r}")
+        elif not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
+            raise ValueError(f"a static loss scale must be positive, got {self.loss_scale}")
+        if isinstance(self.growth_interval, bool) or not isinstance(self.growth_interval,
+                                                                    numbers.Integral):
+            raise TypeError(f"growth_interval must be an int, got {self.growth_interval!r}")
+        LossScaler(init_scale=self.init_scale, growth_interval=self.growth_interval)
+        tuned = (self.init_scale, self.growth_interval) != (INIT_SCALE, GROWTH_INTERVAL)
+        if tuned and self.scaling() != "dynamic":
+            # Silently ignoring them would leave the user reading a scale they did not get.
+            raise ValueError(
+                f"init_scale and growth_interval apply to dynamic loss scaling, but this run's "
+                f"loss scale is {self.scaling()} (loss_scale {self.loss_scale!r}, precision "
+                f"{self.precision})")
+
+    def scaling(self) -> float | str:
+        """dynamic, off, or the static scale: what loss_scale means at this precision."""
+        if self.loss_scale == "auto":
+            return "dynamic" if self.precision == "fp16" else "off"
+        return self.loss_scale
+
+    def scaler(self) -> tuple[LossScaler, bool]:
+        """The loss scaler this config asks for, and whether it adapts (dynamic)."""
+        mode = self.scaling()
+        if mode == "off":
+            return LossScaler(enabled=False), False
+        if mode == "dynamic":
+            return LossScaler(init_scale=self.init_scale,
+                              growth_interval=self.growth_interval), True
+        return LossScaler(init_scale=float(mode)), False

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NOISE_AT", "DPConfig", "add_noise", "poisson_batches"]
+from ps.settings import setting
+
+__all__ = ["NOISE_AT", "DPConfig", "PrivacyConfig", "add_noise", "poisson_batches"]
 
 NOISE_AT = ("worker", "server")
 
@@ -39,6 +41,46 @@ class DPConfig:
         if self.noise_at not in NOISE_AT:
             raise ValueError(f"dp noise_at must be one of {', '.join(NOISE_AT)}, "
                              f"got {self.noise_at!r}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """A run's DP-SGD settings: on when dp_noise or dp_target_epsilon is given."""
+
+    dp_noise: float | None = setting(
+        None, "DP-SGD: Gaussian noise of std SIGMA*C on each clipped sum", metavar="SIGMA")
+    dp_clip: float = setting(1.0, "DP-SGD: clip each example's gradient to this L2 norm",
+                             metavar="C")
+    dp_delta: float = setting(1e-5, "DP-SGD: the delta of (epsilon, delta)")
+    dp_noise_at: str = setting(
+        "worker", "worker: each worker noises its push; server: sync servers noise the "
+                  "aggregate once (a trusted aggregator)", choices=NOISE_AT)
+    dp_target_epsilon: float | None = setting(
+        None, "DP-SGD: choose sigma so that the planned steps spend epsilon E", metavar="E",
+        aliases=("--target-epsilon",))
+    dp_seed: int | None = setting(
+        None, "seed the DP noise (repeatable runs; default: secret OS entropy)")
+
+    def __post_init__(self) -> None:
+        if not self.on:
+            if self.dp_seed is not None or self.dp_noise_at != "worker":
+                raise ValueError("dp settings need --dp-noise or --dp-target-epsilon")
+            return
+        if self.dp_target_epsilon is not None and not self.dp_target_epsilon > 0:
+            raise ValueError(f"dp_target_epsilon must be > 0, got {self.dp_target_epsilon}")
+        self.dp()  # the noise, clip, delta and noise_at checks live in DPConfig
+
+    @property
+    def on(self) -> bool:
+        """Whether the run trains with DP-SGD."""
+        return self.dp_noise is not None or self.dp_target_epsilon is not None
+
+    def dp(self) -> DPConfig | None:
+        """The workers' DP settings (sigma as settled; see tinyps.privacy.plan)."""
+        if not self.on:
+            return None
+        return DPConfig(noise=self.dp_noise or 0.0, clip=self.dp_clip, delta=self.dp_delta,
+                        noise_at=self.dp_noise_at, seed=self.dp_seed)
 
 
 def poisson_batches(n: int, rate: float, rng: np.random.Generator) -> Iterator[np.ndarray]:

@@ -10,68 +10,82 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ps.client import PSClient
-from ps.memory import keep_freed_buffers
-from ps.security import TLSFiles
+from ps.placement import PlacementConfig
+from ps.security import SecurityConfig
+from ps.settings import part, setting
 from worker.data import load_dataset
 from worker.loop import StepRecord, WorkerConfig, run_worker
 from worker.model import MLP
-from worker.partition import PARTITION_SCHEMES, partition
-from worker.precision import GROWTH_INTERVAL, INIT_SCALE, Precision
-from worker.privacy import DPConfig
+from worker.partition import partition
+from worker.poison import parse_poison
+from worker.precision import Precision, PrecisionConfig
+from worker.privacy import PrivacyConfig
+from worker.settings import SplitConfig, TrainConfig
 
-__all__ = ["WorkerSettings", "run_worker_process", "steps_for"]
+__all__ = ["WorkerSettings", "parse_addresses", "run_worker_process", "steps_for"]
+
+
+def parse_addresses(text: str) -> tuple[str, ...]:
+    """"HOST:PORT,HOST:PORT" -> the addresses, each checked."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    for p in parts:
+        host, sep, port = p.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {p!r}")
+    if not parts:
+        raise ValueError("expected at least one HOST:PORT")
+    return parts
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    servers: tuple[str, ...]  # server addresses, in server-index order
-    index: int  # this worker's id, 0 .. workers-1
-    workers: int  # how many workers share the data
-    dataset: str = "digits"
-    hidden: tuple[int, ...] = (128,)
-    steps: int | None = None  # steps for this worker; None: epochs over its shard
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    placement: str = "size_balanced"
-    split_bytes: int | None = None  # split tensors larger than this across servers
-    partition: str = "iid"
-    alpha: float = 0.5  # label_skew's Dirichlet concentration
-    slowdown: float = 1.0  # an injected straggler: compute takes this many times as long
-    seed: int = 0
-    fused: bool = True  # PushPull round trips
-    shared_memory: bool = True  # tensors through mailboxes to servers on this host
-    precision: str = "fp32"  # fp32 | fp16 | bf16: compute and traffic
-    loss_scale: float | str = "auto"  # auto | dynamic | off | a static scale
-    init_scale: float = INIT_SCALE  # dynamic scaling: the first scale ...
-    growth_interval: int = GROWTH_INTERVAL  # ... and the good steps that double it
-    poison: str | None = None  # injected fault: label_flip | random_labels | scaled_gradient:F
-    dp: DPConfig | None = None  # DP-SGD settings
-    metrics: Path | None = None  # append one JSON line per step here
-    start_time: float | None = None  # time.time() when the run started (metrics count from it)
-    token: str | None = None  # the cluster's shared token, if it has one
-    tls: TLSFiles | None = None  # client TLS files, if the servers speak TLS
-    deadline_s: float = 30.0
-    wait_s: float = 300.0
+    """Everything one worker process is told: `run_worker_process(settings)` runs it."""
+
+    servers: tuple[str, ...] = setting(
+        (), "server addresses, comma separated, in server order", parse=parse_addresses)
+    index: int = setting(0, "this worker's id, 0 .. workers-1")
+    workers: int = setting(1, "how many workers share the data")
+    train: TrainConfig = part(TrainConfig)
+    split: SplitConfig = part(SplitConfig)
+    placement: PlacementConfig = part(PlacementConfig)
+    precision: PrecisionConfig = part(PrecisionConfig)
+    privacy: PrivacyConfig = part(PrivacyConfig)
+    security: SecurityConfig = part(SecurityConfig)
+    fused: bool = setting(True, "push a step and pull the next in one PushPull round trip")
+    shared_memory: bool = setting(
+        True, "tensors through a shared-memory mailbox and a local socket to a server on this "
+              "host (else every call through gRPC, tensors in the messages)")
+    slowdown: float = setting(1.0, "compute this many times slower (an injected straggler)")
+    poison: str | None = setting(
+        None, "injected fault: label_flip | random_labels | scaled_gradient:F")
+    metrics: str | None = setting(None, "append one JSON line per step here")
+    start_time: float | None = setting(
+        None, "the run's start (Unix time); metrics count from it")
+    deadline_s: float = setting(30.0, "no call to a server waits longer than this")
+    wait_s: float = setting(300.0, "no barrier wait lasts longer than this")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "servers", tuple(self.servers))
+        if self.metrics is not None:
+            object.__setattr__(self, "metrics", str(self.metrics))
         if not self.servers:
-            raise ValueError("a worker needs at least one server address")
+            raise ValueError("a worker needs at least one server address (--servers)")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not 0 <= self.index < self.workers:
             raise ValueError(f"worker index {self.index} is not in 0..{self.workers - 1}")
-        if self.partition not in PARTITION_SCHEMES:
-            raise ValueError(f"partition must be one of {', '.join(PARTITION_SCHEMES)}, "
-                             f"got {self.partition!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, "
-                             f"{self.batch_size}")
+        if self.slowdown < 1.0:
+            raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
+        if self.poison is not None:
+            parse_poison(self.poison)
+        if self.privacy.on and self.precision.precision != "fp32":
+            raise ValueError("DP-SGD runs in fp32: per-example clipping is not emulated in "
+                             f"{self.precision.precision}")
+        if not (self.deadline_s > 0 and self.wait_s > 0):
+            raise ValueError(f"deadline_s and wait_s must be > 0, got {self.deadline_s}, "
+                             f"{self.wait_s}")
 
 
 def steps_for(n_train: int, workers: int, batch_size: int, epochs: int) -> int:
@@ -86,43 +100,46 @@ def steps_for(n_train: int, workers: int, batch_size: int, epochs: int) -> int:
 
 def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
     """Train as worker `settings.index` until its steps are done; return its step records."""
-    keep_freed_buffers()
-    data = load_dataset(settings.dataset, seed=settings.seed)
-    shard = partition(data, settings.workers, settings.partition, alpha=settings.alpha,
-                      seed=settings.seed)[settings.index]
-    model = MLP((data.n_features, *settings.hidden, data.n_classes), seed=settings.seed)
-    steps = settings.steps or steps_for(len(data.X_train), settings.workers,
-                                        settings.batch_size, settings.epochs)
-    config = WorkerConfig(steps=steps, batch_size=settings.batch_size, seed=settings.seed,
-                          slowdown=settings.slowdown, fused=settings.fused,
-                          precision=settings.precision, loss_scale=settings.loss_scale,
-                          init_scale=settings.init_scale,
-                          growth_interval=settings.growth_interval,
-                          poison=settings.poison, dp=settings.dp)
+    train = settings.train
+    data = load_dataset(train.dataset, seed=train.seed)
+    shard = partition(data, settings.workers, settings.split.partition,
+                      alpha=settings.split.alpha, seed=train.seed)[settings.index]
+    model = MLP((data.n_features, *train.hidden, data.n_classes), seed=train.seed)
+    steps = train.steps or steps_for(len(data.X_train), settings.workers, train.batch_size,
+                                     train.epochs)
+    precision = settings.precision
+    config = WorkerConfig(steps=steps, batch_size=train.batch_size, seed=train.seed,
+                          augment=train.augment, slowdown=settings.slowdown,
+                          fused=settings.fused, precision=precision.precision,
+                          loss_scale=precision.loss_scale, init_scale=precision.init_scale,
+                          growth_interval=precision.growth_interval,
+                          poison=settings.poison, dp=settings.privacy.dp())
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
     start = settings.start_time if settings.start_time is not None else time.time()
     origin = time.monotonic() - (time.time() - start)
 
-    out = settings.metrics.open("a", encoding="utf-8") if settings.metrics else None
+    out = open(settings.metrics, "a", encoding="utf-8") if settings.metrics else None  # noqa: SIM115
     try:
         def record(step: StepRecord) -> None:
             if out is not None:
                 out.write(json.dumps(step.as_dict()) + "\n")
                 out.flush()
 
-        with PSClient(list(settings.servers), worker_id=settings.index, token=settings.token,
-                      tls=settings.tls, deadline_s=settings.deadline_s, wait_s=settings.wait_s,
-                      wire_dtype=Precision(settings.precision).wire_dtype,
+        security = settings.security
+        with PSClient(list(settings.servers), worker_id=settings.index, token=security.token,
+                      tls=security.tls(client=True), deadline_s=settings.deadline_s,
+                      wait_s=settings.wait_s,
+                      wire_dtype=Precision(precision.precision).wire_dtype,
                       shared_memory=settings.shared_memory) as client:
-            optimizer = {"sgd": {}, "momentum": {"momentum": settings.momentum},
-                         "adam": {}}.get(settings.optimizer, {})
-            client.init(model.init_params(), settings.optimizer, placement=settings.placement,
-                        split_bytes=settings.split_bytes, lr=settings.lr, **optimizer)
+            client.init(model.init_params(), train.optimizer,
+                        placement=settings.placement.placement,
+                        split_bytes=settings.placement.split_bytes,
+                        **train.optimizer_settings())
             # 0 in a new run; a restarted worker, or a resumed run, goes on from the servers.
             first = client.start_step()
-            return run_worker(client, model, shard, config, image_shape=None, on_step=record,
-                              origin=origin, first_step=first)
+            return run_worker(client, model, shard, config, image_shape=data.image_shape,
+                              on_step=record, origin=origin, first_step=first)
     finally:
         if out is not None:
             out.close()

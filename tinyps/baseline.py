@@ -1,0 +1,46 @@
+"""`tinyps train`: the single-process baseline, with a run directory like a launch's.
+
+The same model, data, optimizer and defaults as a launch (worker.settings.TrainConfig), so
+that a distributed run and its baseline are like for like; the run directory holds
+config.json, metrics.jsonl (one line per step), summary.json and model.npz.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from ps.settings import to_flat
+from tinyps.rundir import prepare_run_dir, save_model, write_config
+from worker.baseline import StepCallback, TrainResult, train_single_process
+from worker.data import load_dataset
+from worker.settings import TrainConfig
+
+__all__ = ["run_baseline"]
+
+
+def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
+                 on_step: StepCallback | None = None) -> tuple[TrainResult, Path]:
+    """Train in this process and write the run directory: (result, run directory)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir) if run_dir else Path("runs") / f"{stamp}-train"
+    prepare_run_dir(run_dir)
+    write_config(run_dir, {"command": "train", **to_flat(config)})
+    started = time.monotonic()
+    with (run_dir / "metrics.jsonl").open("w") as metrics:
+        def record(step: int, total: int, loss: float) -> None:
+            metrics.write(json.dumps({"time": time.monotonic() - started, "worker": 0,
+                                      "step": step - 1, "loss": loss}) + "\n")
+            if on_step is not None:
+                on_step(step, total, loss)
+
+        result = train_single_process(config, on_step=record)
+    summary = {"mode": "single_process", "dataset": config.dataset,
+               "optimizer": config.optimizer, "batch_size": config.batch_size,
+               "epochs": config.epochs, **result.summary()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    data = load_dataset(config.dataset, seed=config.seed)
+    save_model(run_dir / "model.npz", result.params, config.hidden, data, None)
+    return result, run_dir

@@ -1,0 +1,123 @@
+"""A run settled before anything starts: its data, placement, steps, DP plan and resume.
+
+Every backend calls `prepare_launch` first: it checks everything that can be checked, then
+writes the run directory and config.json, re-splits a resumed run's checkpoints over this
+run's servers, and warms Numba's cache for the processes that follow.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from ps.checkpoint import latest_set, list_checkpoints, resplit, server_directory, write_checkpoint
+from ps.keys import cut
+from ps.placement import Placement, TensorSpec
+from ps.snapshot import Snapshot
+from tinyps import privacy
+from tinyps.config import LaunchConfig
+from tinyps.rundir import prepare_run_dir, write_config
+from worker.data import Dataset, load_dataset
+from worker.model import MLP
+from worker.partition import partition
+from worker.process import steps_for
+
+__all__ = ["LaunchError", "LaunchPlan", "checkpoint_root", "model_placement", "prepare_launch",
+           "read_resumed", "resume_into", "warm_numba_cache"]
+
+
+class LaunchError(RuntimeError):
+    """A run that could not start or did not finish; says which process and why."""
+
+
+def model_placement(config: LaunchConfig, data: Dataset) -> Placement:
+    """The placement every worker computes for this model (the same pure function)."""
+    model = MLP((data.n_features, *config.train.hidden, data.n_classes))
+    specs = [TensorSpec(name, shape) for name, shape in model.param_shapes().items()]
+    return config.placement.place(specs, config.servers)
+
+
+def warm_numba_cache() -> None:
+    """Compile (or load) every kernel once here, so that the workers find them cached."""
+    import kernels.warmup
+
+    kernels.warmup.warm_up()
+
+
+def checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
+    """Where the run's servers keep their checkpoints, each in a folder of its own; cleared
+    of an earlier run's, which a restart would take for this run's."""
+    chosen = config.checkpoint.checkpoint_dir
+    root = Path(chosen) if chosen else run_dir / "checkpoints"
+    for folder in root.glob("server*"):
+        for path in list_checkpoints(folder):
+            path.unlink()
+    return root
+
+
+def read_resumed(config: LaunchConfig) -> list[Snapshot]:
+    """The newest checkpoint of every server of the run resumed, checked against this run
+    before anything is written."""
+    old = latest_set(config.resume_checkpoints())
+    if (old[0].mode, old[0].workers) != (config.mode, config.workers):
+        raise ValueError(f"resume: {config.resume} is a {old[0].mode} run of {old[0].workers} "
+                         f"workers; this run must be the same (got {config.mode}, "
+                         f"{config.workers} workers)")
+    return old
+
+
+def resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement,
+                root: Path) -> None:
+    """Write the checkpoints this run's servers start from: the resumed run's newest,
+    re-split over this run's placement (which may have another number of servers)."""
+    keys = cut(placement)  # the keys every worker cuts (PSClient's default chunk size)
+    for i in range(config.servers):
+        snapshot = resplit(old, keys[i])
+        snapshot.counters = {}  # this run counts its own work
+        write_checkpoint(server_directory(root, i), snapshot,
+                         config.checkpoint.keep_checkpoints)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What every backend settles before it starts a process (see prepare_launch)."""
+
+    config: LaunchConfig  # with the DP noise settled
+    run_dir: Path
+    data: Dataset
+    placement: Placement
+    steps: int  # per worker
+    shard_sizes: list[int]
+    checkpoints: Path  # absolute: a Ray actor's working directory may be another
+    resumed: list[Snapshot] | None  # the resumed run's newest checkpoints, or None
+    started: float  # time.time() when the launch began
+
+
+def prepare_launch(config: LaunchConfig) -> LaunchPlan:
+    """Check and settle a run before anything starts: the data, the placement, the steps,
+    the DP plan, a resume's checkpoints; then write the run directory and config.json, and
+    warm Numba's cache for the processes that follow. Shared by every backend."""
+    started = time.time()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
+    resumed = read_resumed(config) if config.resume else None
+    train = config.train
+    data = load_dataset(train.dataset, seed=train.seed)
+    placement = model_placement(config, data)
+    steps = train.steps or steps_for(len(data.X_train), config.workers, train.batch_size,
+                                     train.epochs)
+    shard_sizes = [len(s) for s in partition(data, config.workers, config.split.partition,
+                                             alpha=config.split.alpha, seed=train.seed)]
+    config = privacy.plan(config, shard_sizes, steps)  # sigma settled before anything starts
+    if resumed is not None:
+        privacy.check_resume(config, Path(config.resume))
+    prepare_run_dir(run_dir)  # every check has passed: nothing is written before this
+    write_config(run_dir, config.to_json())
+    checkpoints = checkpoint_root(config, run_dir).resolve()
+    if resumed is not None:
+        resume_into(config, resumed, placement, checkpoints)
+    warm_numba_cache()  # for the processes on this machine; other hosts compile their own
+    return LaunchPlan(config, run_dir, data, placement, steps, shard_sizes, checkpoints,
+                      resumed, started)

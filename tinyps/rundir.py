@@ -1,0 +1,105 @@
+"""A run directory's files: made ready, followed while the run goes, written at its end.
+
+config.json (the settings), metrics/workerN.jsonl (each worker's steps as they happen),
+metrics.jsonl (all of them, in time order), summary.json, model.npz (the weights, their
+layer sizes and placement: `load_model`), report.png and logs/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ps.placement import Placement
+from tinyps.config import LaunchConfig
+from tinyps.report import write_report
+from worker.data import Dataset
+from worker.model import MLP
+
+__all__ = ["Follower", "load_model", "prepare_run_dir", "save_model", "write_config",
+           "write_results"]
+
+_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.png", "model.npz",
+              "*.address", "logs/*.log", "metrics/*.jsonl")
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Make `run_dir` ready for a new run: new, empty, or an earlier run's (whose files are
+    removed, so that nothing of it mixes into this one). Anything else is refused."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.json").exists():
+        raise ValueError(f"run directory {run_dir} holds files of something other than a "
+                         f"tinyps run; choose another --run-dir")
+    for pattern in _RUN_FILES:
+        for path in run_dir.glob(pattern):
+            path.unlink()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics").mkdir(exist_ok=True)
+
+
+def write_config(run_dir: Path, settings: dict) -> None:
+    """config.json: the settings by name (no token), which also marks the folder a run's."""
+    (run_dir / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+@dataclass
+class Follower:
+    """Reads the complete new lines of each worker's metrics file."""
+
+    paths: list[Path]
+    offsets: list[int] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.offsets = [0] * len(self.paths)
+
+    def poll(self) -> list[dict]:
+        new = []
+        for i, path in enumerate(self.paths):
+            if not path.exists():
+                continue
+            with path.open("rb") as f:
+                f.seek(self.offsets[i])
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self.offsets[i] += len(complete)
+            new += [json.loads(line) for line in complete.splitlines() if line.strip()]
+        self.records += new
+        return new
+
+
+def write_results(run_dir: Path, records: list[dict], summary: dict, params: dict,
+                  config: LaunchConfig, data: Dataset, placement: Placement) -> None:
+    """What a finished run leaves: metrics.jsonl (in time order), summary.json, model.npz
+    and report.png. Every backend writes them here, so that their run directories agree."""
+    records.sort(key=lambda r: (r["time"], r["worker"]))
+    with (run_dir / "metrics.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_model(run_dir / "model.npz", params, config.train.hidden, data, placement)
+    write_report(records, summary, run_dir / "report.png")
+
+
+def save_model(path: Path, params: dict, hidden: tuple[int, ...], data: Dataset,
+               placement: Placement | None) -> None:
+    """The trained weights, with the layer sizes and the placement they were trained under:
+    enough to evaluate the model, or see where its parts lived, without a cluster."""
+    sizes = np.array([data.n_features, *hidden, data.n_classes], np.int64)
+    where = placement.as_summary() if placement is not None else {}
+    np.savez(path, **params, __sizes__=sizes, __placement__=np.array(json.dumps(where)))
+
+
+def load_model(path: Path | str) -> tuple[MLP, dict[str, np.ndarray], dict]:
+    """A saved model (model.npz of a run directory, or the directory): (model, params,
+    placement as summary.json shows it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.npz"
+    with np.load(path, allow_pickle=False) as saved:
+        params = {name: saved[name] for name in saved.files if not name.startswith("__")}
+        sizes = tuple(int(n) for n in saved["__sizes__"])
+        placement = json.loads(str(saved["__placement__"]))
+    return MLP(sizes), params, placement

@@ -1,0 +1,87 @@
+"""What a worker trains: the model and data, the optimizer, the schedule, the workers' shards.
+
+One set of settings, with one set of defaults, for `tinyps launch`, `tinyps worker` and the
+single-process baseline `tinyps train`, so that a baseline is like for like.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ps.optimizer import OPTIMIZERS, OptimizerConfig
+from ps.settings import setting
+from worker.partition import PARTITION_SCHEMES
+
+__all__ = ["SplitConfig", "TrainConfig", "parse_widths"]
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """"128" or "256,128" -> (256, 128)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"expected at least one width, got {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = setting("digits", "digits | synthetic | mnist:DIR | csv:PATH")
+    hidden: tuple[int, ...] = setting(
+        (128,), "hidden layer widths, comma separated (input and output come from the data)",
+        parse=parse_widths)
+    epochs: int = setting(20, "passes of each worker over its shard (unless --steps is given)")
+    steps: int | None = setting(None, "steps per worker; overrides --epochs")
+    batch_size: int = setting(32, "examples per step, per worker")
+    lr: float = setting(0.1, "step size")
+    optimizer: str = setting("sgd", "the update rule, with PyTorch's semantics",
+                             choices=OPTIMIZERS)
+    momentum: float = setting(0.9, "for --optimizer momentum")
+    weight_decay: float = setting(0.0, "L2 penalty added to each gradient, as PyTorch's")
+    augment: bool = setting(False, "random one-pixel shifts of image batches")
+    seed: int = setting(0, "fixes the model's start, the data split and the batch order")
+
+    def __post_init__(self) -> None:
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else self.hidden
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        self.optimizer_config()  # checks the optimizer's own settings now, not mid-run
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(name=self.optimizer, lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+
+    def optimizer_settings(self) -> dict:
+        """What PSClient.init sends the servers beside the optimizer's name."""
+        settings = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.optimizer == "momentum":
+            settings["momentum"] = self.momentum
+        return settings
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How the training set is split into the workers' shards (every worker must agree)."""
+
+    partition: str = setting("iid", "how the training set is split into the workers' shards",
+                             choices=PARTITION_SCHEMES)
+    alpha: float = setting(0.5, "label_skew's Dirichlet concentration (smaller: more skew)")
+
+    def __post_init__(self) -> None:
+        if self.partition not in PARTITION_SCHEMES:
+            raise ValueError(f"partition must be one of {', '.join(PARTITION_SCHEMES)}, "
+                             f"got {self.partition!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
