@@ -29,11 +29,6 @@ from worker.preprocess import (
 
 
 @pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def digits_raw() -> Dataset:
     return load_dataset("digits", standardize=False)
 
