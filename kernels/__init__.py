@@ -23,6 +23,7 @@ from kernels.precision import (
 from kernels.privacy import outer_sq_norms
 
 __all__ = [
+    "adam_update",
     "aggregate_mean",
     "aggregate_median",
     "aggregate_trimmed_mean",
@@ -37,7 +38,6 @@ __all__ = [
     "fp16_decode",
     "fp16_encode",
     "global_norm",
-    "adam_update",
     "outer_sq_norms",
     "relu_backward",
     "round_to_bf16",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from worker import data as data_module
+from worker import dataset as dataset_module
 from worker import partition as partition_module
 from worker import preprocess as preprocess_module
 from worker.data import DataError, Dataset, load_dataset, read_idx, write_idx
@@ -25,11 +26,6 @@ from worker.preprocess import (
     standardize,
     stratified_split,
 )
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")
@@ -550,7 +546,9 @@ def test_augment_shifts_empty_batch_and_bad_shape():
 # ---------------------------------------------------------------------------- layering
 
 
-@pytest.mark.parametrize("module", [data_module, preprocess_module, partition_module])
+@pytest.mark.parametrize(
+    "module", [data_module, dataset_module, preprocess_module, partition_module]
+)
 def test_data_modules_import_only_numpy_sklearn_stdlib(module):
     tree = ast.parse(Path(module.__file__).read_text())
     imported = set()

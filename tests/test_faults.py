@@ -14,7 +14,6 @@ import pytest
 
 import tinyps
 from tinyps import LaunchConfig
-from worker.data import load_dataset
 
 STEPS = 160  # per worker; sync, so one update of the model per step
 COMMON = {"servers": 2, "workers": 2, "mode": "sync", "seed": 0, "checkpoint_every": 10}
@@ -63,11 +62,6 @@ def run(tmp_path_factory):
         return done[name]
 
     return get
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", seed=0)
 
 
 def _steps(run_dir: Path, worker: int) -> list[int]:

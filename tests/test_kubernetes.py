@@ -10,11 +10,11 @@ import re
 import runpy
 import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from certs import issue, make_ca
 
 from ps.security import TLSFiles
 from ps.server import serve
@@ -314,10 +314,6 @@ def test_every_container_asks_for_resources_and_runs_the_local_image(docs):
 # -- the probe, for real ----------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 def _run_probe(script: Path, argv: list[str], monkeypatch) -> int:
     monkeypatch.setattr("sys.argv", [str(script), *argv])
     with pytest.raises(SystemExit) as exit_:
@@ -332,15 +328,8 @@ def test_the_probe_checks_a_mutual_tls_server_under_its_dns_name(docs, tmp_path,
     spec gives this pod's server (tinyps-server-1 -> servers[1])."""
     data = _spec_data(docs)
     domain = data["servers"][0].split(":")[0].split(".", 1)[1]  # tinyps-server.default...
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-             "-subj", "/CN=tinyps test CA", cwd=tmp_path)
-    (tmp_path / "san.ext").write_text(f"subjectAltName=DNS:*.{domain}\n")
-    _openssl("req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=tinyps",
-             cwd=tmp_path)
-    _openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "tls.crt", "-days", "1", "-extfile", "san.ext",
-             cwd=tmp_path)
+    make_ca(tmp_path, "ca.crt", days=1)  # the file names the spec's Secret mounts
+    issue(tmp_path, "tls", [f"DNS:*.{domain}"], ca="ca.crt", cert="tls.crt", days=1)
     for key in ("tls_cert", "tls_key", "tls_ca"):
         data[key] = str(tmp_path / Path(data[key]).name)
     spec_file = tmp_path / "cluster.json"

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from bits import assert_same_bits, hex32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -14,19 +15,6 @@ from twins import norms as twin
 from kernels.norms import _CHUNK, all_finite, clip_by_global_norm, global_norm
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (_CHUNK + 3,)]
-
-
-def _hex32(text):
-    """float32 array from its bit patterns written in hex, separated by spaces."""
-    return np.array([int(w, 16) for w in text.split()], dtype=np.uint32).view(np.float32)
-
-
-def assert_same_bits(got, want):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    ok = ~np.isnan(want)
-    np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
 
 
 def _data(rng, shape, scale=1.0):
@@ -241,19 +229,19 @@ def test_python_bodies_match_under_disable_jit():
 # ---------------------------------------------------------------------------------------------
 # Results recorded from torch 2.13.0 (CPU): float32 bit patterns.
 
-P0 = _hex32(
+P0 = hex32(
     "3e9c03e1 bf851e33 3f401d92 3f70c8d9 bff9bb85 bfa6add1 3e02e898 bea1ea8d bc89a295 "
     "bf5a6116 3f61203a"
 )
-G0 = _hex32(
+G0 = hex32(
     "3f471d5f 3d873b1a 3f904971 3eef5d62 bf5bfa97 3ebccce7 bf757955 3f60e21e bd4c7f1d "
     "be3d4c8f bf2e5166"
 )
-CLIP_A = _hex32(
+CLIP_A = hex32(
     "3da1a2df be89ea01 3e470988 3e7975b4 bf015d74 beacaf2b 3d07a005 bda7bff9 bb8e980c "
     "be623f4a 3e693ca8"
 )
-CLIP_B = _hex32(
+CLIP_B = hex32(
     "3e4e49e4 3c8c1a64 3e957c43 3df7fd25 be63e78c 3dc39a4a be7e5171 3e68fc4f bc53dd45 "
     "bd441e8b be349935"
 )

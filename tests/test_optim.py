@@ -5,6 +5,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from bits import assert_same_bits, hex32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -28,20 +29,6 @@ from kernels.precision import (
 )
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1001,)]
-
-
-def _hex32(text):
-    """float32 array from its bit patterns written in hex, separated by spaces."""
-    return np.array([int(w, 16) for w in text.split()], dtype=np.uint32).view(np.float32)
-
-
-def assert_same_bits(got, want):
-    """Bit for bit, except that two NaNs match whatever their payloads."""
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    ok = ~np.isnan(want)
-    np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
 
 
 def _data(rng, shape, scale=1.0):
@@ -417,56 +404,56 @@ def test_python_bodies_match_under_disable_jit():
 # ---------------------------------------------------------------------------------------------
 # Results recorded from torch 2.13.0 (CPU, AVX-512): float32 bit patterns, 11 elements.
 
-P0 = _hex32(
+P0 = hex32(
     "3e9c03e1 bf851e33 3f401d92 3f70c8d9 bff9bb85 bfa6add1 3e02e898 bea1ea8d bc89a295 "
     "bf5a6116 3f61203a"
 )
-SGD_NESTEROV_WD = _hex32(
+SGD_NESTEROV_WD = hex32(
     "3d636437 bf8fea37 3deacdeb 3f778d4e bff0f47c bf94706d 3e16cae5 bf55cee1 bec9c250 "
     "bf213676 3f8ac20e"
 )
-ADAM = _hex32(
+ADAM = hex32(
     "3e8e0642 bf87a479 3f36fd5e 3f6ea674 bff7b74b bfa859b0 3e0c3220 beba1ba3 bcce9a64 "
     "bf4fe9c5 3f69ae33"
 )
-ADAM_M = _hex32(
+ADAM_M = hex32(
     "3caad2ec 3d0fe397 3eb96586 bd90c416 3d941467 be366dcd 3c4b4347 3e63ac42 3dfe9dab "
     "bd5a5c21 bcd6ba9d"
 )
-ADAM_V = _hex32(
+ADAM_V = hex32(
     "3b501963 3a0b0405 3bbb3cb0 3a973df5 3b4c7fe4 3b77f663 3adf4eb5 3afce9fd 3bf0578a "
     "3aa3aa39 3ad55687"
 )
-ADAM_BETA1_LOW = _hex32(
+ADAM_BETA1_LOW = hex32(
     "3e959dde bf87535c 3f363386 3f723f52 bff9b73d bfa61a59 3e014621 beb746f0 bca27e34 "
     "bf5159e8 3f6598a4"
 )
-ADAM_BETA1_LOW_M = _hex32(
+ADAM_BETA1_LOW_M = hex32(
     "bee496ad bde220fe 3fa641b6 bf11ffd5 3f45cac5 bf9a772c be057b57 3e9ce67e 3e370e59 "
     "3ec298ae 3eea50ee"
 )
-ADAM_BETA1_LOW_V = _hex32(
+ADAM_BETA1_LOW_V = hex32(
     "3cfe1e4b 3bab24b3 3d66c9c6 3c3b2154 3cfb7cdf 3d1a2214 3c87d853 3c9a52a4 3d933436 "
     "3c4a35e7 3c832cd2"
 )
 TORCH_GRADS = [
-    _hex32(
+    hex32(
         "3f471d5f 3d873b1a 3f904971 3eef5d62 bf5bfa97 3ebccce7 bf757955 3f60e21e bd4c7f1d "
         "be3d4c8f bf2e5166"
     ),
-    _hex32(
+    hex32(
         "3f9c7c3c be1e3cfa bedb4dc9 beb44ad9 3f08456a 3ebb1b7c 3ed351b0 3edc9492 400910c1 "
         "bed015a1 bf032257"
     ),
-    _hex32(
+    hex32(
         "bf505369 3f1db0d4 3f90822a bde95d49 bf57147f bf531133 3f268d40 3f3e45e8 3f0b0c28 "
         "bf2a5ed8 3e6dbbb3"
     ),
-    _hex32(
+    hex32(
         "3deef8f8 3e5fefe7 3f5f15f5 3e64f63b 3f2dcd47 3d8a66e5 3e940775 3f219c1b bfba8415 "
         "bea3abf2 bef0d4af"
     ),
-    _hex32(
+    hex32(
         "bf238d80 be8cdf72 3fbf5a3d bf5da71c 3f77e117 bfd76847 beab760d 3e26a8bd 3f1612ab "
         "3f3612f2 3f4b18ce"
     ),

@@ -8,13 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.data import Dataset, load_dataset
 from worker.partition import Shard, class_histograms, partition
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_dataset("digits")
 
 
 def all_indices(shards: list[Shard]) -> np.ndarray:

@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from bits import assert_same_arrays
+from deadline import DEADLINE_S, in_thread, wait_until
 
 from ps import ps_pb2
 from ps.checkpoint import latest_checkpoint, list_checkpoints
@@ -23,47 +24,10 @@ from tinyps.status import status_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"dense0.weight": np.ones((3, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
-DEADLINE_S = 30.0
 
 
 def _grads(x: float) -> dict[str, np.ndarray]:
     return {name: np.full(value.shape, x, np.float32) for name, value in PARAMS.items()}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name])
-
-
-def _until(condition, what: str) -> None:
-    """Wait, with a deadline, until condition() holds (checked every 10 ms)."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not in time: {what}"
-        threading.Event().wait(0.01)  # a polling interval, with the deadline above
-
-
-def _in_thread(fn):
-    out = {}
-
-    def run():
-        try:
-            out["result"] = fn()
-        except BaseException as err:  # handed to the test thread
-            out["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def join():
-        thread.join(DEADLINE_S)
-        assert not thread.is_alive(), "the call did not return before the deadline"
-        if "error" in out:
-            raise out["error"]
-        return out.get("result")
-
-    return join
 
 
 def test_a_server_checkpoints_as_it_goes_and_once_more_when_it_stops(tmp_path):
@@ -88,7 +52,7 @@ def test_a_server_checkpoints_as_it_goes_and_once_more_when_it_stops(tmp_path):
                       checkpointing=Checkpointing(tmp_path, every=2, restore=True))
     try:
         with PSClient([restarted.address]) as client:
-            _assert_same(client.pull(), final)
+            assert_same_arrays(client.pull(), final)
             stats = client.stats()[0]
             assert stats["restored_from"] == 5
             assert stats["updates"] == 5 * len(snapshot.keys)  # its counters came back
@@ -127,7 +91,7 @@ def test_sigterm_answers_the_calls_in_flight_writes_a_final_checkpoint_and_exits
         with PSClient([address], worker_id=0, retry_s=0.5) as w0, \
                 PSClient([address], worker_id=1) as w1:
             w0.init(PARAMS, "sgd", lr=0.5)
-            start = [_in_thread(lambda c=c: c.pull(0)) for c in (w0, w1)]
+            start = [in_thread(lambda c=c: c.pull(0)) for c in (w0, w1)]
             for join in start:
                 join()
             for step in range(3):
@@ -135,8 +99,8 @@ def test_sigterm_answers_the_calls_in_flight_writes_a_final_checkpoint_and_exits
                 w1.push(_grads(3.0), step)
             expected = w0.pull(3)
             w0.push(_grads(1.0), 3)
-            waiting = _in_thread(lambda: w0.pull(4))  # blocked: worker 1 has not pushed
-            _until(lambda: w1.stats()[0]["waiting"] == 1, "the pull waits in the server")
+            waiting = in_thread(lambda: w0.pull(4))  # blocked: worker 1 has not pushed
+            wait_until(lambda: w1.stats()[0]["waiting"] == 1, "the pull waits in the server")
             proc.send_signal(signal.SIGTERM)
             with pytest.raises(PSError) as err:
                 waiting()
@@ -178,7 +142,7 @@ def test_a_hung_worker_is_dropped_when_its_lease_expires_and_the_run_goes_on():
         with PSClient([running.address], worker_id=0) as w0, \
                 PSClient([running.address], worker_id=1) as w1:
             w0.init(PARAMS, "sgd", lr=0.5)
-            start = [_in_thread(lambda c=c: c.pull(0)) for c in (w0, w1)]
+            start = [in_thread(lambda c=c: c.pull(0)) for c in (w0, w1)]
             for join in start:
                 join()
             # Worker 1 now hangs: it never pushes. Worker 0 goes on regardless.

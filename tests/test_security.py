@@ -9,6 +9,7 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from certs import issue, make_ca
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps.client import PSClient, PSError, wait_healthy
@@ -18,24 +19,13 @@ from ps.server import serve
 PARAMS = {"w": np.ones(4, np.float32)}
 
 
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
     d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=tinyps test CA", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    make_ca(d)
     for name in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=tinyps {name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext",
-                 cwd=d)
+        issue(d, name, ["IP:127.0.0.1", "DNS:localhost"])
     return d
 
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # a runtime import would be circular: worker.data re-exports this module
-    from worker.data import Dataset
+from worker.dataset import Dataset
 
 __all__ = ["PARTITION_SCHEMES", "Shard", "class_histograms", "partition"]
 
