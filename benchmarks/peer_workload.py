@@ -61,10 +61,10 @@ def run(cfg: common.RunConfig, fused: bool = True,
     """Train the workload on a real tinyps cluster; return (report extras, step records)."""
     from ps.client import PSClient
     from tinyps.config import LaunchConfig
-    from tinyps.launcher import start_servers
+    from tinyps.local_backend import start_servers
     from tinyps.processes import end_all
 
-    config = LaunchConfig(servers=1, workers=cfg.workers, mode=cfg.mode)
+    config = LaunchConfig.from_flat({"servers": 1, "workers": cfg.workers, "mode": cfg.mode})
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as run_dir:
         servers, addresses = start_servers(config, Path(run_dir))

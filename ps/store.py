@@ -111,7 +111,7 @@ class StoreConfig:
     max_staleness: int | None = None  # async/ssp: drop (and count) gradients staler than this
     backup_workers: int = 0  # sync: a step completes with the first W-b gradients
     aggregate: str = "mean"  # sync: mean | median | trimmed_mean:F (robust to bad workers)
-    lease_s: float | None = None  # a worker silent this long (no call in flight) is removed
+    lease_s: float | None = 30.0  # a worker silent this long (no call in flight) is removed
     # sync, DP-SGD with a trusted aggregator: N(0, s^2) noise added to the sum of each step's
     # gradients (so the mean gets s / count), once, instead of by every worker.
     dp_noise_std: float = 0.0

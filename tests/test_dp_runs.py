@@ -100,7 +100,7 @@ def test_a_budget_the_plan_would_exceed_is_refused_before_anything_starts(tmp_pa
 ])
 def test_bad_dp_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
-        tinyps.LaunchConfig(**settings)
+        tinyps.LaunchConfig.from_flat(settings)
 
 
 def test_a_resumed_dp_run_counts_the_steps_before_it_and_keeps_its_settings(run, tmp_path):

@@ -231,7 +231,7 @@ def test_without_backup_workers_no_gradient_is_dropped(run):
 def test_bad_fault_settings_are_refused_before_any_process_starts(tmp_path, settings,
                                                                    message):
     with pytest.raises(ValueError, match=message):
-        LaunchConfig(**settings)
+        LaunchConfig.from_flat(settings)
     run_dir = tmp_path / "never"
     with pytest.raises(ValueError, match=message):
         tinyps.launch(run_dir=str(run_dir), **settings)

@@ -16,7 +16,6 @@ import pytest
 import yaml
 from certs import issue, make_ca
 
-from ps.security import TLSFiles
 from ps.server import serve
 from tinyps.cli import build_parser
 from tinyps.spec import ClusterSpec
@@ -227,12 +226,13 @@ def test_the_spec_agrees_with_the_statefulset_the_service_and_the_job(docs, tmp_
     # What the spec makes of each server: its port and its checkpoint volume.
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
-    assert spec.config.checkpoint_dir in {mounts[c] for c in claims if c in mounts}, (
+    folder = spec.config.checkpoint.checkpoint_dir
+    assert folder in {mounts[c] for c in claims if c in mounts}, (
         "checkpoint_dir must be the server's own volume, so that a restarted pod restores")
     for i in range(len(spec.servers)):
-        args = _parse(spec.server_argv(i, host="0.0.0.0"))
-        assert args.port == port and args.restore
-        assert str(args.checkpoint_dir).startswith(spec.config.checkpoint_dir + "/")
+        settings = spec.server_config(i, host="0.0.0.0")
+        assert settings.port == port and settings.checkpoint.restore
+        assert settings.checkpoint.checkpoint_dir.startswith(folder + "/")
 
 
 def test_the_tls_files_of_the_spec_are_the_secrets_as_mounted(docs):
@@ -337,8 +337,8 @@ def test_the_probe_checks_a_mutual_tls_server_under_its_dns_name(docs, tmp_path,
     script = tmp_path / "probe.py"
     script.write_text(_one(docs, "ConfigMap")["data"]["probe.py"])
 
-    running = serve("127.0.0.1", 0, token="s3cret", tls=TLSFiles(
-        tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"))
+    running = serve(token="s3cret", tls_cert=str(tmp_path / "tls.crt"),
+                    tls_key=str(tmp_path / "tls.key"), tls_ca=str(tmp_path / "ca.crt"))
     try:
         monkeypatch.setenv("HOSTNAME", "tinyps-server-1")
         here = f"127.0.0.1:{running.port}"
@@ -354,7 +354,7 @@ def test_the_probe_checks_a_mutual_tls_server_under_its_dns_name(docs, tmp_path,
 def test_the_workers_wait_for_every_server_of_the_spec(docs, tmp_path, monkeypatch):
     script = tmp_path / "probe.py"
     script.write_text(_one(docs, "ConfigMap")["data"]["probe.py"])
-    servers = [serve("127.0.0.1", 0) for _ in range(2)]
+    servers = [serve() for _ in range(2)]
     try:
         spec_file = tmp_path / "cluster.json"
         spec_file.write_text(json.dumps({"servers": [f"127.0.0.1:{s.port}" for s in servers],

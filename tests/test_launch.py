@@ -93,13 +93,13 @@ def test_launch_as_a_user_runs_it(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--workers", "0"], "expected an integer >= 1"),
+        (["--workers", "0"], "workers must be >= 1, got 0"),
         (["--mode", "bsp"], "invalid choice"),
         (["--slow-worker", "3:2"], "slow worker 3 is not one of workers 0..1"),
         (["--slow-worker", "1"], "expected WORKER:FACTOR"),
         (["--placement", "dense7=0"], "unknown layer 'dense7'"),
         (["--mode", "sync", "--staleness", "2"], "for --mode ssp"),
-        (["--hidden", "0"], "expected widths >= 1"),
+        (["--hidden", "0"], "hidden widths must be >= 1"),
     ],
 )
 def test_bad_flags_fail_before_any_process_starts(tmp_path, args, message):

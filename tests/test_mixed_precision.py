@@ -137,24 +137,24 @@ def test_dynamic_scaling_settings_are_checked(settings, exc, message):
     if exc is None:
         scaler, dynamic = WorkerConfig(steps=1, **settings).scaler()
         assert dynamic and scaler.get_scale() == 8.0
-        tinyps.LaunchConfig(**settings)
+        tinyps.LaunchConfig.from_flat(settings)
         return
     with pytest.raises(exc, match=message):
-        tinyps.LaunchConfig(**settings)
+        tinyps.LaunchConfig.from_flat(settings)
 
 
-def test_the_cli_defaults_are_grad_scalers():
-    from tinyps.cli import build_parser
+def test_the_cli_defaults_are_grad_scalers(capsys):
+    from tinyps.cli import main
 
-    args = build_parser().parse_args(["launch"])
-    assert (args.init_scale, args.growth_interval) == (INIT_SCALE, GROWTH_INTERVAL)
+    precision = tinyps.LaunchConfig().precision
+    assert (precision.init_scale, precision.growth_interval) == (INIT_SCALE, GROWTH_INTERVAL)
     assert (INIT_SCALE, GROWTH_INTERVAL) == (65536.0, 2000)  # torch.amp.GradScaler's
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["launch", "--growth-interval", "0"])
+    assert main(["launch", "--growth-interval", "0"]) == 2
+    assert "growth_interval" in capsys.readouterr().err
 
 
 def test_precision_names_are_checked():
     with pytest.raises(ValueError, match="precision must be one of"):
         Precision("fp8")
     with pytest.raises(ValueError, match="loss_scale must be auto"):
-        tinyps.LaunchConfig(precision="fp16", loss_scale="sometimes")
+        tinyps.LaunchConfig.from_flat({"precision": "fp16", "loss_scale": "sometimes"})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tinyps import roles
 from tinyps.spec import ClusterSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,11 +109,15 @@ def test_a_spec_cluster_on_two_loopback_hosts_with_tls_and_a_token(certs, tmp_pa
                 proc.wait()
 
 
-def test_a_spec_gives_the_launchers_command_line_and_never_the_token():
+def test_a_spec_gives_the_launchers_settings_and_never_writes_the_token():
     spec = ClusterSpec.from_dict({"servers": ["127.0.0.2:1", "127.0.0.3:2"], "workers": 3})
-    argv = spec.worker_argv(2)
-    assert argv[:5] == ["worker", "--servers", "127.0.0.2:1,127.0.0.3:2", "--index", "2"]
-    assert "--token" not in argv  # never on a command line
+    settings = spec.worker_settings(2, token="t")
+    assert settings == roles.worker_settings(spec.config.replace(token="t"), 2,
+                                             ["127.0.0.2:1", "127.0.0.3:2"])
+    assert (settings.servers, settings.index, settings.workers) == (
+        ("127.0.0.2:1", "127.0.0.3:2"), 2, 3)
+    assert settings.security.token == "t"
+    assert "t" not in roles.to_json(settings).split('"')  # the JSON a process gets: no token
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -37,9 +37,9 @@ def test_scaled_gradient_and_the_byzantine_worker_are_one_mechanism():
     np.testing.assert_array_equal(poison_grads(grads, BYZANTINE)["w"], -10.0)
     np.testing.assert_array_equal(poison_grads(grads, "scaled_gradient:0.5")["w"], 0.5)
     assert poison_grads(grads, "label_flip") is grads  # a data poison leaves gradients alone
-    assert tinyps.LaunchConfig(workers=3, byzantine=2).poison_workers == 2
+    assert tinyps.LaunchConfig.from_flat({"workers": 3, "byzantine": 2}).faults.poison_workers == 2
     with pytest.raises(ValueError, match="give one or the other"):
-        tinyps.LaunchConfig(workers=3, byzantine=1, poison="label_flip")
+        tinyps.LaunchConfig.from_flat({"workers": 3, "byzantine": 1, "poison": "label_flip"})
 
 
 @pytest.mark.parametrize("text, message", [

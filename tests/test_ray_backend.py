@@ -6,7 +6,6 @@ One Ray instance of 2 CPUs serves every test (its start-up takes seconds); runs 
 through a module-level cache.
 """
 
-import inspect
 import json
 import socket
 import time
@@ -18,12 +17,10 @@ import numpy as np
 import pytest
 import ray  # not importorskip: CI installs Ray with the dev extra, and must test this
 
-import ps.server
 import tinyps
-import worker.process
-from tinyps import LaunchConfig
-from tinyps.cli import build_parser, server_kwargs, worker_settings
-from tinyps.ray_backend import launch_ray
+from tinyps import LaunchConfig, roles
+from tinyps.launcher import launch
+from tinyps.ray_backend import _ServerActor, _WorkerActor
 
 STEPS = 80  # per worker
 PACE = (0, 50.0)  # worker 0 computes 50 times slower: see the runs that kill an actor
@@ -74,15 +71,16 @@ def run(ray_instance, tmp_path_factory):
         if (backend, name) not in done:
             folder = tmp_path_factory.mktemp(f"{backend}-{name}")
             calls: list[tuple] = []
-            config = LaunchConfig(run_dir=str(folder), **RUNS[name])
+            config = LaunchConfig.from_flat({"run_dir": str(folder), **RUNS[name]})
             if backend == "ray" and name == "async":
                 # Through the launcher, as `tinyps launch --backend ray` goes: it joins the
                 # Ray instance this process started, and leaves it running.
-                summary, run_dir = tinyps.launch(replace(config, backend="ray"))
+                summary, run_dir = tinyps.launch(config.replace(backend="ray"))
                 assert ray.is_initialized()
                 _assert_nothing_left(run_dir)
             elif backend == "ray":
-                summary, run_dir = launch_ray(config, lambda *a: calls.append(a))
+                summary, run_dir = launch(config.replace(backend="ray"),
+                                          lambda *a: calls.append(a))
                 _assert_nothing_left(run_dir)
             else:
                 summary, run_dir = tinyps.launch(config)
@@ -194,40 +192,29 @@ def test_a_killed_worker_actor_is_reported_to_the_servers_and_started_again(run)
     assert steps == sorted(set(steps)) and len(steps) < STEPS
 
 
-SERVER_ARGV = ["server", "--port", "5", "--mode", "ssp", "--workers", "3", "--staleness", "2",
-               "--staleness-lr", "--max-staleness", "4", "--lease", "7.5", "--checkpoint-dir",
-               "ckpt", "--checkpoint-every", "9", "--keep-checkpoints", "2", "--restore",
-               "--dp-noise-std", "0.5", "--dp-seed", "3", "--token", "t"]
-WORKER_ARGV = ["worker", "--servers", "h:1,h:2", "--index", "1", "--workers", "3",
-               "--hidden", "16,8", "--steps", "5", "--batch-size", "4", "--lr", "0.2",
-               "--optimizer", "momentum", "--momentum", "0.5", "--placement", "round_robin",
-               "--split-bytes", "100", "--partition", "label_skew", "--alpha", "0.3",
-               "--slowdown", "2", "--seed", "7", "--no-fused", "--precision", "bf16",
-               "--loss-scale", "8", "--poison", "label_flip", "--dp-noise", "1.1",
-               "--dp-clip", "0.9", "--dp-delta", "1e-6", "--dp-seed", "4", "--metrics", "m",
-               "--start-time", "12.5", "--token", "t"]
-
-
-def test_the_actors_build_what_the_cli_builds_from_the_same_command_line(monkeypatch):
-    """server_kwargs and worker_settings, against tinyps/cli.py's own _run_server and
-    _run_worker given the same arguments (so that a flag added there is not lost here)."""
-    seen = []
-    signature = inspect.signature(ps.server.serve)
-
-    class Stop(Exception):
-        pass
-
-    def fake_serve(*args, **kwargs):
-        seen.append(signature.bind(*args, **kwargs).arguments)
-        raise Stop
-
-    monkeypatch.setattr(ps.server, "serve", fake_serve)
-    args = build_parser().parse_args(SERVER_ARGV)
-    with pytest.raises(Stop):
-        args.run(args)
-    assert seen == [server_kwargs(args)]
-
-    monkeypatch.setattr(worker.process, "run_worker_process", lambda s: seen.append(s) or [])
-    args = build_parser().parse_args(WORKER_ARGV)
-    assert args.run(args) == 0
-    assert seen[-1] == worker_settings(args)
+def test_every_setting_reaches_a_server_and_a_worker_actor_unchanged(ray_instance, tmp_path):
+    """The dataclasses themselves travel to the actors, the token in their environment."""
+    config = LaunchConfig.from_flat({
+        "servers": 2, "workers": 3, "mode": "ssp", "staleness": 2, "staleness_lr": True,
+        "max_staleness": 5, "lease_s": 7.5, "hidden": (16, 8), "steps": 7, "batch_size": 16,
+        "lr": 0.2, "optimizer": "momentum", "momentum": 0.5, "seed": 7, "partition": "label_skew",
+        "alpha": 0.3, "placement": "round_robin", "split_bytes": 100, "precision": "bf16",
+        "loss_scale": 8.0, "fused": False, "shared_memory": False, "slow_worker": (1, 2.0),
+        "poison_workers": 2, "poison": "label_flip", "checkpoint_every": 9,
+        "keep_checkpoints": 2, "token": "actor-token"})
+    env = {"runtime_env": {"env_vars": {"TINYPS_TOKEN": "actor-token"}}}
+    server_settings = roles.server_config(config, 1, checkpoints=tmp_path, restore=False)
+    server = ray.remote(_ServerActor).options(**env).remote(
+        roles.without_secrets(server_settings), "round-trip", False)
+    worker_settings = roles.worker_settings(config, 1, ["127.0.0.1:1"], steps=7)
+    actor = ray.remote(_WorkerActor).options(**env).remote(tmp_path / "w1.jsonl")
+    try:
+        got = ray.get(server.settings.remote(), timeout=60)
+        assert got == server_settings and got.security.token == "actor-token"
+        ray.get(actor.start.remote(roles.without_secrets(worker_settings)), timeout=60)
+        got = ray.get(actor.settings.remote(), timeout=60)
+        assert got == replace(worker_settings, metrics=str(tmp_path / "w1.jsonl"))
+        assert (got.slowdown, got.poison) == (2.0, "label_flip")
+    finally:
+        for handle in (server, actor):
+            ray.kill(handle, no_restart=True)

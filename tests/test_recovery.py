@@ -18,7 +18,7 @@ from deadline import DEADLINE_S, in_thread, wait_until
 from ps import ps_pb2
 from ps.checkpoint import latest_checkpoint, list_checkpoints
 from ps.client import PSClient, PSError
-from ps.server import Checkpointing, serve
+from ps.server import serve
 from ps.wire import write_slice
 from tinyps.status import status_table
 
@@ -31,8 +31,8 @@ def _grads(x: float) -> dict[str, np.ndarray]:
 
 
 def test_a_server_checkpoints_as_it_goes_and_once_more_when_it_stops(tmp_path):
-    policy = Checkpointing(tmp_path, every=2, keep=3)
-    running = serve(mode="sync", workers=1, checkpointing=policy)
+    running = serve(mode="sync", workers=1, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                    keep_checkpoints=3)
     try:
         with PSClient([running.address]) as client:
             client.init(PARAMS, "momentum", lr=0.1, momentum=0.9)
@@ -48,8 +48,8 @@ def test_a_server_checkpoints_as_it_goes_and_once_more_when_it_stops(tmp_path):
     assert {k.version for k in snapshot.keys} == {5}
     assert snapshot.counters["checkpoints_written"] == running.checkpoints_written >= 2
 
-    restarted = serve(mode="sync", workers=1,
-                      checkpointing=Checkpointing(tmp_path, every=2, restore=True))
+    restarted = serve(mode="sync", workers=1, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                      restore=True)
     try:
         with PSClient([restarted.address]) as client:
             assert_same_arrays(client.pull(), final)
@@ -218,8 +218,8 @@ def test_a_call_the_server_could_not_take_is_retried_and_others_are_not():
 
 
 def test_a_server_started_with_restore_and_no_checkpoint_starts_empty(tmp_path):
-    running = serve(mode="async", workers=1,
-                    checkpointing=Checkpointing(tmp_path / "none", restore=True))
+    running = serve(mode="async", workers=1, checkpoint_dir=str(tmp_path / "none"),
+                    restore=True)
     try:
         assert running.store.stats()["initialised"] is False
     finally:

@@ -46,8 +46,8 @@ def test_calls_without_the_token_are_unauthenticated_and_health_stays_open():
 
 
 def test_tls_serves_clients_that_trust_the_ca(certs):
-    tls = TLSFiles(cert=certs / "server.pem", key=certs / "server.key")
-    running = serve(mode="async", workers=1, tls=tls)
+    running = serve(mode="async", workers=1, tls_cert=str(certs / "server.pem"),
+                    tls_key=str(certs / "server.key"))
     try:
         trusting = TLSFiles(ca=certs / "ca.pem")
         # Asked for TLS, every tensor stays on the encrypted channel: no shared memory.
@@ -65,8 +65,8 @@ def test_tls_serves_clients_that_trust_the_ca(certs):
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(certs):
-    tls = TLSFiles(cert=certs / "server.pem", key=certs / "server.key", ca=certs / "ca.pem")
-    running = serve(mode="async", workers=1, tls=tls)
+    running = serve(mode="async", workers=1, tls_cert=str(certs / "server.pem"),
+                    tls_key=str(certs / "server.key"), tls_ca=str(certs / "ca.pem"))
     try:
         anonymous = TLSFiles(ca=certs / "ca.pem")
         with PSClient([running.address], tls=anonymous, retry_s=0.5, deadline_s=5) as client, \
@@ -90,8 +90,8 @@ def test_bad_tls_settings_are_refused(tmp_path):
 
 
 def test_health_answers_over_tls_without_a_token(certs):
-    tls = TLSFiles(cert=certs / "server.pem", key=certs / "server.key")
-    running = serve(mode="async", workers=1, tls=tls, token="s3cret")
+    running = serve(mode="async", workers=1, tls_cert=str(certs / "server.pem"),
+                    tls_key=str(certs / "server.key"), token="s3cret")
     try:
         creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
         with grpc.secure_channel(running.address, creds) as channel:

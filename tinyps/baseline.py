@@ -26,6 +26,7 @@ def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
     """Train in this process and write the run directory: (result, run directory)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir) if run_dir else Path("runs") / f"{stamp}-train"
+    data = load_dataset(config.dataset, seed=config.seed)  # a bad name fails before any file
     prepare_run_dir(run_dir)
     write_config(run_dir, {"command": "train", **to_flat(config)})
     started = time.monotonic()
@@ -36,11 +37,10 @@ def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
             if on_step is not None:
                 on_step(step, total, loss)
 
-        result = train_single_process(config, on_step=record)
+        result = train_single_process(config, on_step=record, data=data)
     summary = {"mode": "single_process", "dataset": config.dataset,
                "optimizer": config.optimizer, "batch_size": config.batch_size,
                "epochs": config.epochs, **result.summary()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    data = load_dataset(config.dataset, seed=config.seed)
     save_model(run_dir / "model.npz", result.params, config.hidden, data, None)
     return result, run_dir

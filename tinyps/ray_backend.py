@@ -87,6 +87,7 @@ class _ServerActor:
         if bind_node_ip:
             # The address Ray itself reaches this node on, so the other nodes can too.
             config = replace(config, host=ray.util.get_node_ip_address())
+        self._config = config
         self._running: RunningServer = serve(config)
         state["port"] = self._running.port
         tmp = state_file.with_suffix(".tmp")  # whole or not at all, should we die writing
@@ -96,6 +97,10 @@ class _ServerActor:
 
     def address(self) -> str:
         return self._running.address
+
+    def settings(self) -> ServerConfig:
+        """The settings this server runs with (the token restored from the environment)."""
+        return self._config
 
     def starts(self) -> int:
         """How many times this server has started: 1, plus one per restart by Ray."""
@@ -125,9 +130,11 @@ class _WorkerActor:
         self._follower = Follower([self._metrics])
         self._error: str | None = None
         self._thread: threading.Thread | None = None
+        self._settings: WorkerSettings | None = None
 
     def start(self, settings: WorkerSettings) -> None:
         settings = replace(roles.with_token_from_env(settings), metrics=str(self._metrics))
+        self._settings = settings
         self._thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
         self._thread.start()
 
@@ -136,6 +143,10 @@ class _WorkerActor:
             run_worker_process(settings)
         except BaseException:  # reported to the driver, which fails the run with it
             self._error = traceback.format_exc()
+
+    def settings(self) -> WorkerSettings | None:
+        """The settings this worker runs with (None before start)."""
+        return self._settings
 
     def poll(self) -> tuple[list[dict], bool, str | None]:
         """(new step records, finished, the error's traceback if it failed)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ps.optimizer import Optimizer
-from worker.data import augment_shifts, load_dataset
+from worker.data import Dataset, augment_shifts, load_dataset
 from worker.model import MLP
 from worker.settings import TrainConfig
 
@@ -47,9 +47,11 @@ class TrainResult:
         }
 
 
-def train_single_process(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResult:
-    """Train an MLP with minibatch SGD/Adam in this process and evaluate it on the test split."""
-    data = load_dataset(config.dataset, seed=config.seed)
+def train_single_process(config: TrainConfig, on_step: StepCallback | None = None,
+                         data: Dataset | None = None) -> TrainResult:
+    """Train an MLP with minibatch SGD/Adam in this process and evaluate it on the test split
+    (of `data`, if given: config.dataset loaded with config.seed)."""
+    data = data or load_dataset(config.dataset, seed=config.seed)
     model = MLP((data.n_features, *config.hidden, data.n_classes), seed=config.seed)
     params = model.init_params()
     optimizer = Optimizer(config.optimizer_config(), model.param_shapes())

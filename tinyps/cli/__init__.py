@@ -6,7 +6,8 @@
     tinyps data-report  a data set's quality        tinyps train      the single-process baseline
 
 The flags come from the settings' fields (flags.py), the parser puts them on their commands
-(parser.py), and each command is one short function (commands.py).
+(parser.py), and each command is one short function: a cluster process's (process.py), or a
+user's tool (cluster.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from ps.client import PSError
 from tinyps.cli.parser import build_parser
-from tinyps.launcher import LaunchError
 
 __all__ = ["build_parser", "main"]
 
@@ -41,9 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tinyps {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (LaunchError, PSError) as err:  # a failed run: a process died, a server refused
-        print(f"tinyps {args.command}: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        # A failed run (a process died, a server refused) is told in one line; anything else
+        # is a bug, with its traceback. Imported here: --help and a bad flag load neither.
+        from ps.client import PSError
+        from tinyps.plan import LaunchError
+
+        if isinstance(err, LaunchError | PSError):
+            print(f"tinyps {args.command}: {err}", file=sys.stderr)
+            return 1
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

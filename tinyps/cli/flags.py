@@ -91,7 +91,7 @@ def add_settings(parser: argparse.ArgumentParser, config: type, *,
         text = meta.get("help") or ""
         if meta.get("env"):
             text += f" (default: ${meta['env']})"
-        elif default is not None and _plain(leaf.hint) is not bool:
+        elif default not in (None, ()) and _plain(leaf.hint) is not bool:
             text += f" (default: {_shown(default)})"
         if _plain(leaf.hint) is bool:
             if default:  # on unless turned off

@@ -7,17 +7,28 @@ settings of a run but of one command (where a ready file goes, print JSON, ...).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 
 from ps.security import SecurityConfig
 from ps.server import ServerConfig
-from tinyps.cli import commands
 from tinyps.cli.flags import add_settings
 from tinyps.config import LaunchConfig
 from worker.process import WorkerSettings
 from worker.settings import SplitConfig, TrainConfig
 
 __all__ = ["build_parser"]
+
+
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """Command `name` of tinyps.cli.MODULE, imported when it runs: a server or worker process
+    (tinyps.cli.process) does not load the launcher, the report's plotting or the data
+    tools (tinyps.cli.cluster)."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(import_module(f"tinyps.cli.{module}"), name)(args)
+
+    return run
 
 
 def _natural(text: str) -> int:
@@ -61,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(launch, LaunchConfig)
     launch.add_argument("--json", action="store_true",
                         help="print summary.json as the last line of standard output")
-    launch.set_defaults(run=commands.launch)
+    launch.set_defaults(run=_command("cluster", "launch"))
 
     server = sub.add_parser("server", help="run one parameter server")
     add_settings(server, ServerConfig)
@@ -71,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--index", type=_natural, default=None,
                         help="with --cluster: which of the spec's servers this is (binds the "
                              "address the spec gives it)")
-    server.set_defaults(run=commands.server)
+    server.set_defaults(run=_command("process", "server"))
 
     worker = sub.add_parser("worker", help="run one worker against running servers")
     add_settings(worker, WorkerSettings)
@@ -79,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--run-dir", type=Path, default=None,
                         help="with --cluster, worker 0: write the run's summary here once "
                              "every worker is done")
-    worker.set_defaults(run=commands.worker)
+    worker.set_defaults(run=_command("process", "worker"))
 
     status = sub.add_parser("status", help="show a running cluster, live")
     status.add_argument("addresses", nargs="+", help="server addresses HOST:PORT")
@@ -87,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=_positive(float), default=1.0,
                         help="seconds between refreshes (default: 1)")
     add_settings(status, SecurityConfig)
-    status.set_defaults(run=commands.status)
+    status.set_defaults(run=_command("cluster", "status"))
 
     placement = sub.add_parser("placement", help="print where a model's tensors would go")
     placement.add_argument("--servers", type=_positive(int), default=2,
                            help="servers to place the model on (default: 2)")
     add_settings(placement, LaunchConfig, only=("dataset", "hidden", "placement",
                                                 "split_bytes"))
-    placement.set_defaults(run=commands.placement)
+    placement.set_defaults(run=_command("cluster", "placement"))
 
     report = sub.add_parser(
         "data-report", help="a data set's quality, and its shards over W workers")
@@ -109,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where data_report.json and .txt go (default: here)")
     report.add_argument("--plot", action="store_true",
                         help="also draw the shards' class histograms (data_report.png)")
-    report.set_defaults(run=commands.data_report)
+    report.set_defaults(run=_command("cluster", "data_report"))
 
     train = sub.add_parser(
         "train", help="train the model in this one process (the baseline for distributed runs)")
@@ -118,6 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the run's files go (default: runs/<time>-train)")
     train.add_argument("--json", action="store_true",
                        help="print the result as JSON on the last line of standard output")
-    train.set_defaults(run=commands.train)
+    train.set_defaults(run=_command("cluster", "train"))
     parser.commands = dict(sub.choices)  # name -> its parser, for docs/cli.md
     return parser

@@ -1,0 +1,101 @@
+"""The commands a user runs on a whole cluster or model: launch, status, placement,
+data-report and train.
+
+Each takes the parsed arguments and returns an exit code; the command owns the terminal
+(progress bars, tables), the library never prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ps.client import PSClient
+from ps.memory import keep_freed_buffers
+from ps.placement import TensorSpec
+from ps.security import SecurityConfig
+from ps.settings import from_flat
+from tinyps.baseline import run_baseline
+from tinyps.cli.flags import settings_from
+from tinyps.config import LaunchConfig
+from tinyps.launcher import launch as run_launch
+from tinyps.launcher import model_placement
+from tinyps.progress import StepBar
+from tinyps.status import status_table
+from tinyps.summary import format_summary
+from worker.data import load_dataset
+from worker.model import MLP
+from worker.quality import data_report as build_data_report
+from worker.quality import format_report, save_report
+from worker.settings import TrainConfig
+
+__all__ = ["data_report", "launch", "placement", "status", "train"]
+
+
+def launch(args: argparse.Namespace) -> int:
+
+    config = LaunchConfig.from_flat(settings_from(args, LaunchConfig))
+    keep_freed_buffers()  # this process pulls the final model: see ps/memory.py
+    data = load_dataset(config.train.dataset, seed=config.train.seed)
+    print(model_placement(config, data).table(), flush=True)
+    with StepBar(config.mode) as bar:
+        summary, run_dir = run_launch(config, progress=bar)
+    print(format_summary(summary, run_dir))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    security = from_flat(SecurityConfig, settings_from(args, SecurityConfig))
+    with PSClient(list(args.addresses), token=security.token, tls=security.tls(client=True),
+                  deadline_s=5.0, retry_s=2.0) as client:
+        previous, before = None, time.monotonic()
+        while True:
+            stats = client.stats()
+            now = time.monotonic()
+            table = status_table(stats, previous, now - before)
+            if args.once:
+                print(table)
+                return 0
+            print("\x1b[2J\x1b[H" + table, flush=True)  # clear the screen, then draw
+            previous, before = stats, now
+            time.sleep(args.interval)  # the refresh interval of a live view
+
+
+def placement(args: argparse.Namespace) -> int:
+    config = LaunchConfig.from_flat(settings_from(args, LaunchConfig))
+    data = load_dataset(config.train.dataset)
+    model = MLP((data.n_features, *config.train.hidden, data.n_classes))
+    specs = [TensorSpec(n, s) for n, s in model.param_shapes().items()]
+    print(config.placement.place(specs, config.servers).table())
+    return 0
+
+
+def data_report(args: argparse.Namespace) -> int:
+    split = from_flat(LaunchConfig, settings_from(args, LaunchConfig)).split
+    seed = getattr(args, "seed", 0)
+    report = build_data_report(args.dataset, workers=args.workers, partition=split.partition,
+                               alpha=split.alpha, seed=seed,
+                               min_class_share=args.min_class_share)
+    print(format_report(report))
+    paths = save_report(report, args.out)
+    if args.plot:
+        from tinyps.report import plot_shards
+
+        paths.append(plot_shards(report, args.out / "data_report.png"))
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    config = from_flat(TrainConfig, settings_from(args, TrainConfig), where="tinyps train")
+    with StepBar("train") as bar:
+        result, run_dir = run_baseline(config, run_dir=args.run_dir, on_step=bar.step)
+    print(f"{config.dataset}: test accuracy {result.test_accuracy:.2%}, test loss "
+          f"{result.test_loss:.4f}, {result.steps} steps in {result.wall_s:.1f} s "
+          f"({result.samples_per_s:,.0f} samples/s); written to {run_dir}")
+    if args.json:
+        print(json.dumps(result.summary()))
+    return 0
