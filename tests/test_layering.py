@@ -171,3 +171,40 @@ def test_the_checker_sees_a_circle(tmp_path):
     # an allowed entry excuses its own circle and nothing else, and not a bigger circle
     assert unexcused(graph, [{"pkg.d"}]) == ["pkg.a -> pkg.b -> pkg.sub.c -> pkg.a"]
     assert len(unexcused(graph, [{"pkg.a", "pkg.b"}])) == 2
+
+
+# What changes a whole process (its signal handlers, its malloc, its death with a parent) is
+# set where a process starts, never by a library call that a notebook could make.
+PROCESS_WIDE = {"keep_freed_buffers", "die_with_parent", "signal"}
+PROCESS_EDGES = {"tinyps/cli/__init__.py", "tinyps/cli/process.py", "tinyps/cli/cluster.py",
+                 "tinyps/ray_backend.py"}  # the command's processes, and Ray's actors
+
+
+def _process_wide_calls(path: Path) -> list[str]:
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            owner = fn.value.id if isinstance(fn, ast.Attribute) and isinstance(
+                fn.value, ast.Name) else ""
+            if name in PROCESS_WIDE or (owner, name) == ("signal", "signal"):
+                calls.append(f"{owner + '.' if owner else ''}{name} at line {node.lineno}")
+    return calls
+
+
+def test_process_wide_settings_are_set_only_at_process_edges():
+    for package in LAYERS:
+        for path in _modules(package):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in PROCESS_EDGES or rel in ("ps/memory.py", "tinyps/processes.py"):
+                continue  # where they are defined
+            assert not _process_wide_calls(path), f"{rel}: {_process_wide_calls(path)}"
+
+
+def test_the_edge_checker_sees_a_process_wide_call(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import signal\ndef f():\n    signal.signal(2, None)\n"
+                   "    keep_freed_buffers()\n")
+    assert _process_wide_calls(bad) == ["signal.signal at line 3",
+                                        "keep_freed_buffers at line 4"]
