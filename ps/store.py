@@ -1,9 +1,7 @@
 """The store: this server's shard of the parameters, and the verbs that workers call on it.
 
-It asks its consistency rule (ps/consistency.py) when a pull may be answered and what an
-arriving gradient does; sync steps gather in ps/gather.py, the barriers' workers are
-ps/membership.py, the keys' state is ps/shard.py. It knows nothing of gRPC: the servicer
-translates.
+It asks its consistency rule (ps/consistency.py) when to answer a pull and what to do with a
+gradient, and knows nothing of gRPC: the servicer translates.
 """
 
 from __future__ import annotations
