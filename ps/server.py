@@ -22,7 +22,8 @@ from ps.local import LocalServer
 from ps.security import SecurityConfig, TokenInterceptor, server_credentials
 from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server, local_handlers
 from ps.settings import from_flat, part, setting
-from ps.store import Store, StoreConfig
+from ps.store import Store
+from ps.store_config import StoreConfig
 from ps.wire import MAX_MESSAGE_BYTES
 
 __all__ = ["CheckpointConfig", "RunningServer", "SERVICE_NAME", "ServerConfig", "serve"]

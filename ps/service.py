@@ -28,12 +28,13 @@ from ps.keys import Key, KeyId
 from ps.local import Handler
 from ps.mailbox import Mailbox, MailboxError, MailboxMissing
 from ps.optimizer import OptimizerConfig
+from ps.packed import Packed
 from ps.store import (
     BadRequest,
     Closed,
     LayoutConflict,
     NotInitialised,
-    Packed,
+    PushResult,
     StepOutOfRange,
     Store,
     StoreError,
@@ -203,8 +204,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             else:
                 def read(got):
                     return self._encode(got, dtype)
-            payload = self._store.pull(key_ids, request.worker, request.step,
-                                       _wait_budget(context), read=read)
+            # On the wire a negative step asks for the values at once; the store says None.
+            step = request.step if request.step >= 0 else None
+            payload = self._store.pull(key_ids, request.worker, step, _wait_budget(context),
+                                       read=read)
             self._count(sent=len(payload))
             return payload
 
@@ -218,7 +221,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._check_room(mailbox, offsets)
         return offsets
 
-    def _push(self, request: bytes) -> tuple[PushRequestView, tuple[int, int, int], list[KeyId]]:
+    def _push(self, request: bytes) -> tuple[PushRequestView, PushResult, list[KeyId]]:
         """Decode PushRequest bytes (in place) and hand the gradients to the store."""
         try:
             push = decode_push_request(request)
@@ -252,9 +255,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Push(self, request: bytes, context):
         """Takes PushRequest bytes, read in place by ps.codec (see add_to_server)."""
         def run():
-            _, (accepted, duplicates, staleness), _ = self._push(request)
-            return ps_pb2.PushReply(accepted=accepted, duplicates=duplicates,
-                                    staleness_max=staleness)
+            _, result, _ = self._push(request)
+            return ps_pb2.PushReply(accepted=result.accepted, duplicates=result.duplicates,
+                                    staleness_max=result.staleness_max)
 
         return self._call(context, run)
 

@@ -47,7 +47,7 @@ def test_a_server_survives_ten_thousand_bad_requests():
     try:
         with PSClient([running.address]) as client:
             client.init(PARAMS, "sgd", lr=0.5)
-        weights = lambda: [v.copy() for _, v, _ in running.store.pull(None, 0, -1, 1.0)]  # noqa: E731
+        weights = lambda: [v.copy() for _, v, _ in running.store.pull(None, 0, None, 1.0)]  # noqa: E731
         before = weights()
         codes: dict[grpc.StatusCode, int] = {}
         accepted = 0

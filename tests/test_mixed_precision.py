@@ -64,13 +64,13 @@ def test_sync_skips_a_step_that_any_worker_found_non_finite():
     store.init([key], OptimizerConfig("sgd", lr=1.0), {key.id: np.ones(2, np.float32)})
     store.push(0, 0, {key.id: (np.zeros(0, np.float32), 0)}, skip=True)
     store.push(1, 0, {key.id: (np.full(2, 4.0, np.float32), 0)}, scale=2.0)
-    _, values, version = store.pull(None, 0, -1, 1.0)[0]
+    _, values, version = store.pull(None, 0, None, 1.0)[0]
     np.testing.assert_array_equal(values, 1.0)  # nobody's gradient was applied...
     assert version == 1  # ...but the step is over: versions still count steps
     assert store.was_skipped(0, 0) and store.was_skipped(1, 0)
     store.push(0, 1, {key.id: (np.full(2, 4.0, np.float32), 1)}, scale=2.0)
     store.push(1, 1, {key.id: (np.full(2, 4.0, np.float32), 1)}, scale=2.0)
-    np.testing.assert_array_equal(store.pull(None, 0, -1, 1.0)[0][1], -1.0)  # 1 - 4/2
+    np.testing.assert_array_equal(store.pull(None, 0, None, 1.0)[0][1], -1.0)  # 1 - 4/2
     assert store.stats()["skipped_steps"] == 1
 
 

@@ -8,14 +8,13 @@ import pytest
 from kernels import bf16_decode, bf16_encode, fp16_decode, fp16_encode
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
-from ps.store import (
+from ps.packed import Packed
+from ps.store import Store, StoreConfig
+from ps.store_errors import (
     BadRequest,
     LayoutConflict,
     NotInitialised,
-    Packed,
     StepOutOfRange,
-    Store,
-    StoreConfig,
     UnknownKey,
     WaitTimeout,
 )
@@ -31,7 +30,7 @@ def _store(mode="sync", workers=2, value=1.0, **kw):
 
 
 def _value(store):
-    return store.pull(None, 0, -1, 1.0)[0][1]
+    return store.pull(None, 0, None, 1.0)[0][1]
 
 
 def _grad(x):
@@ -115,7 +114,41 @@ def test_push_and_pull_before_init_are_refused():
     with pytest.raises(NotInitialised):
         store.push(0, 0, {W_KEY.id: (_grad(1.0), 0)})
     with pytest.raises(NotInitialised):
-        store.pull(None, 0, -1, 1.0)
+        store.pull(None, 0, None, 1.0)
+
+
+def test_results_are_named_and_still_unpack_as_tuples():
+    store = Store(StoreConfig(mode="async", workers=1))
+    result = store.init([W_KEY], SGD, {W_KEY.id: _grad(1.0)})
+    assert (result.created, result.pending) == (True, 0)
+    pushed = store.push(0, 0, {W_KEY.id: (_grad(1.0), 0)})
+    assert (pushed.accepted, pushed.duplicates, pushed.staleness_max) == (1, 0, 0)
+    accepted, duplicates, staleness = store.push(0, 0, {W_KEY.id: (_grad(1.0), 0)})
+    assert (accepted, duplicates, staleness) == (0, 1, 0)
+    versions = store.versions()
+    assert versions == (True, 1, 1, {0: 1})
+    assert (versions.initialised, versions.min_version, versions.max_version,
+            versions.clocks) == (True, 1, 1, {0: 1})
+
+
+def test_a_pull_with_step_none_is_answered_at_once_and_a_negative_step_is_refused():
+    store = _store("sync", workers=2)
+    store.push(0, 0, {W_KEY.id: (_grad(1.0), 0)})  # step 0 half in: pulls of step 1 wait
+    assert store.pull(None, 0, None, timeout=0.0)[0][2] == 0  # no barrier, no start line
+    with pytest.raises(StepOutOfRange, match=r"step must be >= 0 \(or None: at once\), got -1"):
+        store.pull(None, 0, -1, timeout=0.0)
+    assert store.stats()["pulls"] == 1  # the refused one is not counted
+
+
+@pytest.mark.parametrize(("mode", "skipped"), [("sync", [True, True]),
+                                               ("async", [True, False])])
+def test_a_skipped_step_is_everyones_in_sync_and_the_workers_own_otherwise(mode, skipped):
+    store = _store(mode, workers=2)
+    store.push(0, 0, {W_KEY.id: (np.zeros(0, np.float32), 0)}, skip=True)
+    store.push(1, 0, {W_KEY.id: (_grad(1.0), 0)})
+    assert [store.was_skipped(w, 0) for w in range(2)] == skipped
+    assert not store.was_skipped(0, 1)
+    assert store.stats()["skipped_steps"] == 1
 
 
 def test_the_first_init_wins_and_other_shapes_are_refused():
@@ -236,7 +269,7 @@ def test_packed_gradients_give_the_weights_of_their_decoded_values(fmt, scale, m
             read = 0 if mode == "sync" else step  # async: some staleness too
             packed.push(w, step, {BIG_KEY.id: (Packed(c, fmt), read)}, scale=scale)
             decoded.push(w, step, {BIG_KEY.id: (_DECODE[fmt](c), read)}, scale=scale)
-    got, want = (store.pull(None, 0, -1, 1.0)[0] for store in stores)
+    got, want = (store.pull(None, 0, None, 1.0)[0] for store in stores)
     assert got[2] == want[2] == steps * (1 if mode == "sync" else workers)  # versions
     np.testing.assert_array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
     assert packed.stats()["staleness_histogram"] == decoded.stats()["staleness_histogram"]
@@ -265,7 +298,7 @@ def test_packed_inf_and_nan_codes_are_refused_and_change_nothing(mode, fmt, bad)
     codes[2] = bad
     with pytest.raises(BadRequest, match="inf or NaN"):
         store.push(0, 0, {W_KEY.id: (Packed(codes, fmt), 0)}, scale=4.0)
-    _, value, version = store.pull(None, 0, -1, 1.0)[0]
+    _, value, version = store.pull(None, 0, None, 1.0)[0]
     np.testing.assert_array_equal(value, 1.0)
     after = store.stats()
     assert version == 0

@@ -8,7 +8,8 @@ import pytest
 
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
-from ps.store import BadRequest, LayoutConflict, Store, StoreConfig, WaitTimeout
+from ps.store import Store, StoreConfig
+from ps.store_errors import BadRequest, LayoutConflict, WaitTimeout
 
 W_KEY = Key("w", (4,), 0, 4)
 B_KEY = Key("b", (2,), 0, 2)
@@ -40,7 +41,7 @@ def _grads(x, version=0):
 
 
 def _value(store, key=W_KEY):
-    return next(v for k, v, _ in store.pull(None, 0, -1, 1.0) if k == key)
+    return next(v for k, v, _ in store.pull(None, 0, None, 1.0) if k == key)
 
 
 def _in_thread(fn):

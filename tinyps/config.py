@@ -12,11 +12,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+from ps.gather import parse_aggregate
 from ps.placement import PlacementConfig, TensorSpec
 from ps.security import SecurityConfig, TLSFiles
 from ps.server import CheckpointConfig
 from ps.settings import from_flat, part, setting, to_flat
-from ps.store import StoreConfig, parse_aggregate
+from ps.store_config import StoreConfig
 from worker.poison import BYZANTINE, parse_poison
 from worker.precision import PrecisionConfig
 from worker.privacy import DPConfig, PrivacyConfig
@@ -187,13 +188,9 @@ class LaunchConfig:
             if not ok:
                 raise ValueError(message)
 
-        store, workers, faults = self.store, self.store.workers, self.faults
+        workers, faults = self.workers, self.faults
         need(self.servers >= 1, f"servers must be >= 1, got {self.servers}")
         need(not self.checkpoint.restore, "restore is for one server; a run resumes with resume")
-        need(store.mode == "ssp" or store.staleness == 0,
-             f"staleness (the ssp bound) is for --mode ssp, not {store.mode}")
-        need(store.mode != "sync" or (not store.staleness_lr and store.max_staleness is None),
-             "staleness_lr and max_staleness are for async and ssp: sync has no stale gradients")
         need(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
         need(self.backend in BACKENDS,
              f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
