@@ -71,7 +71,7 @@ class SecurityConfig:
     """Who may talk to the servers: the same settings for every process of a cluster."""
 
     token: str | None = setting(
-        None, "shared token checked on every call (default: $TINYPS_TOKEN)", secret=True,
+        None, "shared token checked on every call", secret=True,
         env=TOKEN_ENV)
     tls_cert: str | None = setting(None, "PEM certificate of the servers (TLS for all traffic)")
     tls_key: str | None = setting(None, "PEM key of that certificate")

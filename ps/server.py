@@ -34,7 +34,8 @@ class CheckpointConfig:
     """Where and how often a server writes its shard."""
 
     checkpoint_dir: str | None = setting(
-        None, "this server's checkpoint folder (default: no checkpoints)")
+        None, "where checkpoints go: a server's own folder (tinyps server: none by default), "
+              "or a run's, one folder per server (tinyps launch: RUN_DIR/checkpoints)")
     checkpoint_every: int = setting(100, "a server writes its shard every N updates")
     keep_checkpoints: int = setting(3, "checkpoints kept per server; older ones are deleted")
     restore: bool = setting(

@@ -35,7 +35,7 @@ class StoreConfig:
                                      "end), the last two robust to Byzantine workers")
     # A worker silent this long (no call in flight) is removed from the barriers; None: never.
     lease_s: float | None = setting(30.0, "seconds a worker may stay silent before barriers "
-                                          "stop waiting for it", flag="--lease")
+                                          "stop waiting for it", flag="--lease", metavar="SECONDS")
     # sync, DP-SGD with a trusted aggregator: N(0, s^2) noise added to the sum of each step's
     # gradients (so the mean gets s / count), once, instead of by every worker.
     dp_noise_std: float = setting(0.0, "sync: add N(0, s^2) to each step's sum of gradients "
@@ -49,15 +49,16 @@ class StoreConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {self.staleness}")
-        if self.staleness and self.mode != "ssp":
-            raise ValueError(f"staleness (the ssp bound) is for --mode ssp, not {self.mode}")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         if not 0 <= self.backup_workers < self.workers:
             raise ValueError(f"backup_workers must be in 0..{self.workers - 1} (fewer than the "
                              f"workers), got {self.backup_workers}")
         # Backup workers, robust aggregation and server-side noise act on a gathered step.
-        gathers = make_rule(self.mode, self.staleness).gathers
+        rule = make_rule(self.mode, self.staleness)
+        gathers = rule.gathers
+        if self.staleness and (gathers or not rule.waits):  # only ssp waits step by step alone
+            raise ValueError(f"staleness (the ssp bound) is for --mode ssp, not {self.mode}")
         if gathers and (self.staleness_lr or self.max_staleness is not None):
             raise ValueError("staleness_lr and max_staleness are for async and ssp: sync has no "
                              "stale gradients")
@@ -69,7 +70,7 @@ class StoreConfig:
             raise ValueError(f"aggregate {self.aggregate!r} is for sync mode: async and ssp "
                              f"apply each gradient alone")
         if self.lease_s is not None and not (self.lease_s > 0 and math.isfinite(self.lease_s)):
-            raise ValueError(f"lease_s must be a positive number of seconds, got {self.lease_s}")
+            raise ValueError(f"lease_s must be > 0 and finite (seconds), got {self.lease_s}")
         if not (math.isfinite(self.dp_noise_std) and self.dp_noise_std >= 0):
             raise ValueError(f"dp_noise_std must be >= 0, got {self.dp_noise_std}")
         if self.dp_noise_std and not (gathers and name == "mean"):
