@@ -22,7 +22,7 @@ from ps.local import LocalServer
 from ps.security import TLSFiles, TokenInterceptor, server_credentials
 from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server, local_handlers
 from ps.store import Store, StoreConfig
-from ps.wire import MAX_MESSAGE_BYTES
+from ps.codec import MAX_MESSAGE_BYTES
 
 __all__ = ["Checkpointing", "RunningServer", "SERVICE_NAME", "serve"]
 
