@@ -122,7 +122,7 @@ def _connect(running) -> socket.socket:
     conn.connect("\0" + running.local.name)
     key = running.local.key
     conn.sendall(np.array([len(key)], "<u4").tobytes() + b"\0" + b"\0" * 8 + key)
-    assert conn.recv(5) == b"\0\0\0\0\0"  # an empty OK
+    assert conn.recv(6) == b"\0\0\0\0\0\0"  # an empty OK, no reason
     return conn
 
 
@@ -132,9 +132,10 @@ def test_a_malformed_frame_is_answered_then_the_connection_closed(running):
         try:
             conn.sendall(np.array([size], "<u4").tobytes() + bytes([method])
                          + np.array([timeout], "<f8").tobytes())
-            header = conn.recv(5, socket.MSG_WAITALL)
+            header = conn.recv(6, socket.MSG_WAITALL)
             length = int.from_bytes(header[:4], "little")
             assert header[4] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert header[5] == 0  # no reason: the details follow at once
             assert b"malformed local frame" in conn.recv(length, socket.MSG_WAITALL)
             assert conn.recv(1) == b""  # closed: the stream cannot be trusted after it
         finally:
