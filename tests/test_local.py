@@ -169,13 +169,13 @@ def test_a_restarted_server_gives_a_new_channel_and_the_worker_takes_it():
     with PSClient([running.address], shared_memory=True) as client:
         client.init(PARAMS, "sgd", lr=0.5)
         client.pull()
-        first = client._locals[0].name
+        first = client.links[0].channel.name
         running.stop(0)
         running = serve(port=port, mode="async", workers=1)
         try:
             client.init(PARAMS, "sgd", lr=0.5)
             result = client.push_pull({k: np.ones_like(v) for k, v in PARAMS.items()}, 0)
-            assert client._locals[0].name == running.local.name != first
+            assert client.links[0].channel.name == running.local.name != first
             assert running.local.calls > 0
             for name, value in PARAMS.items():
                 np.testing.assert_allclose(result.params[name], value - 0.5, rtol=1e-6)
