@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import Comparison, compare, table  # noqa: E402
 
 from ps.client import PSClient  # noqa: E402
+from ps.codec import MAX_MESSAGE_BYTES  # noqa: E402
 from ps.memory import keep_freed_buffers  # noqa: E402
-from ps.wire import MAX_MESSAGE_BYTES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transport.json"
 MODEL_BYTES = 64 * 1024 * 1024

@@ -1,54 +1,36 @@
 """PSClient: the one way workers, notebooks and tests reach parameter servers.
 
 It speaks ps-lite's verbs (init, pull, push) on whole named tensors and hides the placement:
-it cuts tensors into keys, talks to every server in parallel with several chunks in flight,
-puts a deadline on every call, and retries with backoff while a server is unavailable.
+it cuts tensors into keys and talks to every server in parallel with several chunks in flight,
+each server over its link (ps/link.py: plain gRPC, or the fast local link on this host).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from itertools import zip_longest
-from threading import Lock
 from typing import TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ps import ps_pb2, ps_pb2_grpc
-from ps.codec import PullReplyView, decode_pull_reply, encode_push_request, pack
+from ps import ps_pb2
+from ps.codec import MAX_MESSAGE_BYTES, WIRE_DTYPES, PullReplyView, write_slice
 from ps.keys import DEFAULT_CHUNK_BYTES, Key, KeyId, cut
-from ps.local import LocalChannel, LocalError, LocalUnavailable
-from ps.mailbox import Mailbox
+from ps.link import Gradients, GrpcLink, Link, PSError, open_channel
+from ps.local_link import LocalLink
 from ps.optimizer import OptimizerConfig
 from ps.placement import Placement, TensorSpec, place
-from ps.security import TLSFiles, channel_credentials
-from ps.wire import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode_slice, unpack, write_slice
+from ps.security import TLSFiles
 
 __all__ = ["PSClient", "PSError", "PushPullResult", "PushResult", "wait_healthy"]
 
-# Statuses that mean "the server is not there right now": wait and call again. CANCELLED is
-# one: this client never cancels a call of its own, so a cancelled call is one that a
-# stopping server received but never started (gRPC cancels those at shutdown).
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
 T = TypeVar("T")
-
-
-class PSError(RuntimeError):
-    """A call a server refused or could not answer; names the server and the status."""
-
-    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{address}: {code.name}: {details}")
-        self.address = address
-        self.code = code
-        self.details = details
 
 
 @dataclass(frozen=True)
@@ -78,19 +60,13 @@ def _reply_dict(msg) -> dict:
     return out
 
 
-def _channel(address: str, options: list, tls: TLSFiles | None) -> grpc.Channel:
-    if tls is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, channel_credentials(tls), options=options)
-
-
 def wait_healthy(addresses: Sequence[str], timeout: float,
                  tls: TLSFiles | None = None) -> list[str]:
     """Ask each server's standard gRPC health service, waiting up to `timeout` s for it to
     come up; return the addresses that are not SERVING (empty: all are)."""
     bad = []
     for address in addresses:
-        with _channel(address, [], tls) as channel:
+        with open_channel(address, tls) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=timeout,
@@ -100,29 +76,6 @@ def wait_healthy(addresses: Sequence[str], timeout: float,
             except grpc.RpcError:
                 bad.append(address)
     return bad
-
-
-def _lost_mailbox(err: PSError) -> bool:
-    """The server has no mailbox of ours: it restarted since we attached."""
-    return err.code == grpc.StatusCode.FAILED_PRECONDITION and "no mailbox" in err.details
-
-
-def _methods(channel: grpc.Channel) -> dict[str, Callable]:
-    """The service's methods on a channel. Pull replies and Push requests are bytes that
-    ps.codec reads and writes (the same wire format, without protobuf's copies)."""
-    stub = ps_pb2_grpc.ParameterServerStub(channel)
-    methods = {name: getattr(stub, name)
-               for name in ("Init", "Layout", "Version", "Stats", "Shutdown", "Leave",
-                            "Attach")}
-    prefix = "/tinyps.ParameterServer/"
-    methods["Pull"] = channel.unary_unary(
-        prefix + "Pull", request_serializer=ps_pb2.PullRequest.SerializeToString,
-        _registered_method=True)
-    methods["Push"] = channel.unary_unary(
-        prefix + "Push", response_deserializer=ps_pb2.PushReply.FromString,
-        _registered_method=True)
-    methods["PushPull"] = channel.unary_unary(prefix + "PushPull", _registered_method=True)
-    return methods
 
 
 class PSClient:
@@ -142,6 +95,7 @@ class PSClient:
         retry_s: float = 30.0,
         wire_dtype: str = "float32",
         shared_memory: bool = False,
+        wrap_link: Callable[[Link], Link] | None = None,
     ) -> None:
         addresses = list(addresses)
         if not addresses:
@@ -157,30 +111,24 @@ class PSClient:
                              f"got {wire_dtype!r}")
         self.wire_dtype = wire_dtype  # weights are pulled and gradients pushed in this format
         # Tensors go through a shared-memory mailbox to each server that can map it (one on
-        # this host; see ps/mailbox.py), and in the messages to the others. Never with TLS:
+        # this host; see ps/local_link.py), and in the messages to the others. Never with TLS:
         # who asks for TLS asks for every byte to be on the encrypted channel.
         self.shared_memory = shared_memory and tls is None
-        self._mailboxes: dict[int, Mailbox | None] = {}  # server -> mailbox, None: bytes
-        # server -> its local channel (ps/local.py), which came with the mailbox's Attach
-        self._locals: dict[int, LocalChannel] = {}
-        self._mailbox_lock = Lock()  # chunks in flight to one server attach one mailbox
-        self._offsets: dict[KeyId, int] = {}  # key -> its byte offset in its server's mailbox
         self.addresses = addresses
         self.worker_id = worker_id
         self.deadline_s = deadline_s  # every call but a waiting pull
         self.wait_s = wait_s  # a pull that waits on a barrier or the staleness bound
         self.retry_s = retry_s  # how long to keep retrying an unavailable server
         self.chunk_bytes = chunk_bytes
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   # A restarted server is back within seconds: reconnect soon after, rather
-                   # than after gRPC's default backoff, which grows towards two minutes.
-                   ("grpc.initial_reconnect_backoff_ms", 100),
-                   ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 1000)]
-        self._channels = [_channel(a, options, tls) for a in addresses]
-        self._stubs = [_methods(c) for c in self._channels]
+
+        def link(address: str) -> Link:
+            plain = GrpcLink(address, worker_id, token, tls, retry_s)
+            if not self.shared_memory:
+                return plain
+            return LocalLink(plain, deadline_s, guard_s=max(wait_s, deadline_s) + 5)
+
+        # Server i's link (ps/link.py); wrap_link may wrap each (an emulated slow link).
+        self.links: list[Link] = [(wrap_link or (lambda x: x))(link(a)) for a in addresses]
         self._pool = ThreadPoolExecutor(max_workers=len(addresses) * in_flight,
                                         thread_name_prefix="psclient")
         self.placement: Placement | None = None
@@ -188,21 +136,18 @@ class PSClient:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._read_versions: dict[KeyId, int] = {}  # version of each key at our last pull
 
-    # -- calls ----------------------------------------------------------------------------
+    @property
+    def _stubs(self) -> list[dict[str, Callable]]:
+        """Each server's gRPC methods by name (tests replace one to script a failure)."""
+        return [link.methods for link in self.links]
 
-    def _call(self, server: int, method: str, request, timeout: float):
-        """One unary call with a deadline, retried with backoff while the server is down."""
-        rpc = self._stubs[server][method]
-        delay, give_up = 0.05, time.monotonic() + self.retry_s
-        while True:
-            try:
-                return rpc(request, timeout=timeout, metadata=self._metadata)
-            except grpc.RpcError as err:
-                if err.code() in _RETRYABLE and time.monotonic() + delay < give_up:
-                    time.sleep(delay)  # backoff before a retry, not synchronisation
-                    delay = min(2 * delay, 1.0)
-                    continue
-                raise PSError(self.addresses[server], err.code(), err.details()) from None
+    @property
+    def _mailboxes(self) -> dict[int, object]:
+        """Server -> its mailbox (None: refused), for the servers a fast link attached to."""
+        return {s: link.mailbox for s, link in enumerate(self.links)
+                if getattr(link, "attached", False)}
+
+    # -- calls ----------------------------------------------------------------------------
 
     def _run(self, tasks: list[Callable[[], T]]) -> list[T]:
         """Run tasks on the client's threads in parallel (inline if one); results in order."""
@@ -211,9 +156,11 @@ class PSClient:
         futures = [self._pool.submit(task) for task in tasks]
         return [f.result() for f in futures]
 
-    def _call_all(self, calls: list[tuple[int, str, object, float]]) -> list:
-        """Run calls (server, method, request, timeout) in parallel; replies in call order."""
-        return self._run([partial(self._call, *c) for c in calls])
+    def _call_all(self, method: str, request, timeout: float | None = None) -> list:
+        """One control call to every server in parallel; replies in server order."""
+        timeout = self.deadline_s if timeout is None else timeout
+        return self._run([partial(link.call, method, request, timeout) for link in self.links])
+
 
     def _groups(self, keys: dict[int, list[Key]]) -> list[tuple[int, list[Key]]]:
         """(server, keys) of every request: each server's keys in groups of at most
@@ -237,8 +184,7 @@ class PSClient:
     def _layout(self) -> dict[int, list[Key]]:
         """This client's keys, from its own init or else from the servers' layouts."""
         if self._keys is None:
-            replies = self._call_all([(s, "Layout", ps_pb2.LayoutRequest(), self.deadline_s)
-                                      for s in range(len(self._stubs))])
+            replies = self._call_all("Layout", ps_pb2.LayoutRequest())
             keys = {s: [Key(k.name, tuple(k.tensor_shape), k.start, k.stop) for k in r.keys]
                     for s, r in enumerate(replies)}
             if not any(keys.values()):
@@ -249,98 +195,8 @@ class PSClient:
     def _set_keys(self, keys: dict[int, list[Key]]) -> None:
         self._keys = keys
         self._shapes = {k.name: k.tensor_shape for ks in keys.values() for k in ks}
-        # Each key has the room of its float32 values in its server's mailbox, whatever the
-        # wire format, so that one mailbox serves every format.
-        self._offsets = {}
-        for server_keys in keys.values():
-            offset = 0
-            for k in server_keys:
-                self._offsets[k.id] = offset
-                offset += 4 * k.size
-        self._drop_mailboxes()
-
-    # -- shared-memory mailboxes ----------------------------------------------------------
-
-    def _mailbox(self, server: int) -> Mailbox | None:
-        """This client's mailbox on `server`, attached on first use; None: send bytes."""
-        if not self.shared_memory:
-            return None
-        with self._mailbox_lock:
-            if server not in self._mailboxes:
-                self._mailboxes[server] = self._attach(server)
-            return self._mailboxes[server]
-
-    def _attach(self, server: int) -> Mailbox | None:
-        """A new mailbox, mapped by `server`, and the server's local channel if it offers
-        one; None if it cannot map it. A channel that came with an older mailbox goes."""
-        self._forget_local(server)
-        mailbox = Mailbox.create(max(4 * sum(k.size for k in self._keys[server]), 4))
-        try:
-            reply = self._call(server, "Attach", ps_pb2.AttachRequest(
-                worker=self.worker_id, name=mailbox.name, size=mailbox.size), self.deadline_s)
-        except PSError as err:
-            mailbox.unlink()
-            mailbox.close()
-            if err.code not in (grpc.StatusCode.FAILED_PRECONDITION,
-                                grpc.StatusCode.UNIMPLEMENTED):
-                raise
-            return None  # the server cannot map it (another host): bytes it is
-        mailbox.unlink()  # both have it mapped: the name is no longer needed
-        if reply.channel:
-            self._locals[server] = LocalChannel(reply.channel, reply.channel_key,
-                                                guard_s=max(self.wait_s, self.deadline_s) + 5)
-        return mailbox
-
-    def _forget_local(self, server: int, channel: LocalChannel | None = None) -> None:
-        """Stop using `server`'s local channel (only `channel`, if given: not a newer one)."""
-        current = self._locals.get(server)
-        if current is not None and (channel is None or current is channel):
-            del self._locals[server]
-            current.close()
-
-    def _drop_mailboxes(self) -> None:
-        for mailbox in self._mailboxes.values():
-            if mailbox is not None:
-                mailbox.close()
-        self._mailboxes = {}
-        for server in list(self._locals):
-            self._forget_local(server)
-
-    def _send(self, server: int, method: str, request, timeout: float,
-              mailbox: Mailbox | None):
-        """A tensor call: over the server's local channel if it came with this mailbox, else
-        through gRPC. A channel that is gone (the server stopped or restarted) is dropped,
-        and gRPC retries until the server is back."""
-        channel = self._locals.get(server) if mailbox is not None else None
-        if channel is not None:
-            payload = request if isinstance(request, bytes) else request.SerializeToString()
-            try:
-                reply = channel.call(method, payload, timeout)
-            except LocalUnavailable:
-                with self._mailbox_lock:
-                    self._forget_local(server, channel)
-            except LocalError as err:
-                raise PSError(self.addresses[server], err.code, err.details) from None
-            else:
-                return ps_pb2.PushReply.FromString(reply) if method == "Push" else reply
-        return self._call(server, method, request, timeout)
-
-    def _tensor_call(self, server: int, method: str, build: Callable[[Mailbox | None], object],
-                     timeout: float) -> tuple[object, Mailbox | None]:
-        """A call that carries tensors, through the server's mailbox if it has one: (reply,
-        mailbox). A server that restarted has lost the mailbox: attach again, call again."""
-        mailbox = self._mailbox(server)
-        try:
-            return self._send(server, method, build(mailbox), timeout, mailbox), mailbox
-        except PSError as err:
-            if mailbox is None or not _lost_mailbox(err):
-                raise
-        with self._mailbox_lock:
-            if self._mailboxes.get(server) is mailbox:  # no other thread has replaced it yet
-                del self._mailboxes[server]
-                mailbox.close()
-        mailbox = self._mailbox(server)  # attaching again also drops the old local channel
-        return self._send(server, method, build(mailbox), timeout, mailbox), mailbox
+        for server, link in enumerate(self.links):
+            link.set_keys(keys.get(server, []))
 
     # -- the verbs ------------------------------------------------------------------------
 
@@ -369,14 +225,14 @@ class PSClient:
                 raise ValueError(f"params[{name!r}] holds inf or NaN")
             arrays[name] = np.ascontiguousarray(value).reshape(-1)
         specs = [TensorSpec(name, np.shape(params[name])) for name in arrays]
-        layout = place(specs, len(self._stubs), placement, split_bytes)
+        layout = place(specs, len(self.links), placement, split_bytes)
         keys = cut(layout, self.chunk_bytes)
         settings_msg = ps_pb2.OptimizerSettings(
             name=config.name, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
             beta1=config.beta1, beta2=config.beta2, eps=config.eps,
             weight_decay=config.weight_decay)
 
-        def request(server: int, group: list[Key]) -> ps_pb2.InitRequest:
+        def send(server: int, group: list[Key]) -> ps_pb2.InitReply:
             msg = ps_pb2.InitRequest()
             msg.optimizer.CopyFrom(settings_msg)
             for k in keys[server]:
@@ -384,16 +240,15 @@ class PSClient:
                              stop=k.stop)
             for k in group:
                 write_slice(msg.values.add(), k.name, k.start, arrays[k.name][k.start:k.stop])
-            return msg
+            return self.links[server].call("Init", msg, self.deadline_s)
 
         groups = self._groups(keys)
         first = {}
         for server, group in groups:
             first.setdefault(server, group)
         # The first request of each server sets its layout; the rest may then run in parallel.
-        self._call_all([(s, "Init", request(s, g), self.deadline_s) for s, g in first.items()])
-        self._call_all([(s, "Init", request(s, g), self.deadline_s) for s, g in groups
-                        if g is not first[s]])
+        self._run([partial(send, s, g) for s, g in first.items()])
+        self._run([partial(send, s, g) for s, g in groups if g is not first[s]])
         self.placement = layout
         self._set_keys(keys)
         return layout
@@ -402,18 +257,11 @@ class PSClient:
         """Every tensor, whole. `step`: the step this worker is about to compute (sync and ssp
         wait until the servers allow it); None: the newest weights at once."""
         keys = self._layout()
-        wire_step = -1 if step is None else step
         timeout = self.deadline_s if step is None else self.wait_s
         flat = self._empty()
 
         def fetch(server: int, group: list[Key]) -> PullReplyView:
-            def request(mailbox: Mailbox | None) -> ps_pb2.PullRequest:
-                refs = [ps_pb2.KeyRef(name=k.name, start=k.start, offset=self._offsets[k.id])
-                        for k in group]
-                return ps_pb2.PullRequest(worker=self.worker_id, step=wire_step, keys=refs,
-                                          dtype=self.wire_dtype,
-                                          mailbox="" if mailbox is None else mailbox.name)
-            return self._unpack(*self._tensor_call(server, "Pull", request, timeout), flat)
+            return self.links[server].pull(group, step, self.wire_dtype, timeout, flat)
 
         self._finish(self._run([partial(fetch, s, g) for s, g in self._groups(keys)]))
         return self._shaped(flat)
@@ -430,9 +278,8 @@ class PSClient:
         flat = None if skip else self._flatten("push", grads)
 
         def send(server: int, group: list[Key]) -> ps_pb2.PushReply:
-            def payload(mailbox: Mailbox | None) -> bytes:
-                return self._encode(step, group, flat, scale, mailbox)
-            return self._tensor_call(server, "Push", payload, self.deadline_s)[0]
+            gradients = self._gradients(step, group, flat, scale)
+            return self.links[server].push(gradients, self.deadline_s)
 
         replies = self._run([partial(send, s, g) for s, g in self._groups(keys)])
         return PushResult(
@@ -451,10 +298,8 @@ class PSClient:
         flat = self._empty()
 
         def exchange(server: int, group: list[Key]) -> PullReplyView:
-            def payload(mailbox: Mailbox | None) -> bytes:
-                return self._encode(step, group, grads_flat, scale, mailbox)
-            return self._unpack(*self._tensor_call(server, "PushPull", payload, self.wait_s),
-                                flat)
+            gradients = self._gradients(step, group, grads_flat, scale)
+            return self.links[server].push_pull(gradients, self.wait_s, flat)
 
         replies = self._run([partial(exchange, s, g) for s, g in self._groups(keys)])
         self._finish(replies)
@@ -487,43 +332,14 @@ class PSClient:
             flat[name] = np.ascontiguousarray(grad).reshape(-1)
         return flat
 
-    def _encode(self, step: int, group: list[Key], flat: dict[str, np.ndarray] | None,
-                scale: float, mailbox: Mailbox | None = None) -> bytes:
-        """PushRequest bytes for a group of keys (flat None: a skipped step, no values); with
-        a mailbox, the values go there and the message says where. Called on the thread
-        that sends them, so that the copy overlaps other calls."""
+    def _gradients(self, step: int, group: list[Key], flat: dict[str, np.ndarray] | None,
+                   scale: float) -> Gradients:
+        """A group's gradients (flat None: a skipped step, no values), each with the version
+        it was computed from: the server measures staleness against it."""
         empty = np.zeros(0, np.float32)
-        items = [(k.name, k.start, empty if flat is None else flat[k.name][k.start:k.stop],
+        items = [(k, empty if flat is None else flat[k.name][k.start:k.stop],
                   self._read_versions.get(k.id, 0)) for k in group]
-        offsets = None
-        if mailbox is not None:
-            offsets = [self._offsets[k.id] for k in group]
-            wire_type = WIRE_DTYPES[self.wire_dtype]
-            for (_, _, values, _), offset in zip(items, offsets, strict=True):
-                pack(values, self.wire_dtype, mailbox.gradients(offset, wire_type, values.size))
-        return encode_push_request(self.worker_id, step, items, self.wire_dtype,
-                                   0.0 if scale == 1.0 else scale, flat is None, offsets,
-                                   "" if mailbox is None else mailbox.name)
-
-    @staticmethod
-    def _unpack(reply: bytes, mailbox: Mailbox | None,
-                flat: dict[str, np.ndarray]) -> PullReplyView:
-        """Copy PullReply values (from the reply, or from the mailbox if it says they are
-        there) into `flat` and return the reply. Called on the receiving thread: NumPy
-        releases the interpreter lock while it copies, so copies overlap the calls still on
-        the wire."""
-        view = decode_pull_reply(reply)
-        if view.shared and mailbox is None:
-            raise RuntimeError("the server answered through a mailbox this client has not got")
-        for piece in view.slices:
-            if view.shared:
-                raw = mailbox.weights(piece.offset, WIRE_DTYPES[piece.dtype],
-                                      math.prod(piece.shape))
-                values = unpack(raw, piece.dtype)
-            else:
-                values = decode_slice(piece)
-            flat[piece.name][piece.start:piece.start + values.size] = values
-        return view
+        return Gradients(step, items, self.wire_dtype, scale, flat is None)
 
     def _finish(self, replies: list[PullReplyView]) -> None:
         """Remember the versions read: the next push reports them, for staleness."""
@@ -533,9 +349,7 @@ class PSClient:
     def versions(self) -> list[dict]:
         """Per server: initialised, min_version, max_version, clocks (worker -> steps),
         start_step (where this worker would start; see start_step)."""
-        request = ps_pb2.VersionRequest(worker=self.worker_id)
-        replies = self._call_all([(s, "Version", request, self.deadline_s)
-                                  for s in range(len(self._stubs))])
+        replies = self._call_all("Version", ps_pb2.VersionRequest(worker=self.worker_id))
         return [_reply_dict(r) for r in replies]
 
     def start_step(self) -> int:
@@ -546,28 +360,23 @@ class PSClient:
     def leave(self, worker: int) -> int:
         """Tell every server that `worker` is gone, so that no barrier waits for it;
         returns on how many servers it was live."""
-        request = ps_pb2.LeaveRequest(worker=worker)
-        replies = self._call_all([(s, "Leave", request, self.deadline_s)
-                                  for s in range(len(self._stubs))])
+        replies = self._call_all("Leave", ps_pb2.LeaveRequest(worker=worker))
         return sum(r.removed for r in replies)
 
     def stats(self) -> list[dict]:
         """Per server: its counters (see StatsReply in proto/ps.proto) and its address."""
-        replies = self._call_all([(s, "Stats", ps_pb2.StatsRequest(), self.deadline_s)
-                                  for s in range(len(self._stubs))])
+        replies = self._call_all("Stats", ps_pb2.StatsRequest())
         return [dict(_reply_dict(r), index=i, address=self.addresses[i])
                 for i, r in enumerate(replies)]
 
     def shutdown(self) -> None:
         """Ask every server to stop."""
-        self._call_all([(s, "Shutdown", ps_pb2.ShutdownRequest(), self.deadline_s)
-                        for s in range(len(self._stubs))])
+        self._call_all("Shutdown", ps_pb2.ShutdownRequest())
 
     def close(self) -> None:
-        self._drop_mailboxes()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for channel in self._channels:
-            channel.close()
+        for link in self.links:
+            link.close()
 
     def __enter__(self) -> PSClient:
         return self

@@ -1,34 +1,77 @@
-"""The protobuf wire format of the two messages that carry tensors, without the copies.
+"""The wire format of tensors: raw little-endian bytes with a dtype and a shape, and the two
+messages that carry them (PullReply, PushRequest), written and read without protobuf's copies.
 
-PullReply and PushRequest (proto/ps.proto) carry almost all the bytes tinyps moves. The
-protobuf runtime copies a bytes field each time it is set, read, serialised or parsed; for
-MiB-sized tensors those copies cost more than the network. This module writes and reads
-exactly the same wire format by hand: tensor values are written once on the way out, straight
-into the message and in its wire format, and read in place on the way in. Any protobuf library
-parses what it writes (a test checks both ways).
+The protobuf runtime copies a bytes field each time it is set, read, serialised or parsed; for
+MiB-sized tensors those copies cost more than the network. This module writes and reads exactly
+the same wire format by hand (any protobuf library parses what it writes: a test checks both
+ways): values are written once, straight into the message or a worker's mailbox, and read in
+place. Decoding checks dtype, shape and byte length against each other; one error type says
+what is wrong.
 """
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kernels import bf16_encode, fp16_encode
+from kernels import bf16_decode, bf16_encode, fp16_decode, fp16_encode
+from ps.keys import Key, KeyId
 from ps.memory import filled_bytes
 
+if TYPE_CHECKING:
+    from ps import ps_pb2
+
 __all__ = [
-    "PullReplyView", "PushRequestView", "WireSlice", "decode_pull_reply", "decode_push_request",
-    "encode_pull_reply", "encode_push_request", "pack",
+    "MAX_MESSAGE_BYTES", "WIRE_DTYPES", "CodecError", "PullReplyView", "PushRequestView",
+    "WireError", "WireSlice", "decode_pull_reply", "decode_push_request", "decode_slice",
+    "encode_pull_reply", "encode_push_request", "pack", "raw_slice", "unpack",
+    "write_pull_reply", "write_slice",
 ]
+
+# Clients cut tensors into chunks of a few MiB; this limit only has to exceed one chunk and its
+# framing with room to spare, so that a chunk-size setting never meets it.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Wire dtype -> the array type of its bytes: 16-bit formats travel as bit patterns (uint16)
+# that the kernels make from float32 (rounding) and decode back.
+WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<u2"),
+               "bfloat16": np.dtype("<u2")}
+_ENCODERS = {"float16": fp16_encode, "bfloat16": bf16_encode}
+_UNPACK = {"float32": lambda a: a, "float16": fp16_decode, "bfloat16": bf16_decode}
 
 # Wire types (protobuf encoding spec): varint, 64-bit, length-delimited, 32-bit.
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 
 class CodecError(ValueError):
-    """Bytes that are not a well-formed message of the expected type."""
+    """Bytes that are not a well-formed message, or whose dtype, shape and length disagree."""
+
+
+WireError = CodecError  # the name ps.wire used
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+def pack(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values as the array that travels in format `dtype` (its bytes are the data);
+    written into `out` (of the wire's element type and the values' size) if given."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype in _ENCODERS:
+        return _ENCODERS[dtype](values, out)
+    if out is None:
+        return values
+    out[...] = values.reshape(out.shape)
+    return out
+
+
+def unpack(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values from the array of format `dtype` they travelled as (float32: itself)."""
+    return _UNPACK[dtype](raw)
 
 
 @dataclass(frozen=True)
@@ -62,6 +105,49 @@ class PushRequestView:
     mailbox: str = ""  # the gradients are in this mailbox of the worker's, not in the slices
 
 
+def write_slice(
+    msg: ps_pb2.Slice, name: str, start: int, values: np.ndarray, version: int = 0
+) -> ps_pb2.Slice:
+    """Fill a protobuf Slice with a flat float32 array: tensor `name` from flat element `start`.
+
+    Fill the message where it lives (`reply.values.add()`): building a Slice and then putting
+    it into a repeated field copies every byte again, which costs 10x more for MiB payloads.
+    """
+    data = np.ascontiguousarray(values, dtype=WIRE_DTYPES["float32"])
+    msg.name = name
+    msg.start = start
+    msg.dtype = "float32"
+    msg.shape.append(data.size)
+    msg.data = data.tobytes()
+    msg.version = version
+    return msg
+
+
+def decode_slice(msg: ps_pb2.Slice | WireSlice) -> np.ndarray:
+    """The values of a Slice as a float32 array of its shape (float32: a read-only view of
+    the message's bytes; 16-bit formats: decoded into a new array)."""
+    return unpack(raw_slice(msg), msg.dtype)
+
+
+def raw_slice(msg: ps_pb2.Slice | WireSlice) -> np.ndarray:
+    """The values of a Slice as they travelled, in an array of its shape: a read-only view of
+    the message's bytes, float32 or (16-bit formats) uint16 codes. For a reader that can use
+    the codes without decoding them first (a server's fused fp16 update)."""
+    dtype = WIRE_DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise CodecError(f"{msg.name!r}: dtype {msg.dtype!r} is not one of "
+                         f"{', '.join(WIRE_DTYPES)}")
+    shape = tuple(msg.shape)
+    if any(d < 0 for d in shape):
+        raise CodecError(f"{msg.name!r}: negative dimension in shape {list(shape)}")
+    data = msg.data  # each read of a protobuf bytes field makes a new copy: read it once
+    want = math.prod(shape) * dtype.itemsize
+    if len(data) != want:
+        raise CodecError(f"{msg.name!r}: shape {list(shape)} of {msg.dtype} needs {want} "
+                         f"bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
 # -- writing ------------------------------------------------------------------------------
 
 
@@ -80,27 +166,12 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint((field << 3) | wire_type)
 
 
-# 16-bit formats travel as their bit patterns, made by the rounding kernels in one pass.
-_ENCODERS = {"float16": fp16_encode, "bfloat16": bf16_encode}
-
 # From this many values up, 16-bit codes are written straight into the message rather than
 # into an array that is then copied in: that saves a pass over them, about 40% of the time to
 # encode a MiB-sized chunk, while below it the extra NumPy calls cost more than the pass
 # saves. (Side by side, it took bench_precision's 16 MiB fp16 push from 1.42-1.49x faster
 # than fp32 to 1.51-1.59x.)
 _IN_PLACE_MIN = 1 << 16
-
-
-def pack(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 values as the array that travels in format `dtype` (its bytes are the data);
-    written into `out` (of the wire's element type and the values' size) if given."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    if dtype in _ENCODERS:
-        return _ENCODERS[dtype](values, out)
-    if out is None:
-        return values
-    out[...] = values.reshape(out.shape)
-    return out
 
 
 class _Codes:
@@ -219,6 +290,29 @@ def encode_push_request(
         encoded = mailbox.encode()
         parts += [_tag(6, _LEN), _varint(len(encoded)), encoded]
     return _join(parts)
+
+
+def write_pull_reply(
+    got: Sequence[tuple[Key, np.ndarray, int]], dtype: str = "float32", staleness_max: int = 0,
+    step_skipped: bool = False, into: Mapping[KeyId, tuple[int, np.ndarray]] | None = None,
+) -> bytes:
+    """Answer a pull: PullReply bytes for the store's (key, values, version) triples, in
+    format `dtype`. With `into` (key -> (mailbox offset, destination array of the wire's
+    element type)), the values are written to the destinations and the reply says at which
+    offsets; without, they travel in the reply.
+
+    It reads `got` and writes the destinations, nothing else: it may run wherever the values
+    are a consistent snapshot (today inside Store.pull's lock; see service.py).
+    """
+    items = [(k.name, k.start, values, version) for k, values, version in got]
+    if into is None:
+        return encode_pull_reply(items, staleness_max, step_skipped, dtype)
+    offsets = []
+    for k, values, _ in got:
+        offset, dest = into[k.id]
+        pack(values, dtype, dest)
+        offsets.append(offset)
+    return encode_pull_reply(items, staleness_max, step_skipped, dtype, offsets)
 
 
 # -- reading ------------------------------------------------------------------------------

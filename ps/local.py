@@ -14,8 +14,9 @@ key may call: the key comes in the reply to Attach, which gRPC's token check gua
 
 A frame is a little-endian header and a body:
   request  <IBd  body length, method (METHODS), seconds the caller waits   then the body
-  reply    <IB   body length, status (0: OK; else a grpc.StatusCode's number)   then the
-               reply's bytes, or UTF-8 details for an error
+  reply    <IBB  body length, status (0: OK; else a grpc.StatusCode's number), length r of a
+               reason   then the reply's bytes; for an error, r bytes of UTF-8 reason (what
+               gRPC carries as trailing metadata, see ps.mailbox.REASON_KEY) and the details
 The first request of a connection is a hello (method 0) whose body is the key.
 """
 
@@ -36,7 +37,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from ps.wire import MAX_MESSAGE_BYTES
+from ps.codec import MAX_MESSAGE_BYTES
+from ps.mailbox import REASON_KEY
 
 __all__ = ["METHODS", "LocalChannel", "LocalContext", "LocalError", "LocalServer",
            "LocalUnavailable"]
@@ -44,19 +46,21 @@ __all__ = ["METHODS", "LocalChannel", "LocalContext", "LocalError", "LocalServer
 METHODS = ("Pull", "Push", "PushPull")  # numbered from 1; 0 is the hello
 _HELLO = 0
 _REQUEST = struct.Struct("<IBd")
-_REPLY = struct.Struct("<IB")
+_REPLY = struct.Struct("<IBB")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _MAX_CONNECTIONS = 256  # per server: a bound on threads, far above W workers' chunks in flight
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class LocalError(Exception):
-    """A call the server answered with an error status (the servicer's code and details)."""
+    """A call the server answered with an error status: the servicer's code and details, and
+    its machine-readable reason ("" if none)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "") -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.reason = reason
 
 
 class LocalUnavailable(Exception):
@@ -64,16 +68,21 @@ class LocalUnavailable(Exception):
 
 
 class LocalContext:
-    """What a servicer method needs of a call's context: its deadline, and abort."""
+    """What a servicer method needs of a call's context: its deadline, trailing metadata (only
+    the reason travels), and abort."""
 
     def __init__(self, timeout: float) -> None:
         self._deadline = time.monotonic() + timeout
+        self._reason = ""
 
     def time_remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
 
+    def set_trailing_metadata(self, metadata) -> None:
+        self._reason = dict(metadata).get(REASON_KEY, "")
+
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise LocalError(code, details)
+        raise LocalError(code, details, self._reason)
 
 
 Handler = Callable[[bytes, LocalContext], bytes]
@@ -102,8 +111,8 @@ def _send(conn: socket.socket, header: bytes, body: bytes) -> None:
         conn.sendall(body)
 
 
-def _reply(conn: socket.socket, status: int, body: bytes) -> None:
-    _send(conn, _REPLY.pack(len(body), status), body)
+def _reply(conn: socket.socket, status: int, body: bytes, reason: bytes = b"") -> None:
+    _send(conn, _REPLY.pack(len(reason) + len(body), status, len(reason)), reason + body)
 
 
 # -- the server side ------------------------------------------------------------------------
@@ -212,17 +221,19 @@ class LocalServer:
         if body is None:
             return False
         handler = self.handlers[METHODS[method - 1]]
+        reason = b""
         try:
             reply, status = handler(body, LocalContext(timeout)), 0
         except LocalError as err:
             reply, status = err.details.encode(), err.code.value[0]
+            reason = err.reason.encode()[:255]
         except Exception as err:  # a bug: answer as gRPC would (UNKNOWN), and say where
             traceback.print_exc()
             reply = f"{type(err).__name__}: {err}".encode()
             status = grpc.StatusCode.UNKNOWN.value[0]
         with self._lock:
             self.calls += 1
-        _reply(conn, status, reply)
+        _reply(conn, status, reply, reason)
         return True
 
 
@@ -252,7 +263,7 @@ class LocalChannel:
         conn = self._take()
         try:
             _send_request(conn, METHODS.index(method) + 1, timeout, request)
-            status, body = _read_reply(conn)
+            status, reason, body = _read_reply(conn)
         except BlockingIOError:  # the guard's timeout
             conn.close()
             raise LocalError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -266,7 +277,7 @@ class LocalChannel:
             code = _STATUS.get(status, grpc.StatusCode.UNKNOWN)
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise LocalUnavailable(body.decode(errors="replace"))
-            raise LocalError(code, body.decode(errors="replace"))
+            raise LocalError(code, body.decode(errors="replace"), reason)
         return body
 
     def _take(self) -> socket.socket:
@@ -278,7 +289,7 @@ class LocalChannel:
             conn.settimeout(10.0)
             conn.connect("\0" + self.name)
             _send_request(conn, _HELLO, 0.0, self._key)
-            status, _ = _read_reply(conn)
+            status, _, _ = _read_reply(conn)
             conn.settimeout(None)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._guard)
         except (OSError, LocalUnavailable):
@@ -300,12 +311,18 @@ def _send_request(conn: socket.socket, method: int, timeout: float, body: bytes)
     _send(conn, _REQUEST.pack(len(body), method, timeout), body)
 
 
-def _read_reply(conn: socket.socket) -> tuple[int, bytes]:
+def _read_reply(conn: socket.socket) -> tuple[int, str, bytes]:
+    """(status, reason, body) of one reply frame."""
     header = _recv_exactly(conn, _REPLY.size)
     if header is None:
         raise LocalUnavailable("the server closed the channel")
-    size, status = _REPLY.unpack(header)
+    size, status, reason_size = _REPLY.unpack(header)
     body = _recv_exactly(conn, size) if size else b""
     if body is None:
         raise LocalUnavailable("the server closed the channel")
-    return status, body
+    if reason_size > len(body):
+        raise LocalUnavailable(f"malformed reply frame: a reason of {reason_size} bytes in a "
+                               f"body of {len(body)}")
+    if reason_size:
+        return status, body[:reason_size].decode(errors="replace"), body[reason_size:]
+    return status, "", body

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SHM_DIR", "Mailbox", "MailboxError", "MailboxMissing"]
+__all__ = ["MAILBOX_LOST", "REASON_KEY", "SHM_DIR", "Mailbox", "MailboxError", "MailboxLost",
+           "MailboxMissing"]
 
 SHM_DIR = Path("/dev/shm")
 _NAME = re.compile(r"tinyps-[0-9a-f]{32}")
@@ -31,9 +32,22 @@ class MailboxError(ValueError):
     """A mailbox request that can never work: a malformed name or size, an offset outside."""
 
 
+# A refused call says why in a form a program reads, beside its status code: gRPC trailing
+# metadata under REASON_KEY, and the same pair in the local channel's reply frame. Clients decide
+# on the reason, never on the words of the details.
+REASON_KEY = "tinyps-reason"
+MAILBOX_LOST = "mailbox-lost"  # the server has no mailbox of the caller's: attach again
+
+
 class MailboxMissing(RuntimeError):
-    """The file is not there to open (the server is on another host), or a worker that has no
-    mailbox here sent a shared message (the server restarted): send bytes, or attach again."""
+    """The file is not there to open: the server is on another host. Send bytes instead."""
+
+
+class MailboxLost(MailboxMissing):
+    """A shared request names a mailbox the server has not got (it restarted, or a newer Attach
+    replaced it): the worker attaches again. Travels with the reason MAILBOX_LOST."""
+
+    reason = MAILBOX_LOST
 
 
 class Mailbox:

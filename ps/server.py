@@ -18,13 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ps.checkpoint import latest_checkpoint, write_checkpoint
+from ps.codec import MAX_MESSAGE_BYTES
 from ps.local import LocalServer
 from ps.security import SecurityConfig, TokenInterceptor, server_credentials
 from ps.service import SERVICE_NAME, ParameterServerServicer, add_to_server, local_handlers
 from ps.settings import from_flat, part, setting
 from ps.store import Store
 from ps.store_config import StoreConfig
-from ps.wire import MAX_MESSAGE_BYTES
 
 __all__ = ["CheckpointConfig", "RunningServer", "SERVICE_NAME", "ServerConfig", "serve"]
 

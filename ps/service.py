@@ -6,42 +6,32 @@ store errors map to gRPC status codes in one table.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from ps import ps_pb2, ps_pb2_grpc
-from ps.codec import (
-    CodecError,
-    PushRequestView,
-    WireSlice,
-    decode_push_request,
-    encode_pull_reply,
-    pack,
-)
-from ps.keys import Key, KeyId
+from ps.codec import CodecError, decode_slice, write_pull_reply
+from ps.inbox import Inbox, TensorRequest
+from ps.keys import Key
 from ps.local import Handler
-from ps.mailbox import Mailbox, MailboxError, MailboxMissing
+from ps.mailbox import REASON_KEY, MailboxError, MailboxLost, MailboxMissing
 from ps.optimizer import OptimizerConfig
 from ps.packed import Packed
-from ps.store import (
+from ps.store import PushResult, Store
+from ps.store_errors import (
     BadRequest,
     Closed,
     LayoutConflict,
     NotInitialised,
-    PushResult,
     StepOutOfRange,
-    Store,
     StoreError,
     UnknownKey,
     WaitTimeout,
 )
-from ps.wire import WIRE_DTYPES, WireError, decode_slice, raw_slice
 
 __all__ = ["SERVICE_NAME", "ParameterServerServicer", "add_to_server", "local_handlers"]
 
@@ -50,16 +40,17 @@ SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 _STATUS = {
     UnknownKey: grpc.StatusCode.NOT_FOUND,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    WireError: grpc.StatusCode.INVALID_ARGUMENT,
     CodecError: grpc.StatusCode.INVALID_ARGUMENT,
     MailboxError: grpc.StatusCode.INVALID_ARGUMENT,
     MailboxMissing: grpc.StatusCode.FAILED_PRECONDITION,
+    MailboxLost: grpc.StatusCode.FAILED_PRECONDITION,  # with its reason, see _call
     NotInitialised: grpc.StatusCode.FAILED_PRECONDITION,
     LayoutConflict: grpc.StatusCode.FAILED_PRECONDITION,
     StepOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     WaitTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     Closed: grpc.StatusCode.UNAVAILABLE,
 }
+_REFUSALS = (StoreError, CodecError, MailboxError, MailboxMissing)
 
 # A pull waits for a barrier at most this long when the caller set no deadline.
 _DEFAULT_WAIT_S = 60.0
@@ -72,12 +63,6 @@ def _wait_budget(context: grpc.ServicerContext) -> float:
     if remaining is None:
         return _DEFAULT_WAIT_S
     return max(0.0, min(remaining - 0.05, _DEFAULT_WAIT_S * 10))
-
-
-def _wire_dtype(name: str) -> str:
-    if name not in WIRE_DTYPES:
-        raise WireError(f"dtype {name!r} is not one of {', '.join(WIRE_DTYPES)}")
-    return name
 
 
 def _key(spec: ps_pb2.KeySpec) -> Key:
@@ -106,81 +91,84 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._store = store
         self._on_shutdown = on_shutdown
         self._extra_stats = extra_stats  # counters kept outside the store (checkpoints)
+        self._inbox = Inbox(store.layout)  # decodes Pull, Push, PushPull; holds the mailboxes
         self._lock = threading.Lock()
-        self._bytes_in = 0  # message bytes of the pushes taken (Init not counted)
-        self._bytes_out = 0  # message bytes of the pulls answered
-        self._last_reply: tuple[tuple, bytes] | None = None  # see _encode
+        self._bytes_in = 0  # bytes of the pushes taken, message and mailbox (not Init)
+        self._bytes_out = 0  # bytes of the pulls answered, message and mailbox
+        self._last_reply: tuple[tuple, bytes] | None = None  # see _reply
         self._rejected_pushes = 0  # pushes refused: malformed, non-finite, wrong step, ...
-        self._mailboxes: dict[int, Mailbox] = {}  # worker -> its shared-memory mailbox
-        self._key_sizes: tuple[tuple[Key, ...] | None, dict[KeyId, int]] = (None, {})
         self._local_channel: tuple[str, bytes] | None = None  # see offer_local
 
     def offer_local(self, name: str, key: bytes) -> None:
         """Tell workers that attach a mailbox of this server's local channel (ps/local.py)."""
         self._local_channel = (name, key)
 
-    def _encode(self, got: list[tuple[Key, np.ndarray, int]], dtype: str = "float32",
-                staleness: int = 0, skipped: bool = False) -> bytes:
-        """PullReply bytes for (key, values, version) triples; runs under the store's lock.
-
-        The last reply is kept: in sync mode all W workers ask for the same keys at the same
-        versions, and the keys and versions say exactly what the bytes hold, so W-1 of them
-        get it without encoding again.
-        """
-        signature = (tuple((k.name, k.start, version) for k, _, version in got), dtype,
-                     staleness, skipped)
-        if self._last_reply is not None and self._last_reply[0] == signature:
-            return self._last_reply[1]
-        payload = encode_pull_reply(
-            [(k.name, k.start, values, version) for k, values, version in got], staleness,
-            skipped, dtype)
-        self._last_reply = (signature, payload)
-        return payload
-
-    def _write_shared(self, got: list[tuple[Key, np.ndarray, int]], dtype: str,
-                      mailbox: Mailbox, offsets: dict[KeyId, int], staleness: int = 0,
-                      skipped: bool = False) -> bytes:
-        """Copy the values into the worker's mailbox and answer where they are; runs under the
-        store's lock, so the values and versions are one consistent snapshot."""
-        items, where, moved = [], [], 0
-        for k, values, version in got:
-            offset = offsets[(k.name, k.start)]
-            raw = pack(values, dtype, mailbox.weights(offset, WIRE_DTYPES[dtype], values.size))
-            items.append((k.name, k.start, values, version))
-            where.append(offset)
-            moved += raw.nbytes
-        self._count(sent=moved)
-        return encode_pull_reply(items, staleness, skipped, dtype, where)
-
-    def _mailbox(self, worker: int, name: str) -> Mailbox:
-        with self._lock:
-            mailbox = self._mailboxes.get(worker)
-        if mailbox is None or mailbox.name != name:
-            raise MailboxMissing(f"worker {worker} has no mailbox {name} on this server: "
-                                 "attach first")
-        return mailbox
-
-    def _check_room(self, mailbox: Mailbox, offsets: dict[KeyId, int]) -> None:
-        """Every key's float32 values fit in the mailbox at its offset: checked before
-        anything is taken or written, so that a refused request changes nothing."""
-        layout = self._store.layout()
-        if self._key_sizes[0] is not layout:  # the layout changes only at init or restore
-            self._key_sizes = (layout, {k.id: k.size for k in layout})
-        sizes = self._key_sizes[1]
-        for key_id, offset in offsets.items():
-            if key_id in sizes:  # an unknown key: the store says so
-                mailbox.weights(offset, np.float32, sizes[key_id])  # raises if outside
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[], object]):
+        """fn(), or its refusal as a status code; a reason a program reads (a lost mailbox)
+        travels beside it in the trailing metadata."""
+        try:
+            return fn()
+        except _REFUSALS as err:
+            reason = getattr(err, "reason", "")
+            if reason:
+                context.set_trailing_metadata(((REASON_KEY, reason),))
+            context.abort(_STATUS[type(err)], str(err))
 
     def _count(self, received: int = 0, sent: int = 0) -> None:
         with self._lock:
             self._bytes_in += received
             self._bytes_out += sent
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[], object]):
+    # -- the store: each verb in one place --------------------------------------------------
+
+    def _take(self, payload: bytes) -> tuple[TensorRequest, PushResult]:
+        """Decode a Push or PushPull and hand its gradients to the store: (the request, what
+        the store made of it)."""
         try:
-            return fn()
-        except (StoreError, WireError, CodecError, MailboxError, MailboxMissing) as err:
-            context.abort(_STATUS[type(err)], str(err))
+            request = self._inbox.push(payload)
+            # 16-bit gradients go to the store as their codes: it decodes them only where
+            # the update cannot read codes itself.
+            grads = {key_id: (raw if fmt == "float32" else Packed(raw, fmt), version)
+                     for key_id, (raw, fmt, version) in request.grads.items()}
+            result = self._store.push(request.worker, request.step, grads, request.scale,
+                                      request.skip, owned=request.owned)
+        except _REFUSALS:
+            with self._lock:
+                self._rejected_pushes += 1
+            raise
+        self._count(received=request.received)
+        return request, result
+
+    def _give(self, request: TensorRequest, step: int | None, context: grpc.ServicerContext,
+              staleness: int = 0, pushed: bool = False) -> bytes:
+        """PullReply bytes of the request's keys once `step` may be read (None: at once), the
+        weights in the reply or in the worker's mailbox. pushed: a PushPull's reply, which
+        says whether its step was skipped."""
+        def read(got):  # runs under the store's lock, after the barrier
+            skipped = pushed and self._store.was_skipped(request.worker, request.step)
+            return self._reply(got, request, staleness, skipped)
+
+        payload = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
+                                   read=read)
+        self._count(sent=len(payload) + request.shared_bytes)
+        return payload
+
+    def _reply(self, got: list[tuple[Key, np.ndarray, int]], request: TensorRequest,
+               staleness: int, skipped: bool) -> bytes:
+        """codec.write_pull_reply, with the last reply in the messages kept: in sync mode all W
+        workers ask for the same keys at the same versions, and the keys and versions say
+        exactly what the bytes hold, so W-1 of them get it without encoding again."""
+        if request.into is not None:
+            return write_pull_reply(got, request.dtype, staleness, skipped, request.into)
+        signature = (tuple((k.name, k.start, version) for k, _, version in got), request.dtype,
+                     staleness, skipped)
+        if self._last_reply is not None and self._last_reply[0] == signature:
+            return self._last_reply[1]
+        payload = write_pull_reply(got, request.dtype, staleness, skipped)
+        self._last_reply = (signature, payload)
+        return payload
+
+    # -- the calls ------------------------------------------------------------------------
 
     def Init(self, request, context):
         def run():
@@ -194,68 +182,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Pull(self, request, context):
         """Answers PullReply bytes, written by ps.codec (see add_to_server)."""
         def run():
-            key_ids = [(k.name, k.start) for k in request.keys] or None
-            dtype = _wire_dtype(request.dtype or "float32")
-            if request.mailbox:
-                mailbox = self._mailbox(request.worker, request.mailbox)
-                offsets = self._pull_offsets(request, mailbox)
-                def read(got):
-                    return self._write_shared(got, dtype, mailbox, offsets)
-            else:
-                def read(got):
-                    return self._encode(got, dtype)
-            # On the wire a negative step asks for the values at once; the store says None.
-            step = request.step if request.step >= 0 else None
-            payload = self._store.pull(key_ids, request.worker, step, _wait_budget(context),
-                                       read=read)
-            self._count(sent=len(payload))
-            return payload
+            pull = self._inbox.pull(request)
+            return self._give(pull, pull.step, context)
 
         return self._call(context, run)
-
-    def _pull_offsets(self, request: ps_pb2.PullRequest, mailbox: Mailbox) -> dict[KeyId, int]:
-        """Where a shared pull wants each key's values."""
-        if not request.keys:
-            raise BadRequest("a shared pull must name its keys and their mailbox offsets")
-        offsets = {(ref.name, ref.start): ref.offset for ref in request.keys}
-        self._check_room(mailbox, offsets)
-        return offsets
-
-    def _push(self, request: bytes) -> tuple[PushRequestView, PushResult, list[KeyId]]:
-        """Decode PushRequest bytes (in place) and hand the gradients to the store."""
-        try:
-            push = decode_push_request(request)
-            received = len(request)
-            mailbox = None
-            if push.mailbox:
-                mailbox = self._mailbox(push.worker, push.mailbox)
-                self._check_room(mailbox, {(s.name, s.start): s.offset for s in push.slices})
-            grads = {}
-            for s in push.slices:
-                if (s.name, s.start) in grads:
-                    raise BadRequest(f"push: {s.name!r} at {s.start} appears twice")
-                if mailbox is not None:
-                    s = _from_mailbox(mailbox, s)
-                    received += len(s.data)
-                # 16-bit gradients go to the store as their codes: it decodes them only
-                # where the update cannot read codes itself.
-                raw = raw_slice(s)
-                grads[(s.name, s.start)] = (raw if s.dtype == "float32" else Packed(raw, s.dtype),
-                                            s.version)
-            # Gradients copied out of a mailbox are private arrays: the store may keep them.
-            result = self._store.push(push.worker, push.step, grads, push.grad_scale, push.skip,
-                                      owned=mailbox is not None)
-        except (StoreError, WireError, CodecError, MailboxError, MailboxMissing):
-            with self._lock:
-                self._rejected_pushes += 1
-            raise
-        self._count(received=received)
-        return push, result, list(grads)
 
     def Push(self, request: bytes, context):
         """Takes PushRequest bytes, read in place by ps.codec (see add_to_server)."""
         def run():
-            _, result, _ = self._push(request)
+            _, result = self._take(request)
             return ps_pb2.PushReply(accepted=result.accepted, duplicates=result.duplicates,
                                     staleness_max=result.staleness_max)
 
@@ -264,24 +199,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def PushPull(self, request: bytes, context):
         """Push, then pull the same keys for the next step: PullReply bytes (ps.codec)."""
         def run():
-            push, (_, _, staleness), key_ids = self._push(request)
-            # The weights go back in the format the gradients came in.
-            dtype = _wire_dtype(push.slices[0].dtype if push.slices else "float32")
-
-            # Runs under the store's lock, after the barrier: the skip decision is made.
-            def read(got):
-                skipped = self._store.was_skipped(push.worker, push.step)
-                if not push.mailbox:
-                    return self._encode(got, dtype, staleness, skipped)
-                # The weights go where the gradients were, in the mailbox's other half.
-                offsets = {(s.name, s.start): s.offset for s in push.slices}
-                return self._write_shared(got, dtype, self._mailbox(push.worker, push.mailbox),
-                                          offsets, staleness, skipped)
-
-            payload = self._store.pull(key_ids, push.worker, push.step + 1,
-                                       _wait_budget(context), read=read)
-            self._count(sent=len(payload))
-            return payload
+            push, result = self._take(request)
+            return self._give(push, push.step + 1, context, result.staleness_max, pushed=True)
 
         return self._call(context, run)
 
@@ -316,10 +235,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             if not 0 <= request.worker < self._store.config.workers:
                 raise BadRequest(f"attach: worker {request.worker} is not one of the "
                                  f"{self._store.config.workers} workers")
-            mailbox = Mailbox.open(request.name, request.size)
-            with self._lock:
-                # A replaced mailbox is unmapped once no request is still using it.
-                self._mailboxes[request.worker] = mailbox
+            self._inbox.attach(request.worker, request.name, request.size)
             # A worker that can map our files is on our host: it may use the local channel.
             name, key = self._local_channel or ("", b"")
             return ps_pb2.AttachReply(channel=name, channel_key=key)
@@ -329,16 +245,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Shutdown(self, request, context):
         self._on_shutdown()
         return ps_pb2.ShutdownReply()
-
-
-def _from_mailbox(mailbox: Mailbox, piece: WireSlice) -> WireSlice:
-    """The slice with its data copied out of the worker's mailbox: the worker may write there
-    at any time, so the store must check and keep a private copy."""
-    dtype = WIRE_DTYPES.get(piece.dtype)
-    if dtype is None or any(d < 0 for d in piece.shape):
-        return piece  # raw_slice says what is wrong with it
-    raw = mailbox.gradients(piece.offset, dtype, math.prod(piece.shape)).copy()
-    return replace(piece, data=memoryview(raw).cast("B"))
 
 
 def _parsing(method: Callable, request_type) -> Callable:

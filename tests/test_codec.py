@@ -13,11 +13,12 @@ from ps.codec import (
     CodecError,
     decode_pull_reply,
     decode_push_request,
+    decode_slice,
     encode_pull_reply,
     encode_push_request,
+    write_slice,
 )
 from ps.server import serve
-from ps.wire import decode_slice, write_slice
 
 names = st.text(min_size=1, max_size=12)
 items = st.lists(

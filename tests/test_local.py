@@ -122,7 +122,7 @@ def _connect(running) -> socket.socket:
     conn.connect("\0" + running.local.name)
     key = running.local.key
     conn.sendall(np.array([len(key)], "<u4").tobytes() + b"\0" + b"\0" * 8 + key)
-    assert conn.recv(5) == b"\0\0\0\0\0"  # an empty OK
+    assert conn.recv(6) == b"\0\0\0\0\0\0"  # an empty OK, no reason
     return conn
 
 
@@ -132,9 +132,10 @@ def test_a_malformed_frame_is_answered_then_the_connection_closed(running):
         try:
             conn.sendall(np.array([size], "<u4").tobytes() + bytes([method])
                          + np.array([timeout], "<f8").tobytes())
-            header = conn.recv(5, socket.MSG_WAITALL)
+            header = conn.recv(6, socket.MSG_WAITALL)
             length = int.from_bytes(header[:4], "little")
             assert header[4] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert header[5] == 0  # no reason: the details follow at once
             assert b"malformed local frame" in conn.recv(length, socket.MSG_WAITALL)
             assert conn.recv(1) == b""  # closed: the stream cannot be trusted after it
         finally:
@@ -168,13 +169,13 @@ def test_a_restarted_server_gives_a_new_channel_and_the_worker_takes_it():
     with PSClient([running.address], shared_memory=True) as client:
         client.init(PARAMS, "sgd", lr=0.5)
         client.pull()
-        first = client._locals[0].name
+        first = client.links[0].channel.name
         running.stop(0)
         running = serve(port=port, mode="async", workers=1)
         try:
             client.init(PARAMS, "sgd", lr=0.5)
             result = client.push_pull({k: np.ones_like(v) for k, v in PARAMS.items()}, 0)
-            assert client._locals[0].name == running.local.name != first
+            assert client.links[0].channel.name == running.local.name != first
             assert running.local.calls > 0
             for name, value in PARAMS.items():
                 np.testing.assert_allclose(result.params[name], value - 0.5, rtol=1e-6)

@@ -159,13 +159,13 @@ def test_a_restarted_server_gets_a_new_mailbox():
     with PSClient([running.address], shared_memory=True) as client:
         client.init(PARAMS, "sgd", lr=0.5)
         client.push({k: np.ones_like(v) for k, v in PARAMS.items()}, 0)
-        first = client._mailboxes[0]
+        first = client.links[0].mailbox
         running.stop(0)
         running = serve(port=port, mode="async", workers=1)  # has lost every mailbox
         try:
             client.init(PARAMS, "sgd", lr=0.5)
             result = client.push_pull({k: np.ones_like(v) for k, v in PARAMS.items()}, 0)
-            assert client._mailboxes[0] is not first
+            assert client.links[0].mailbox is not first
             for name, value in PARAMS.items():
                 np.testing.assert_allclose(result.params[name], value - 0.5, rtol=1e-6)
         finally:
@@ -178,7 +178,7 @@ def attached():
     with PSClient([running.address], shared_memory=True) as client:
         client.init(PARAMS, "sgd", lr=0.5)
         client.pull()
-        assert client._mailboxes[0] is not None
+        assert client.links[0].mailbox is not None
         with grpc.insecure_channel(running.address) as channel:
             yield client, ps_pb2_grpc.ParameterServerStub(channel)
     running.stop(0)
@@ -193,8 +193,8 @@ def _refused(call, request) -> tuple[grpc.StatusCode, str]:
 def test_shared_requests_that_point_outside_are_refused_and_change_nothing(attached):
     client, stub = attached
     before = client.stats()[0]
-    push = client._stubs[0]["Push"]
-    mailbox = client._mailboxes[0]
+    push = client.links[0].methods["Push"]
+    mailbox = client.links[0].mailbox
     b = [("b", 0, np.ones(5, np.float32), 0)]
     refusals = [
         (encode_push_request(0, 0, b, offsets=[mailbox.size - 8], mailbox=mailbox.name),
@@ -230,7 +230,7 @@ def test_shared_requests_that_point_outside_are_refused_and_change_nothing(attac
 
 def test_attach_refuses_strangers_and_odd_files(attached):
     client, stub = attached
-    name = client._mailboxes[0].name
+    name = client.links[0].mailbox.name
     cases = [
         (ps_pb2.AttachRequest(worker=5, name=name, size=64), "not one of the 2 workers"),
         (ps_pb2.AttachRequest(worker=0, name="tinyps-../../x", size=64), "is not tinyps-"),

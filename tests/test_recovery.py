@@ -18,8 +18,8 @@ from deadline import DEADLINE_S, in_thread, wait_until
 from ps import ps_pb2
 from ps.checkpoint import latest_checkpoint, list_checkpoints
 from ps.client import PSClient, PSError
+from ps.codec import write_slice
 from ps.server import serve
-from ps.wire import write_slice
 from tinyps.status import status_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ps import ps_pb2, ps_pb2_grpc
 from ps.client import PSClient, PSError
+from ps.codec import write_slice
 from ps.server import SERVICE_NAME, serve
-from ps.wire import write_slice
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"dense0.weight": np.ones((3, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
