@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_MESSAGE_BYTES", "WIRE_DTYPES", "CodecError", "PullReplyView", "PushRequestView",
-    "WireError", "WireSlice", "decode_pull_reply", "decode_push_request", "decode_slice",
+    "WireSlice", "decode_pull_reply", "decode_push_request", "decode_slice",
     "encode_pull_reply", "encode_push_request", "pack", "raw_slice", "unpack",
     "write_pull_reply", "write_slice",
 ]
@@ -51,7 +51,6 @@ class CodecError(ValueError):
     """Bytes that are not a well-formed message, or whose dtype, shape and length disagree."""
 
 
-WireError = CodecError  # the name ps.wire used
 
 
 # -- values -------------------------------------------------------------------------------
