@@ -22,6 +22,7 @@ import numpy as np
 from kernels import bf16_decode, bf16_encode, fp16_decode, fp16_encode
 from ps.keys import Key, KeyId
 from ps.memory import filled_bytes
+from ps.packed import Packed
 
 if TYPE_CHECKING:
     from ps import ps_pb2
@@ -214,11 +215,15 @@ def _join(parts: list) -> bytes:
 
 
 def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
-                 dtype: str = "float32", offset: int | None = None) -> list:
+                 dtype: str = "float32", offset: int | None = None,
+                 encoded: bool = False) -> list:
     """A Slice's fields in field order; default values left out, as protobuf does.
-    With an offset, the data stays out (it is in a mailbox): values only give the shape."""
+    With an offset, the data stays out (it is in a mailbox): values only give the shape.
+    encoded: the values are already the array of format `dtype` that travels."""
     if offset is not None:
         data = b""
+    elif encoded:
+        data = memoryview(np.ascontiguousarray(values)).cast("B")
     elif dtype in _ENCODERS and values.size >= _IN_PLACE_MIN:
         data = _Codes(values, dtype)
     else:
@@ -249,13 +254,16 @@ def _message(field: int, parts: list) -> list:
 def encode_pull_reply(
     items: list[tuple[str, int, np.ndarray, int]], staleness_max: int = 0,
     step_skipped: bool = False, dtype: str = "float32", offsets: list[int] | None = None,
+    encoded: bool = False,
 ) -> bytes:
-    """PullReply bytes from (name, start, float32 values, version) per key, sent as `dtype`.
+    """PullReply bytes from (name, start, float32 values, version) per key, sent as `dtype`
+    (encoded: the values are already the arrays of that format).
     offsets: the values went to the worker's mailbox at these offsets; the reply says where."""
     parts = []
     for k, (name, start, values, version) in enumerate(items):
         offset = None if offsets is None else offsets[k]
-        parts += _message(1, _slice_parts(name, start, values, version, dtype, offset))
+        parts += _message(1, _slice_parts(name, start, values, version, dtype, offset,
+                                          encoded))
     if staleness_max:
         parts += [_tag(2, _VARINT), _varint(staleness_max)]
     if step_skipped:
@@ -292,26 +300,18 @@ def encode_push_request(
 
 
 def write_pull_reply(
-    got: Sequence[tuple[Key, np.ndarray, int]], dtype: str = "float32", staleness_max: int = 0,
-    step_skipped: bool = False, into: Mapping[KeyId, tuple[int, np.ndarray]] | None = None,
+    got: Sequence[tuple[Key, np.ndarray | Packed, int]], dtype: str = "float32",
+    staleness_max: int = 0, step_skipped: bool = False,
+    offsets: Mapping[KeyId, int] | None = None,
 ) -> bytes:
-    """Answer a pull: PullReply bytes for the store's (key, values, version) triples, in
-    format `dtype`. With `into` (key -> (mailbox offset, destination array of the wire's
-    element type)), the values are written to the destinations and the reply says at which
-    offsets; without, they travel in the reply.
-
-    It reads `got` and writes the destinations, nothing else: it may run wherever the values
-    are a consistent snapshot (today inside Store.pull's lock; see service.py).
-    """
-    items = [(k.name, k.start, values, version) for k, values, version in got]
-    if into is None:
-        return encode_pull_reply(items, staleness_max, step_skipped, dtype)
-    offsets = []
-    for k, values, _ in got:
-        offset, dest = into[k.id]
-        pack(values, dtype, dest)
-        offsets.append(offset)
-    return encode_pull_reply(items, staleness_max, step_skipped, dtype, offsets)
+    """Answer a pull: PullReply bytes for (key, values, version) triples whose values are
+    already in format `dtype` (a float32 array, or Packed codes: the store wrote them so).
+    With `offsets` (key -> where in the worker's mailbox its values were written), the reply
+    says where they are; without, they travel in it."""
+    items = [(k.name, k.start, values.codes if isinstance(values, Packed) else values, version)
+             for k, values, version in got]
+    where = None if offsets is None else [offsets[k.id] for k, _, _ in got]
+    return encode_pull_reply(items, staleness_max, step_skipped, dtype, where, encoded=True)
 
 
 # -- reading ------------------------------------------------------------------------------

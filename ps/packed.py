@@ -1,7 +1,8 @@
-"""Packed: a gradient still in the 16-bit format it travelled in (float16 or bfloat16 codes).
+"""Packed: values in a 16-bit format as they travel (float16 or bfloat16 codes).
 
 The servicer wraps 16-bit wire gradients in it; the store checks the codes as they are and
-decodes them to float32 only where the update cannot read the codes itself.
+decodes them to float32 only where the update cannot read the codes itself. The other way, a
+pull's destination may be Packed codes: `write_values` encodes the weights into them.
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import bf16_all_finite, bf16_decode, fp16_all_finite, fp16_decode
+from kernels import (
+    bf16_all_finite,
+    bf16_decode,
+    bf16_encode,
+    fp16_all_finite,
+    fp16_decode,
+    fp16_encode,
+)
 
-__all__ = ["Packed"]
+__all__ = ["Packed", "write_values"]
 
 # The 16-bit formats: their decoders to float32, and their finiteness checks on the codes.
 _DECODE = {"float16": fp16_decode, "bfloat16": bf16_decode}
 _FINITE = {"float16": fp16_all_finite, "bfloat16": bf16_all_finite}
+_ENCODE = {"float16": fp16_encode, "bfloat16": bf16_encode}
 
 
 @dataclass(frozen=True)
@@ -42,3 +51,12 @@ class Packed:
     def all_finite(self) -> bool:
         """No inf or NaN among the values, read from the codes (half the bytes of float32)."""
         return bool(_FINITE[self.fmt](self.codes))
+
+
+def write_values(values: np.ndarray, dest: np.ndarray | Packed) -> None:
+    """Write float32 `values` into `dest` as it holds them: a float32 array takes a copy,
+    Packed codes their 16-bit encoding (in one pass, with no temporary array)."""
+    if isinstance(dest, Packed):
+        _ENCODE[dest.fmt](values, dest.codes)
+    else:
+        np.copyto(dest, values.reshape(dest.shape))

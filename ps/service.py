@@ -16,12 +16,12 @@ from google.protobuf.message import DecodeError
 from ps import ps_pb2, ps_pb2_grpc
 from ps.codec import CodecError, decode_slice, write_pull_reply
 from ps.inbox import Inbox, TensorRequest
-from ps.keys import Key
+from ps.keys import Key, KeyId
 from ps.local import Handler
 from ps.mailbox import REASON_KEY, MailboxError, MailboxLost, MailboxMissing
 from ps.optimizer import OptimizerConfig
 from ps.packed import Packed
-from ps.store import PushResult, Store
+from ps.store import Pulled, PushResult, Store
 from ps.store_errors import (
     BadRequest,
     Closed,
@@ -96,6 +96,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._bytes_in = 0  # bytes of the pushes taken, message and mailbox (not Init)
         self._bytes_out = 0  # bytes of the pulls answered, message and mailbox
         self._last_reply: tuple[tuple, bytes] | None = None  # see _reply
+        self._layout_sizes: tuple[tuple[Key, ...] | None, dict[KeyId, int]] = (None, {})
         self._rejected_pushes = 0  # pushes refused: malformed, non-finite, wrong step, ...
         self._local_channel: tuple[str, bytes] | None = None  # see offer_local
 
@@ -143,23 +144,45 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
               staleness: int = 0, pushed: bool = False) -> bytes:
         """PullReply bytes of the request's keys once `step` may be read (None: at once), the
         weights in the reply or in the worker's mailbox. pushed: a PushPull's reply, which
-        says whether its step was skipped."""
-        def read(got):  # runs under the store's lock, after the barrier
-            skipped = pushed and self._store.was_skipped(request.worker, request.step)
-            return self._reply(got, request, staleness, skipped)
-
-        payload = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
-                                   read=read)
+        says whether its step was skipped (decided before the pull's barrier opened)."""
+        got = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
+                               out=self._destinations(request))
+        skipped = pushed and self._store.was_skipped(request.worker, request.step)
+        payload = self._reply(got, request, staleness, skipped)
         self._count(sent=len(payload) + request.shared_bytes)
         return payload
 
-    def _reply(self, got: list[tuple[Key, np.ndarray, int]], request: TensorRequest,
-               staleness: int, skipped: bool) -> bytes:
+    def _destinations(self, request: TensorRequest) -> dict[KeyId, np.ndarray | Packed]:
+        """Where the store writes the weights, in the reply's format: the worker's mailbox, or
+        new arrays that go into the reply once the store's lock is released. (A key the store
+        does not hold gets none: the store says it does not hold it.)"""
+        if request.into is not None:
+            arrays = {key_id: view for key_id, (_, view) in request.into.items()}
+        else:
+            kind = np.float32 if request.dtype == "float32" else np.uint16
+            sizes = self._sizes()
+            wanted = sizes if request.keys is None else request.keys
+            arrays = {key_id: np.empty(sizes[key_id], kind) for key_id in wanted
+                      if key_id in sizes}
+        if request.dtype == "float32":
+            return arrays
+        return {key_id: Packed(codes, request.dtype) for key_id, codes in arrays.items()}
+
+    def _sizes(self) -> dict[KeyId, int]:
+        """Each key's size; the layout changes only at init and restore."""
+        layout = self._store.layout()
+        if self._layout_sizes[0] is not layout:
+            self._layout_sizes = (layout, {k.id: k.size for k in layout})
+        return self._layout_sizes[1]
+
+    def _reply(self, got: list[Pulled], request: TensorRequest, staleness: int,
+               skipped: bool) -> bytes:
         """codec.write_pull_reply, with the last reply in the messages kept: in sync mode all W
         workers ask for the same keys at the same versions, and the keys and versions say
         exactly what the bytes hold, so W-1 of them get it without encoding again."""
         if request.into is not None:
-            return write_pull_reply(got, request.dtype, staleness, skipped, request.into)
+            offsets = {key_id: offset for key_id, (offset, _) in request.into.items()}
+            return write_pull_reply(got, request.dtype, staleness, skipped, offsets)
         signature = (tuple((k.name, k.start, version) for k, _, version in got), request.dtype,
                      staleness, skipped)
         if self._last_reply is not None and self._last_reply[0] == signature:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from ps.gather import AGGREGATES, Gather, parse_aggregate
 from ps.keys import Key, KeyId
 from ps.membership import Membership
 from ps.optimizer import OptimizerConfig
-from ps.packed import Packed
+from ps.packed import Packed, write_values
 from ps.shard import Shard, Slot, check_layout
 from ps.snapshot import Snapshot
 from ps.store_config import StoreConfig
@@ -39,16 +39,24 @@ from ps.updates import Updates
 # modules; they stay importable from here for the code that imports them from ps.store.
 __all__ = [
     "AGGREGATES", "MODES", "BadRequest", "Closed", "InitResult", "LayoutConflict",
-    "NotInitialised", "Packed", "PushResult", "Store", "StoreConfig", "StoreError",
+    "NotInitialised", "Packed", "Pulled", "PushResult", "Store", "StoreConfig", "StoreError",
     "StepOutOfRange", "UnknownKey", "Versions", "WaitTimeout", "parse_aggregate",
 ]
 
-T = TypeVar("T")
 
 
 class InitResult(NamedTuple):
     created: bool  # this call set the layout
     pending: int  # keys still without values
+
+
+class Pulled(NamedTuple):
+    """One key of a pull: its values (a copy, or the destination they were written to) and
+    the version they are."""
+
+    key: Key
+    values: np.ndarray | Packed
+    version: int
 
 
 class PushResult(NamedTuple):
@@ -118,8 +126,8 @@ class Store:
         worker: int,
         step: int | None,
         timeout: float,
-        read: Callable[[list[tuple[Key, np.ndarray, int]]], T] | None = None,
-    ) -> T | list[tuple[Key, np.ndarray, int]]:
+        out: Mapping[KeyId, np.ndarray | Packed] | None = None,
+    ) -> list[Pulled]:
         """The values of `key_ids` (None: all) with their versions, as (key, values, version).
 
         step None: at once, no barrier (a look at the weights). Otherwise `worker` is about to
@@ -127,13 +135,17 @@ class Store:
         `step` updates; ssp: once the slowest live worker's clock is at least step - K; async:
         at once); step 0 first waits at the start line. Waits at most `timeout` s.
 
-        Without `read`, the values are copies. With it, `read` is called under the lock with
-        views of the live values and its result returned: a reader that serialises them makes
-        its one copy a consistent snapshot too, instead of copying twice.
+        Without `out`, the values are copies. With it (key -> a float32 array of the key's
+        size, or Packed codes), each key's values are written there, encoded as the
+        destination holds them, and returned as that destination: the one pass over the
+        values that a reply needs, made while no update can change them. Only the store's
+        own code runs under its lock.
         """
         with self._cond:
             shard = self._check_ready()
             slots = shard.select(key_ids)
+            if out is not None:
+                _check_destinations(slots, out)
             if step is not None:
                 if step < 0:
                     raise StepOutOfRange(f"pull: step must be >= 0 (or None: at once), got {step}")
@@ -142,9 +154,11 @@ class Store:
                     self._arrive(worker, step)
                     self._wait_for_step(slots, worker, step, timeout)
             self._counters.pulls += 1
-            if read is None:
-                return [(s.key, s.value.copy(), s.version) for s in slots]
-            return read([(s.key, s.value, s.version) for s in slots])
+            if out is None:
+                return [Pulled(s.key, s.value.copy(), s.version) for s in slots]
+            for s in slots:
+                write_values(s.value, out[s.key.id])
+            return [Pulled(s.key, out[s.key.id], s.version) for s in slots]
 
     def _wait_for_step(self, slots: list[Slot], worker: int, step: int, timeout: float) -> None:
         members = self._members
@@ -425,3 +439,16 @@ class Store:
         self._check_open()
         if not predicate():
             raise WaitTimeout(f"{what} still waiting after {timeout:.1f} s")
+
+
+def _check_destinations(slots: list[Slot], out: Mapping[KeyId, np.ndarray | Packed]) -> None:
+    """Every key has a destination of its size and a format the store can write."""
+    for s in slots:
+        dest = out.get(s.key.id)
+        if dest is None:
+            raise BadRequest(f"pull {s.key}: no destination for its values")
+        array = dest.codes if isinstance(dest, Packed) else dest
+        if array.size != s.key.size or not (isinstance(dest, Packed)
+                                             or array.dtype == np.float32):
+            raise BadRequest(f"pull {s.key}: a destination of {s.key.size} float32 values or "
+                             f"16-bit codes is needed, got {array.dtype} ({array.size},)")

@@ -186,3 +186,35 @@ def test_generated_code_is_fresh(tmp_path):
     for name in ("ps_pb2.py", "ps_pb2_grpc.py", "ps_pb2.pyi"):
         fresh = (tmp_path / "ps" / name).read_text()
         assert fresh == (ROOT / "ps" / name).read_text(), f"ps/{name} is stale: run make proto"
+
+
+@pytest.mark.parametrize("shared_memory", [False, True])
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+def test_the_servicer_writes_its_replies_with_the_stores_lock_released(monkeypatch,
+                                                                      shared_memory,
+                                                                      wire_dtype):
+    """The store writes the values where the servicer tells it; the reply is made after."""
+    import ps.service
+
+    running = serve(mode="sync", workers=1)
+    held = []
+
+    def watched(*args, **kwargs):
+        held.append(running.store._cond._is_owned())  # threading.Condition's own check
+        return write_pull_reply(*args, **kwargs)
+
+    write_pull_reply = ps.service.write_pull_reply
+    monkeypatch.setattr(ps.service, "write_pull_reply", watched)
+    try:
+        with PSClient([running.address], shared_memory=shared_memory,
+                      wire_dtype=wire_dtype) as client:
+            client.init(PARAMS, "sgd", lr=0.5)
+            grads = {name: np.full(v.shape, 0.25, np.float32) for name, v in PARAMS.items()}
+            client.push(grads, 0)
+            after = client.pull(1)
+            fused = client.push_pull(grads, 1)
+    finally:
+        running.stop(0)
+    assert held and not any(held), held
+    np.testing.assert_array_equal(after["dense0.weight"], PARAMS["dense0.weight"] - 0.125)
+    np.testing.assert_array_equal(fused.params["dense0.bias"], -0.25)

@@ -319,3 +319,25 @@ def test_packed_is_refused_unless_uint16_codes_of_a_16_bit_format():
         Packed(np.zeros(2, np.uint16), "float32")
     with pytest.raises(ValueError, match="codes must be a uint16 array"):
         Packed(np.zeros(2, np.float32), "float16")
+
+
+def test_a_pull_writes_the_values_where_it_is_told_in_the_format_it_is_told():
+    store = _store(mode="async", workers=1, value=1.5)
+    float32 = np.zeros(4, np.float32)
+    got = store.pull([W_KEY.id], 0, None, 1.0, out={W_KEY.id: float32})
+    assert got[0].values is float32 and got[0].version == 0
+    np.testing.assert_array_equal(float32, 1.5)
+    codes = Packed(np.zeros(4, np.uint16), "float16")
+    (pulled,) = store.pull(None, 0, None, 1.0, out={W_KEY.id: codes})
+    assert pulled.values is codes
+    np.testing.assert_array_equal(codes.codes, np.full(4, 1.5, np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("dest", [np.zeros(3, np.float32), np.zeros(4, np.float64), None])
+def test_a_pull_with_a_wrong_destination_is_refused_before_it_waits(dest):
+    store = _store(mode="sync", workers=2)
+    out = {} if dest is None else {W_KEY.id: dest}
+    pulls = store.stats()["pulls"]
+    with pytest.raises(BadRequest, match="destination"):
+        store.pull([W_KEY.id], 0, 0, 30.0, out=out)  # would wait at the start line
+    assert store.stats()["pulls"] == pulls and store.stats()["waiting"] == 0
