@@ -12,9 +12,11 @@ if TYPE_CHECKING:  # what the table below loads, for readers, editors and tests/
     from ps import ps_pb2
     from ps.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint
     from ps.client import PSClient, PSError, wait_healthy
+    from ps.consistency import MODES
     from ps.placement import STRATEGIES, Placement, TensorSpec, place
     from ps.server import serve
-    from ps.store import MODES, Store, StoreConfig
+    from ps.store import Store
+    from ps.store_config import StoreConfig
 
 __all__ = [
     "MODES",
@@ -37,14 +39,14 @@ __all__ = [
 
 # public name -> the module that defines it (a module's own name: the module itself)
 _WHERE = {
-    "MODES": "ps.store",
+    "MODES": "ps.consistency",
     "STRATEGIES": "ps.placement",
     "CheckpointError": "ps.checkpoint",
     "PSClient": "ps.client",
     "PSError": "ps.client",
     "Placement": "ps.placement",
     "Store": "ps.store",
-    "StoreConfig": "ps.store",
+    "StoreConfig": "ps.store_config",
     "TensorSpec": "ps.placement",
     "latest_checkpoint": "ps.checkpoint",
     "list_checkpoints": "ps.checkpoint",

@@ -6,7 +6,7 @@ back into one; its checks raise the store's errors, and run before anything chan
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,7 @@ from ps.packed import Packed
 from ps.snapshot import KeyState, Snapshot
 from ps.store_errors import BadRequest, LayoutConflict, StepOutOfRange, UnknownKey
 
-__all__ = ["Shard", "Slot", "check_gradient", "check_layout", "check_values"]
+__all__ = ["Shard", "Slot", "check_destinations", "check_gradient", "check_layout", "check_values"]
 
 
 @dataclass
@@ -187,3 +187,16 @@ def check_values(verb: str, key: Key, value: np.ndarray) -> None:
         )
     if not all_finite(value):
         raise BadRequest(f"{verb} {key}: the values hold inf or NaN")
+
+
+def check_destinations(slots: list[Slot], out: Mapping[KeyId, np.ndarray | Packed]) -> None:
+    """Every key has a destination of its size and a format the store can write."""
+    for s in slots:
+        dest = out.get(s.key.id)
+        if dest is None:
+            raise BadRequest(f"pull {s.key}: no destination for its values")
+        array = dest.codes if isinstance(dest, Packed) else dest
+        if array.size != s.key.size or not (isinstance(dest, Packed)
+                                             or array.dtype == np.float32):
+            raise BadRequest(f"pull {s.key}: a destination of {s.key.size} float32 values or "
+                             f"16-bit codes is needed, got {array.dtype} ({array.size},)")

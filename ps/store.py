@@ -14,13 +14,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ps.consistency import MODES, clock, make_rule
-from ps.gather import AGGREGATES, Gather, parse_aggregate
+from ps.consistency import clock, make_rule
+from ps.gather import Gather
 from ps.keys import Key, KeyId
 from ps.membership import Membership
 from ps.optimizer import OptimizerConfig
 from ps.packed import Packed, write_values
-from ps.shard import Shard, Slot, check_layout
+from ps.shard import Shard, Slot, check_destinations, check_layout
 from ps.snapshot import Snapshot
 from ps.store_config import StoreConfig
 from ps.store_errors import (
@@ -29,21 +29,11 @@ from ps.store_errors import (
     LayoutConflict,
     NotInitialised,
     StepOutOfRange,
-    StoreError,
-    UnknownKey,
     WaitTimeout,
 )
 from ps.updates import Updates
 
-# StoreConfig, the errors, Packed, parse_aggregate, MODES and AGGREGATES live in their own
-# modules; they stay importable from here for the code that imports them from ps.store.
-__all__ = [
-    "AGGREGATES", "MODES", "BadRequest", "Closed", "InitResult", "LayoutConflict",
-    "NotInitialised", "Packed", "Pulled", "PushResult", "Store", "StoreConfig", "StoreError",
-    "StepOutOfRange", "UnknownKey", "Versions", "WaitTimeout", "parse_aggregate",
-]
-
-
+__all__ = ["InitResult", "Pulled", "PushResult", "Store", "Versions"]
 
 class InitResult(NamedTuple):
     created: bool  # this call set the layout
@@ -145,7 +135,7 @@ class Store:
             shard = self._check_ready()
             slots = shard.select(key_ids)
             if out is not None:
-                _check_destinations(slots, out)
+                check_destinations(slots, out)
             if step is not None:
                 if step < 0:
                     raise StepOutOfRange(f"pull: step must be >= 0 (or None: at once), got {step}")
@@ -340,8 +330,6 @@ class Store:
     def stats(self) -> dict:
         """Counters and the shape of the shard, as plain values."""
         with self._cond:
-            c = self._counters
-            hist = list(c.staleness_hist)
             initialised, vmin, vmax, clocks = self.versions()
             layout = self._shard.layout if self._shard else ()
             watch = self._updates.watch.summary()
@@ -353,22 +341,13 @@ class Store:
                 "keys": len(layout),
                 "params": sum(k.size for k in layout),
                 "bytes_held": 4 * sum(k.size for k in layout),
-                "pushes": c.pushes,
-                "pulls": c.pulls,
-                "updates": c.updates,
-                "staleness_count": sum(hist),
-                "staleness_sum": sum(s * n for s, n in enumerate(hist)),
-                "staleness_max": max((s for s, n in enumerate(hist) if n), default=0),
-                "staleness_histogram": hist,
-                "dropped_stale": c.dropped_stale,
-                "dropped_gradients": c.dropped_gradients,
+                **self._counters.as_stats(),
                 "skipped_steps": self._updates.skipped_count(),
                 "live_workers": sorted(self._members.live),
                 "suspect_workers": self._updates.watch.suspects(),
                 "grad_cosine": {w: cos for w, (cos, _) in watch.items()},
                 "grad_norm_ratio": {w: ratio for w, (_, ratio) in watch.items()},
                 "restored_from": self._restored_seq,
-                "waiting": c.waiting,
                 "clocks": clocks,
                 "min_version": vmin,
                 "max_version": vmax,
@@ -440,15 +419,3 @@ class Store:
         if not predicate():
             raise WaitTimeout(f"{what} still waiting after {timeout:.1f} s")
 
-
-def _check_destinations(slots: list[Slot], out: Mapping[KeyId, np.ndarray | Packed]) -> None:
-    """Every key has a destination of its size and a format the store can write."""
-    for s in slots:
-        dest = out.get(s.key.id)
-        if dest is None:
-            raise BadRequest(f"pull {s.key}: no destination for its values")
-        array = dest.codes if isinstance(dest, Packed) else dest
-        if array.size != s.key.size or not (isinstance(dest, Packed)
-                                             or array.dtype == np.float32):
-            raise BadRequest(f"pull {s.key}: a destination of {s.key.size} float32 values or "
-                             f"16-bit codes is needed, got {array.dtype} ({array.size},)")

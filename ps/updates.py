@@ -30,6 +30,22 @@ class Counters:
     staleness_hist: list[int] = field(default_factory=list)  # [s]: applied with staleness s
     waiting: int = 0  # calls waiting in the store now
 
+    def as_stats(self) -> dict:
+        """The counters as Stats reports them, with the staleness histogram summed up."""
+        hist = list(self.staleness_hist)
+        return {
+            "pushes": self.pushes,
+            "pulls": self.pulls,
+            "updates": self.updates,
+            "staleness_count": sum(hist),
+            "staleness_sum": sum(s * n for s, n in enumerate(hist)),
+            "staleness_max": max((s for s, n in enumerate(hist) if n), default=0),
+            "staleness_histogram": hist,
+            "dropped_stale": self.dropped_stale,
+            "dropped_gradients": self.dropped_gradients,
+            "waiting": self.waiting,
+        }
+
     def record_staleness(self, staleness: int, count: int) -> None:
         hist = self.staleness_hist
         if len(hist) <= staleness:

@@ -177,7 +177,7 @@ def test_the_checker_sees_a_circle(tmp_path):
 # set where a process starts, never by a library call that a notebook could make.
 PROCESS_WIDE = {"keep_freed_buffers", "die_with_parent", "signal"}
 PROCESS_EDGES = {"tinyps/cli/__init__.py", "tinyps/cli/process.py", "tinyps/cli/cluster.py",
-                 "tinyps/ray_backend.py"}  # the command's processes, and Ray's actors
+                 "tinyps/ray_actors.py"}  # the command's processes, and Ray's actors
 
 
 def _process_wide_calls(path: Path) -> list[str]:

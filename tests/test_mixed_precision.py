@@ -7,7 +7,8 @@ import pytest
 import tinyps
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
-from ps.store import Store, StoreConfig
+from ps.store import Store
+from ps.store_config import StoreConfig
 from worker.loop import WorkerConfig
 from worker.precision import GROWTH_INTERVAL, INIT_SCALE, LossScaler, Precision
 

@@ -20,7 +20,7 @@ import ray  # not importorskip: CI installs Ray with the dev extra, and must tes
 import tinyps
 from tinyps import LaunchConfig, roles
 from tinyps.launcher import launch
-from tinyps.ray_backend import _ServerActor, _WorkerActor
+from tinyps.ray_actors import ServerActor, WorkerActor
 
 STEPS = 80  # per worker
 PACE = (0, 50.0)  # worker 0 computes 50 times slower: see the runs that kill an actor
@@ -204,10 +204,10 @@ def test_every_setting_reaches_a_server_and_a_worker_actor_unchanged(ray_instanc
         "keep_checkpoints": 2, "token": "actor-token"})
     env = {"runtime_env": {"env_vars": {"TINYPS_TOKEN": "actor-token"}}}
     server_settings = roles.server_config(config, 1, checkpoints=tmp_path, restore=False)
-    server = ray.remote(_ServerActor).options(**env).remote(
+    server = ray.remote(ServerActor).options(**env).remote(
         roles.without_secrets(server_settings), "round-trip", False)
     worker_settings = roles.worker_settings(config, 1, ["127.0.0.1:1"], steps=7)
-    actor = ray.remote(_WorkerActor).options(**env).remote(tmp_path / "w1.jsonl")
+    actor = ray.remote(WorkerActor).options(**env).remote(tmp_path / "w1.jsonl")
     try:
         got = ray.get(server.settings.remote(), timeout=60)
         assert got == server_settings and got.security.token == "actor-token"

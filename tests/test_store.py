@@ -9,7 +9,8 @@ from kernels import bf16_decode, bf16_encode, fp16_decode, fp16_encode
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
 from ps.packed import Packed
-from ps.store import Store, StoreConfig
+from ps.store import Store
+from ps.store_config import StoreConfig
 from ps.store_errors import (
     BadRequest,
     LayoutConflict,

@@ -8,7 +8,8 @@ import pytest
 
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
-from ps.store import Store, StoreConfig
+from ps.store import Store
+from ps.store_config import StoreConfig
 from ps.store_errors import BadRequest, LayoutConflict, WaitTimeout
 
 W_KEY = Key("w", (4,), 0, 4)
