@@ -5,6 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
+from bits import assert_same_bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -20,16 +21,6 @@ from kernels.aggregate import (
 )
 
 WS = [1, 2, 3, 4, 5, 8, 13]
-
-
-def assert_same_bits(got, want):
-    """Bit for bit, except that two NaNs match whatever their sign and payload: a NaN made by
-    inf - inf is the CPU's and the compiler's business."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == np.float32 and got.shape == want.shape
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    ok = ~np.isnan(want)
-    np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
 
 
 def _ns(W):

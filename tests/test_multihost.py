@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from certs import issue, make_ca
 
 from tinyps import roles
 from tinyps.spec import ClusterSpec
@@ -29,22 +30,12 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """A throwaway CA and one certificate for the cluster, valid for both server hosts."""
     d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=tinyps test CA", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=" + ",".join(f"IP:{h}" for h in HOSTS) + "\n")
-    _openssl("req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=tinyps",
-             cwd=d)
-    _openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "node.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    make_ca(d)
+    issue(d, "node", [f"IP:{h}" for h in HOSTS])
     return d
 
 

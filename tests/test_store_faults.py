@@ -1,10 +1,10 @@
 """The store through faults (no gRPC): dead and silent workers, rejoining, backup workers,
 robust aggregation, and snapshots that a restarted server restores."""
 
-import threading
 
 import numpy as np
 import pytest
+from deadline import in_thread
 
 from ps.keys import Key
 from ps.optimizer import OptimizerConfig
@@ -45,33 +45,9 @@ def _value(store, key=W_KEY):
     return next(v for k, v, _ in store.pull(None, 0, None, 1.0) if k == key)
 
 
-def _in_thread(fn):
-    """Run fn in a thread; returns a function that joins it (with a deadline) and gives its
-    result or raises its exception."""
-    out = {}
-
-    def run():
-        try:
-            out["result"] = fn()
-        except BaseException as err:  # handed to the test thread
-            out["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def join():
-        thread.join(DEADLINE_S)
-        assert not thread.is_alive(), "the call did not return before the deadline"
-        if "error" in out:
-            raise out["error"]
-        return out["result"]
-
-    return join
-
-
 def _start(store, workers):
     """Every worker passes the start line (pull of step 0), as a run begins."""
-    joins = [_in_thread(lambda w=w: store.pull(None, w, 0, DEADLINE_S)) for w in workers]
+    joins = [in_thread(lambda w=w: store.pull(None, w, 0, DEADLINE_S)) for w in workers]
     for join in joins:
         join()
 
@@ -96,7 +72,7 @@ def test_a_removed_worker_waiting_at_the_barrier_is_released_by_the_removal():
     store = _store("sync", workers=3)
     store.push(0, 0, _grads(1.0))
     store.push(1, 0, _grads(1.0))
-    waiting = _in_thread(lambda: store.pull(None, 0, 1, DEADLINE_S))
+    waiting = in_thread(lambda: store.pull(None, 0, 1, DEADLINE_S))
     store.remove_worker(2)
     assert waiting()[0][2] == 1  # worker 0 got version 1
 
@@ -107,7 +83,7 @@ def test_a_silent_worker_is_removed_when_its_lease_expires_but_a_waiting_one_is_
     _start(store, range(3))
     store.push(0, 0, _grads(1.0))
     store.push(1, 0, _grads(3.0))
-    waiting = _in_thread(lambda: store.pull(None, 0, 1, DEADLINE_S))  # worker 0: in a call
+    waiting = in_thread(lambda: store.pull(None, 0, 1, DEADLINE_S))  # worker 0: in a call
     clock.now = 9.0
     assert store.expire_leases() == []
     clock.now = 11.0
