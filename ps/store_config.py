@@ -63,11 +63,11 @@ class StoreConfig:
             raise ValueError("staleness_lr and max_staleness are for async and ssp: sync has no "
                              "stale gradients")
         if self.backup_workers and not gathers:
-            raise ValueError("backup_workers is for sync mode: async and ssp never wait for a "
-                             "step's last gradient")
+            raise ValueError(f"backup_workers ({self.backup_workers}) is for --mode sync: "
+                             f"async and ssp never wait for a step's last gradient")
         name, _ = parse_aggregate(self.aggregate)
         if name != "mean" and not gathers:
-            raise ValueError(f"aggregate {self.aggregate!r} is for sync mode: async and ssp "
+            raise ValueError(f"--aggregate {self.aggregate} is for --mode sync: async and ssp "
                              f"apply each gradient alone")
         if self.lease_s is not None and not (self.lease_s > 0 and math.isfinite(self.lease_s)):
             raise ValueError(f"lease_s must be > 0 and finite (seconds), got {self.lease_s}")
