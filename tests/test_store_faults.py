@@ -174,7 +174,8 @@ def test_sync_aggregation_rules(rule, expected):
 
 @pytest.mark.parametrize("settings, message", [
     ({"workers": 2, "backup_workers": 2}, "backup_workers must be in 0..1"),
-    ({"mode": "async", "workers": 2, "backup_workers": 1}, "backup_workers \\(1\\) is for --mode sync"),
+    ({"mode": "async", "workers": 2, "backup_workers": 1},
+     r"backup_workers \(1\) is for --mode sync"),
     ({"mode": "ssp", "aggregate": "median"}, "is for --mode sync"),
     ({"aggregate": "trimmed_mean:0.5"}, r"must be in \[0, 0.5\)"),
     ({"aggregate": "trimmed_mean"}, "needs a fraction"),
