@@ -9,8 +9,7 @@ from ps.keys import Key
 from ps.optimizer import OptimizerConfig
 from ps.store import Store
 from ps.store_config import StoreConfig
-from worker.loop import WorkerConfig
-from worker.precision import GROWTH_INTERVAL, INIT_SCALE, LossScaler, Precision
+from worker.precision import GROWTH_INTERVAL, INIT_SCALE, LossScaler, Precision, PrecisionConfig
 
 # Recorded from torch 2.13.0: torch.amp.GradScaler("cpu", init_scale=1024, growth_factor=2,
 # backoff_factor=0.5, growth_interval=3), one step per entry of PATTERN (True: the gradients
@@ -136,7 +135,7 @@ def test_init_scale_and_growth_interval_reach_the_workers_scalers(tmp_path):
 ])
 def test_dynamic_scaling_settings_are_checked(settings, exc, message):
     if exc is None:
-        scaler, dynamic = WorkerConfig(steps=1, **settings).scaler()
+        scaler, dynamic = PrecisionConfig(**settings).scaler()
         assert dynamic and scaler.get_scale() == 8.0
         tinyps.LaunchConfig.from_flat(settings)
         return

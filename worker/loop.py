@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -19,13 +19,7 @@ from ps.client import PSClient
 from worker.model import MLP
 from worker.partition import Shard
 from worker.poison import parse_poison, poison_grads, poison_shard
-from worker.precision import (
-    GROWTH_INTERVAL,
-    INIT_SCALE,
-    LossScaler,
-    Precision,
-    PrecisionConfig,
-)
+from worker.precision import Precision, PrecisionConfig
 from worker.preprocess import augment_shifts
 from worker.privacy import DPConfig, add_noise, poisson_batches
 
@@ -42,13 +36,8 @@ class WorkerConfig:
     slowdown: float = 1.0  # an injected straggler: compute takes this many times as long
     delay_s: float = 0.0  # an injected straggler: extra seconds per step
     fused: bool = True  # push and pull the next step's weights in one round trip (PushPull)
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (the client must travel in the same format)
-    # "auto": dynamic for fp16, off for bf16 and fp32; "dynamic"; "off"; or a static scale.
-    loss_scale: float | str = "auto"
-    # Dynamic scaling only (GradScaler's names): the first scale, and how many good steps in a
-    # row double it. A short interval shows the scale climbing within a classroom run.
-    init_scale: float = INIT_SCALE
-    growth_interval: int = GROWTH_INTERVAL
+    # The number format and loss scaling (the client must travel in the same format).
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     poison: str | None = None  # injected fault (worker/poison.py): label_flip, ...
     dp: DPConfig | None = None  # DP-SGD: Poisson batches, per-example clipping, noise
 
@@ -59,21 +48,11 @@ class WorkerConfig:
         if self.slowdown < 1.0 or self.delay_s < 0.0:
             raise ValueError(f"slowdown must be >= 1 and delay_s >= 0, got {self.slowdown}, "
                              f"{self.delay_s}")
-        self.precision_config()  # the precision and loss-scale checks live there
         if self.poison is not None:
             parse_poison(self.poison)
-        if self.dp is not None and self.precision != "fp32":
+        if self.dp is not None and self.precision.precision != "fp32":
             raise ValueError("DP-SGD runs in fp32: per-example clipping is not emulated in "
-                             f"{self.precision}")
-
-    def precision_config(self) -> PrecisionConfig:
-        return PrecisionConfig(precision=self.precision, loss_scale=self.loss_scale,
-                               init_scale=self.init_scale,
-                               growth_interval=self.growth_interval)
-
-    def scaler(self) -> tuple[LossScaler, bool]:
-        """The loss scaler this config asks for, and whether it adapts (dynamic)."""
-        return self.precision_config().scaler()
+                             f"{self.precision.precision}")
 
 
 @dataclass(frozen=True)
@@ -135,11 +114,11 @@ def run_worker(
     `first_step` > 0 continues a run (a restarted worker, a resumed run): the batches are
     the ones that run would have drawn from there.
     """
-    precision = Precision(config.precision)
+    precision = Precision(config.precision.precision)
     if client.wire_dtype != precision.wire_dtype:
         raise ValueError(f"the client travels in {client.wire_dtype}, but precision "
                          f"{precision.name} needs {precision.wire_dtype}")
-    scaler, dynamic = config.scaler()
+    scaler, dynamic = config.precision.scaler()
     if config.poison is not None:
         shard = poison_shard(shard, config.poison, model.sizes[-1], config.seed)
     rng = np.random.default_rng((config.seed, client.worker_id))

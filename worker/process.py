@@ -107,12 +107,9 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
     model = MLP((data.n_features, *train.hidden, data.n_classes), seed=train.seed)
     steps = train.steps or steps_for(len(data.X_train), settings.workers, train.batch_size,
                                      train.epochs)
-    precision = settings.precision
     config = WorkerConfig(steps=steps, batch_size=train.batch_size, seed=train.seed,
                           augment=train.augment, slowdown=settings.slowdown,
-                          fused=settings.fused, precision=precision.precision,
-                          loss_scale=precision.loss_scale, init_scale=precision.init_scale,
-                          growth_interval=precision.growth_interval,
+                          fused=settings.fused, precision=settings.precision,
                           poison=settings.poison, dp=settings.privacy.dp())
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
@@ -130,7 +127,7 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
         with PSClient(list(settings.servers), worker_id=settings.index, token=security.token,
                       tls=security.tls(client=True), deadline_s=settings.deadline_s,
                       wait_s=settings.wait_s,
-                      wire_dtype=Precision(precision.precision).wire_dtype,
+                      wire_dtype=Precision(settings.precision.precision).wire_dtype,
                       shared_memory=settings.shared_memory) as client:
             client.init(model.init_params(), train.optimizer,
                         placement=settings.placement.placement,
