@@ -39,7 +39,7 @@ def _worker(results, addresses: list[str], worker: int, cfg: common.RunConfig,
     from ps.memory import keep_freed_buffers
     from worker.loop import WorkerConfig, run_worker
     from worker.model import MLP
-    from worker.partition import Shard
+    from worker.shards import Shard
 
     keep_freed_buffers()
     x, y = common.make_data()

@@ -52,7 +52,7 @@ def _worker_main(results: mp.Queue, spec: dict) -> None:
     from worker.data import load_dataset
     from worker.loop import WorkerConfig, run_worker
     from worker.model import MLP
-    from worker.partition import partition
+    from worker.shards import partition
 
     data = load_dataset(spec["dataset"], seed=spec["seed"])
     shard = partition(data, spec["workers"], spec.get("scheme", "iid"), seed=spec["seed"])[

@@ -14,7 +14,7 @@ import pytest
 
 import tinyps
 from worker.data import load_dataset
-from worker.partition import class_histograms, partition
+from worker.shards import class_histograms, partition
 
 TARGET = 0.3  # training loss (mean of 20 consecutive steps) that counts as "reached"
 WINDOW = 20

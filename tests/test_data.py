@@ -16,8 +16,8 @@ import pytest
 
 from worker import data as data_module
 from worker import dataset as dataset_module
-from worker import partition as partition_module
 from worker import preprocess as preprocess_module
+from worker import shards as shards_module
 from worker.data import DataError, Dataset, load_dataset, read_idx, write_idx
 from worker.preprocess import (
     augment_shifts,
@@ -547,7 +547,7 @@ def test_augment_shifts_empty_batch_and_bad_shape():
 
 
 @pytest.mark.parametrize(
-    "module", [data_module, dataset_module, preprocess_module, partition_module]
+    "module", [data_module, dataset_module, preprocess_module, shards_module]
 )
 def test_data_modules_import_only_numpy_sklearn_stdlib(module):
     tree = ast.parse(Path(module.__file__).read_text())

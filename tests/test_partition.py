@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.partition import Shard, class_histograms, partition
+from worker.shards import Shard, class_histograms, partition
 
 
 def all_indices(shards: list[Shard]) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 
 import tinyps
 from ps.watch import GradientWatch
-from worker.partition import Shard
 from worker.poison import BYZANTINE, parse_poison, poison_grads, poison_shard
+from worker.shards import Shard
 
 # -- the poisons ---------------------------------------------------------------------------
 

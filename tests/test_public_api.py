@@ -11,6 +11,7 @@ import ast
 import importlib
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,16 @@ def test_no_star_imports():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom):
                     assert all(a.name != "*" for a in node.names), f"{path}: import *"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_public_name_is_also_the_name_of_a_submodule(package):
+    """Importing the submodule would set the package's attribute to the module, so that
+    `from worker import partition` gave the module instead of the function."""
+    folder = ROOT / package
+    submodules = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir()
+                                                         if (p / "__init__.py").exists()}
+    module = importlib.import_module(package)
+    clashes = [n for n in set(module.__all__) & submodules
+               if not isinstance(getattr(module, n), types.ModuleType)]
+    assert not clashes, f"{package}: {clashes} name both a public symbol and a module"

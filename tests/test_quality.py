@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from worker.data import Dataset, load_dataset
-from worker.partition import partition
 from worker.quality import (
     QualityReport,
     count_duplicates,
@@ -23,6 +22,7 @@ from worker.quality import (
     save_report,
     total_variation,
 )
+from worker.shards import partition
 
 
 def make_dataset(X_train, y_train, X_test, y_test, n_classes, dropped=0, name="toy") -> Dataset:

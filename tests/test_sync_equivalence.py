@@ -15,7 +15,7 @@ from ps.optimizer import Optimizer, OptimizerConfig
 from ps.server import serve
 from worker.loop import WorkerConfig, run_worker
 from worker.model import MLP
-from worker.partition import Shard
+from worker.shards import Shard
 
 SIZES = (20, 24, 5)
 STEPS, BATCH = 24, 8

@@ -21,8 +21,8 @@ from tinyps.config import LaunchConfig
 from tinyps.rundir import prepare_run_dir, write_config
 from worker.data import Dataset, load_dataset
 from worker.model import MLP
-from worker.partition import partition
 from worker.process import steps_for
+from worker.shards import partition
 
 __all__ = ["LaunchError", "LaunchPlan", "checkpoint_root", "model_placement", "prepare_launch",
            "read_resumed", "resume_into", "warm_numba_cache"]

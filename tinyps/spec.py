@@ -22,8 +22,8 @@ from tinyps.plan import LaunchError, model_placement
 from tinyps.rundir import write_config, write_results
 from tinyps.supervisor import summarise
 from worker.data import load_dataset
-from worker.partition import partition
 from worker.process import WorkerSettings, steps_for
+from worker.shards import partition
 
 __all__ = ["ClusterSpec", "finish_run"]
 

@@ -14,10 +14,10 @@ if TYPE_CHECKING:  # what the table below loads, for readers, editors and tests/
     from worker.data import DATASET_NAMES, DataError, load_dataset
     from worker.dataset import Dataset
     from worker.model import MLP
-    from worker.partition import PARTITION_SCHEMES, Shard, class_histograms, partition
     from worker.precision import PRECISIONS, LossScaler, Precision
     from worker.privacy import DPConfig, add_noise
     from worker.quality import QualityReport, data_report, format_report, total_variation
+    from worker.shards import PARTITION_SCHEMES, Shard, class_histograms, partition
 
 __all__ = [
     "DATASET_NAMES",
@@ -50,7 +50,7 @@ __all__ = [
 _WHERE = {
     "DATASET_NAMES": "worker.data",
     "MLP": "worker.model",
-    "PARTITION_SCHEMES": "worker.partition",
+    "PARTITION_SCHEMES": "worker.shards",
     "PRECISIONS": "worker.precision",
     "DPConfig": "worker.privacy",
     "DataError": "worker.data",
@@ -59,16 +59,16 @@ _WHERE = {
     "Precision": "worker.precision",
     "QualityReport": "worker.quality",
     "RdpAccountant": "worker.accountant",
-    "Shard": "worker.partition",
+    "Shard": "worker.shards",
     "TrainConfig": "worker.baseline",
     "TrainResult": "worker.baseline",
     "add_noise": "worker.privacy",
-    "class_histograms": "worker.partition",
+    "class_histograms": "worker.shards",
     "data_report": "worker.quality",
     "dp_sgd_epsilon": "worker.accountant",
     "format_report": "worker.quality",
     "load_dataset": "worker.data",
-    "partition": "worker.partition",
+    "partition": "worker.shards",
     "sigma_for_epsilon": "worker.accountant",
     "total_variation": "worker.quality",
     "train_single_process": "worker.baseline",

@@ -18,7 +18,6 @@ import numpy as np
 
 from worker import preprocess  # load_dataset's `standardize` flag shadows the function
 from worker.dataset import Dataset
-from worker.partition import PARTITION_SCHEMES, Shard, class_histograms, partition
 from worker.preprocess import (
     augment_shifts,
     drop_nonfinite,
@@ -26,6 +25,7 @@ from worker.preprocess import (
     standardize,
     stratified_split,
 )
+from worker.shards import PARTITION_SCHEMES, Shard, class_histograms, partition
 
 __all__ = [
     "DATASET_NAMES",
@@ -33,7 +33,7 @@ __all__ = [
     "load_dataset",
     "read_idx",
     "write_idx",
-    # re-exported from worker.dataset, worker.preprocess and worker.partition
+    # re-exported from worker.dataset, worker.preprocess and worker.shards
     "Dataset",
     "PARTITION_SCHEMES",
     "Shard",

@@ -1,6 +1,6 @@
 """The Dataset: a data set split into train and test arrays, with what loading did to it.
 
-Its own module so that both worker.data (which builds one) and worker.partition (which cuts
+Its own module so that both worker.data (which builds one) and worker.shards (which cuts
 one into shards) can import it without importing each other.
 """
 

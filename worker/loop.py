@@ -17,11 +17,11 @@ import numpy as np
 from kernels import all_finite
 from ps.client import PSClient
 from worker.model import MLP
-from worker.partition import Shard
 from worker.poison import parse_poison, poison_grads, poison_shard
 from worker.precision import Precision, PrecisionConfig
 from worker.preprocess import augment_shifts
 from worker.privacy import DPConfig, add_noise, poisson_batches
+from worker.shards import Shard
 
 __all__ = ["StepRecord", "WorkerConfig", "batches", "run_worker"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.partition import Shard
+from worker.shards import Shard
 
 __all__ = ["BYZANTINE", "POISONS", "parse_poison", "poison_grads", "poison_shard"]
 

@@ -18,11 +18,11 @@ from ps.settings import part, setting
 from worker.data import load_dataset
 from worker.loop import StepRecord, WorkerConfig, run_worker
 from worker.model import MLP
-from worker.partition import partition
 from worker.poison import parse_poison
 from worker.precision import Precision, PrecisionConfig
 from worker.privacy import PrivacyConfig
 from worker.settings import SplitConfig, TrainConfig
+from worker.shards import partition
 
 __all__ = ["WorkerSettings", "parse_addresses", "run_worker_process", "steps_for"]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from worker.data import Dataset, load_dataset
-from worker.partition import class_histograms
-from worker.partition import partition as make_shards  # `partition` is a parameter name here
 from worker.preprocess import fit_standardizer, standardize
+from worker.shards import class_histograms
+from worker.shards import partition as make_shards  # `partition` is a parameter name here
 
 __all__ = [
     "EXTREME_Z",
@@ -273,7 +273,7 @@ def data_report_of(
     hand. Duplicates and constant features are found on the training rows as given (equal
     raw rows stay equal after standardising); raw ranges of a standardised data set are
     reconstructed from its mean and std. workers, partition, alpha and seed go to
-    worker.partition.partition, which checks them.
+    worker.shards.partition, which checks them.
     """
     _check_dataset(data)
     share_floor = _check_share(min_class_share, data.n_classes)

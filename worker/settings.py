@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ps.optimizer import OPTIMIZERS, OptimizerConfig
 from ps.settings import setting
-from worker.partition import PARTITION_SCHEMES
+from worker.shards import PARTITION_SCHEMES
 
 __all__ = ["SplitConfig", "TrainConfig", "parse_widths"]
 
