@@ -31,7 +31,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES", "WIRE_DTYPES", "CodecError", "PullReplyView", "PushRequestView",
     "WireSlice", "decode_pull_reply", "decode_push_request", "decode_slice",
     "encode_pull_reply", "encode_push_request", "pack", "raw_slice", "unpack",
-    "write_pull_reply", "write_slice",
+    "write_pull_reply", "write_slice", "ReplyPlan",
 ]
 
 # Clients cut tensors into chunks of a few MiB; this limit only has to exceed one chunk and its
@@ -188,6 +188,17 @@ class _Codes:
         pack(self.values, self.dtype, dest.view(np.uint16))
 
 
+class _Hole:
+    """A message part left empty: the `size` values of a key, `nbytes` on the wire, which the
+    store writes straight into the message (see ReplyPlan)."""
+
+    def __init__(self, size: int, nbytes: int) -> None:
+        self.size, self.nbytes = size, nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
 def _join(parts: list) -> bytes:
     """The message: bytes parts copied and codes made, in order, into one bytes object."""
     runs, plain = [], []  # the bytes parts between codes, joined first: fewer, larger copies
@@ -222,6 +233,8 @@ def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
     encoded: the values are already the array of format `dtype` that travels."""
     if offset is not None:
         data = b""
+    elif isinstance(values, _Hole):
+        data = values
     elif encoded:
         data = memoryview(np.ascontiguousarray(values)).cast("B")
     elif dtype in _ENCODERS and values.size >= _IN_PLACE_MIN:
@@ -312,6 +325,67 @@ def write_pull_reply(
              for k, values, version in got]
     where = None if offsets is None else [offsets[k.id] for k, _, _ in got]
     return encode_pull_reply(items, staleness_max, step_skipped, dtype, where, encoded=True)
+
+
+class ReplyPlan:
+    """A PullReply in the messages, laid out before its values exist, so that the store writes
+    them straight into it: `Store.pull(..., out=plan.destinations(view))` makes the one pass
+    over the values that a reply needs, under its lock, and nothing else runs there.
+
+    The layout takes each key's version to be `expected`. `finish` then writes the fields
+    around the values for the versions they turned out to be, and says False when a field
+    needs more or fewer bytes than planned (a version that passed a power of 128, a skipped
+    step): the caller then writes the reply again from the values (`write_pull_reply`).
+    """
+
+    def __init__(self, keys: Sequence[Key], dtype: str, expected: Sequence[int],
+                 staleness_max: int = 0) -> None:
+        self.keys, self.dtype, self.staleness_max = list(keys), dtype, staleness_max
+        self._wire = WIRE_DTYPES[dtype]
+        self._parts = self._layout(expected, step_skipped=False)
+        self.size = sum(len(p) for p in self._parts)
+
+    def _layout(self, versions: Sequence[int], step_skipped: bool) -> list:
+        items = [(k.name, k.start, _Hole(k.size, k.size * self._wire.itemsize), v)
+                 for k, v in zip(self.keys, versions, strict=True)]
+        parts = []
+        for name, start, hole, version in items:
+            parts += _message(1, _slice_parts(name, start, hole, version, self.dtype))
+        if self.staleness_max:
+            parts += [_tag(2, _VARINT), _varint(self.staleness_max)]
+        if step_skipped:
+            parts += [_tag(3, _VARINT), b"\x01"]
+        return parts
+
+    def destinations(self, dest: np.ndarray) -> dict[KeyId, np.ndarray | Packed]:
+        """Where each key's values go in `dest` (the new message's bytes), as the store writes
+        them: float32 arrays, or Packed codes."""
+        views, at = [], 0
+        for part in self._parts:
+            if isinstance(part, _Hole):
+                views.append(dest[at:at + part.nbytes].view(self._wire))
+            at += len(part)
+        if self.dtype == "float32":
+            return {k.id: view for k, view in zip(self.keys, views, strict=True)}
+        return {k.id: Packed(view, self.dtype) for k, view in zip(self.keys, views, strict=True)}
+
+    def finish(self, dest: np.ndarray, versions: Sequence[int], step_skipped: bool) -> bool:
+        """Write every field but the values into `dest`; False if the layout does not fit."""
+        parts = self._layout(versions, step_skipped)
+        if [len(p) for p in parts] != [len(p) for p in self._parts]:
+            return False
+        at, run_at, run = 0, 0, []  # the fields between two keys' values: one copy for them
+        for part in [*parts, _Hole(0, 0)]:
+            if isinstance(part, _Hole):
+                if run:
+                    dest[run_at:at] = np.frombuffer(b"".join(run), np.uint8)
+                    run = []
+                at += part.nbytes
+                run_at = at
+            else:
+                run.append(part)
+                at += len(part)
+        return True
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -14,14 +14,15 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ps import ps_pb2, ps_pb2_grpc
-from ps.codec import CodecError, decode_slice, write_pull_reply
+from ps.codec import CodecError, ReplyPlan, decode_slice, write_pull_reply
 from ps.inbox import Inbox, TensorRequest
 from ps.keys import Key, KeyId
 from ps.local import Handler
 from ps.mailbox import REASON_KEY, MailboxError, MailboxLost, MailboxMissing
+from ps.memory import filled_bytes
 from ps.optimizer import OptimizerConfig
 from ps.packed import Packed
-from ps.store import Pulled, PushResult, Store
+from ps.store import PushResult, Store
 from ps.store_errors import (
     BadRequest,
     Closed,
@@ -95,8 +96,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._lock = threading.Lock()
         self._bytes_in = 0  # bytes of the pushes taken, message and mailbox (not Init)
         self._bytes_out = 0  # bytes of the pulls answered, message and mailbox
-        self._last_reply: tuple[tuple, bytes] | None = None  # see _reply
-        self._layout_sizes: tuple[tuple[Key, ...] | None, dict[KeyId, int]] = (None, {})
+        self._layout_ids: tuple[tuple[Key, ...] | None, dict[KeyId, Key]] = (None, {})
         self._rejected_pushes = 0  # pushes refused: malformed, non-finite, wrong step, ...
         self._local_channel: tuple[str, bytes] | None = None  # see offer_local
 
@@ -145,51 +145,56 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """PullReply bytes of the request's keys once `step` may be read (None: at once), the
         weights in the reply or in the worker's mailbox. pushed: a PushPull's reply, which
         says whether its step was skipped (decided before the pull's barrier opened)."""
-        got = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
-                               out=self._destinations(request))
-        skipped = pushed and self._store.was_skipped(request.worker, request.step)
-        payload = self._reply(got, request, staleness, skipped)
+        if request.into is None:
+            payload = self._reply_in_messages(request, step, context, staleness, pushed)
+        else:
+            payload = self._reply_in_mailbox(request, step, context, staleness, pushed)
         self._count(sent=len(payload) + request.shared_bytes)
         return payload
 
-    def _destinations(self, request: TensorRequest) -> dict[KeyId, np.ndarray | Packed]:
-        """Where the store writes the weights, in the reply's format: the worker's mailbox, or
-        new arrays that go into the reply once the store's lock is released. (A key the store
-        does not hold gets none: the store says it does not hold it.)"""
-        if request.into is not None:
-            arrays = {key_id: view for key_id, (_, view) in request.into.items()}
-        else:
-            kind = np.float32 if request.dtype == "float32" else np.uint16
-            sizes = self._sizes()
-            wanted = sizes if request.keys is None else request.keys
-            arrays = {key_id: np.empty(sizes[key_id], kind) for key_id in wanted
-                      if key_id in sizes}
-        if request.dtype == "float32":
-            return arrays
-        return {key_id: Packed(codes, request.dtype) for key_id, codes in arrays.items()}
+    def _reply_in_mailbox(self, request: TensorRequest, step: int | None,
+                          context: grpc.ServicerContext, staleness: int, pushed: bool) -> bytes:
+        """The store writes the weights into the worker's mailbox; the reply says where."""
+        out = {key_id: view if request.dtype == "float32" else Packed(view, request.dtype)
+               for key_id, (_, view) in request.into.items()}
+        got = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
+                               out=out)
+        skipped = pushed and self._store.was_skipped(request.worker, request.step)
+        offsets = {key_id: offset for key_id, (offset, _) in request.into.items()}
+        return write_pull_reply(got, request.dtype, staleness, skipped, offsets)
 
-    def _sizes(self) -> dict[KeyId, int]:
-        """Each key's size; the layout changes only at init and restore."""
-        layout = self._store.layout()
-        if self._layout_sizes[0] is not layout:
-            self._layout_sizes = (layout, {k.id: k.size for k in layout})
-        return self._layout_sizes[1]
+    def _reply_in_messages(self, request: TensorRequest, step: int | None,
+                           context: grpc.ServicerContext, staleness: int, pushed: bool) -> bytes:
+        """The store writes the weights straight into a new reply laid out for the keys'
+        versions now (codec.ReplyPlan); a version that moved to another length since (rare)
+        has the reply written again."""
+        keys = self._keys(request.keys)
+        # After a barrier for `step` a key is at version `step` or beyond (sync: exactly).
+        expected = [max(v, step or 0) for v in self._store.key_versions(request.keys)]
+        plan = ReplyPlan(keys, request.dtype, expected, staleness)
+        answer: dict = {}
 
-    def _reply(self, got: list[Pulled], request: TensorRequest, staleness: int,
-               skipped: bool) -> bytes:
-        """codec.write_pull_reply, with the last reply in the messages kept: in sync mode all W
-        workers ask for the same keys at the same versions, and the keys and versions say
-        exactly what the bytes hold, so W-1 of them get it without encoding again."""
-        if request.into is not None:
-            offsets = {key_id: offset for key_id, (offset, _) in request.into.items()}
-            return write_pull_reply(got, request.dtype, staleness, skipped, offsets)
-        signature = (tuple((k.name, k.start, version) for k, _, version in got), request.dtype,
-                     staleness, skipped)
-        if self._last_reply is not None and self._last_reply[0] == signature:
-            return self._last_reply[1]
-        payload = write_pull_reply(got, request.dtype, staleness, skipped)
-        self._last_reply = (signature, payload)
+        def fill(dest: np.ndarray) -> None:
+            got = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
+                                   out=plan.destinations(dest))
+            skipped = pushed and self._store.was_skipped(request.worker, request.step)
+            if not plan.finish(dest, [version for _, _, version in got], skipped):
+                answer["again"] = (got, skipped)
+
+        payload = filled_bytes(plan.size, fill)
+        if "again" in answer:
+            got, skipped = answer["again"]
+            payload = write_pull_reply(got, request.dtype, staleness, skipped)
         return payload
+
+    def _keys(self, key_ids: list[KeyId] | None) -> list[Key]:
+        """The keys asked for (None: all), in the order the store answers; a key it does not
+        hold is left out, and the store says so."""
+        layout = self._store.layout()
+        if self._layout_ids[0] is not layout:  # the layout changes only at init and restore
+            self._layout_ids = (layout, {k.id: k for k in layout})
+        by_id = self._layout_ids[1]
+        return list(layout) if key_ids is None else [by_id[k] for k in key_ids if k in by_id]
 
     # -- the calls ------------------------------------------------------------------------
 

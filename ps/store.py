@@ -316,6 +316,11 @@ class Store:
         with self._cond:
             return self._shard.layout if self._shard else ()
 
+    def key_versions(self, key_ids: list[KeyId] | None) -> list[int]:
+        """The versions of `key_ids` (None: all) now: a look, without waiting."""
+        with self._cond:
+            return [s.version for s in self._check_ready().select(key_ids)]
+
     def versions(self) -> Versions:
         """Whether initialised, the min and max version, and each worker's clock: a cheap
         check."""

@@ -11,6 +11,7 @@ from ps.client import PSClient
 from ps.codec import (
     _IN_PLACE_MIN,
     CodecError,
+    ReplyPlan,
     decode_pull_reply,
     decode_push_request,
     decode_slice,
@@ -193,3 +194,49 @@ def test_large_16_bit_pushes_and_pulls_through_a_server(wire_dtype):
     master = start.copy()
     sgd_update(master, decode(encode(grad)), 0.5)  # the server steps as decode-then-update
     np.testing.assert_array_equal(pulled, decode(encode(master)))
+
+
+def _planned(spec, dtype, expected, actual, staleness=0, skipped=False):
+    """A reply made as the servicer makes one: laid out for `expected` versions, the values
+    written into it as the store writes them, then finished for the `actual` ones."""
+    from ps.keys import Key
+    from ps.memory import filled_bytes
+    from ps.packed import write_values
+
+    keys = [Key(f"{name}{i}", (start + size,), start, start + size)  # as in a layout: unique,
+            for i, (name, start, size, _) in enumerate(spec)]  # never empty
+    values = [np.random.default_rng(i).standard_normal(k.size, dtype=np.float32)
+              for i, k in enumerate(keys)]
+    plan = ReplyPlan(keys, dtype, expected, staleness)
+    fitted = []
+
+    def fill(dest):
+        out = plan.destinations(dest)
+        for key, v in zip(keys, values, strict=True):
+            write_values(v, out[key.id])
+        fitted.append(plan.finish(dest, actual, skipped))
+
+    payload = filled_bytes(plan.size, fill)
+    return payload, fitted[0], [(k.name, k.start, v, version)
+                                for k, v, version in zip(keys, values, actual, strict=True)]
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.lists(st.tuples(names, st.integers(0, 2**40), st.integers(1, 40),
+                          st.integers(0, 2**40)), max_size=4),
+       st.sampled_from(["float32", "float16", "bfloat16"]), st.integers(0, 3))
+def test_a_planned_reply_is_protobufs_bytes_when_the_versions_fit(spec, dtype, staleness):
+    versions = [v for *_, v in spec]
+    payload, fitted, arrays = _planned(spec, dtype, versions, versions, staleness)
+    assert fitted
+    assert payload == encode_pull_reply(arrays, staleness, dtype=dtype)
+
+
+@pytest.mark.parametrize(("expected", "actual", "skipped"), [
+    ([127], [128], False),  # the varint grew a byte
+    ([0], [1], False),  # version 0 is left out of the message; 1 is not
+    ([5], [5], True),  # a skipped step adds a field
+])
+def test_a_planned_reply_that_does_not_fit_says_so(expected, actual, skipped):
+    _, fitted, _ = _planned([("w", 0, 8, 0)], "float32", expected, actual, skipped=skipped)
+    assert not fitted

@@ -199,12 +199,17 @@ def test_the_servicer_writes_its_replies_with_the_stores_lock_released(monkeypat
     running = serve(mode="sync", workers=1)
     held = []
 
-    def watched(*args, **kwargs):
-        held.append(running.store._cond._is_owned())  # threading.Condition's own check
-        return write_pull_reply(*args, **kwargs)
+    def watch(owner, name):  # the servicer's writers of a reply, with who holds the lock
+        original = getattr(owner, name)
 
-    write_pull_reply = ps.service.write_pull_reply
-    monkeypatch.setattr(ps.service, "write_pull_reply", watched)
+        def watched(*args, **kwargs):
+            held.append(running.store._cond._is_owned())  # threading.Condition's own check
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, watched)
+
+    watch(ps.service, "write_pull_reply")  # replies that say where the mailbox holds values
+    watch(ps.service.ReplyPlan, "finish")  # replies with the values in them
     try:
         with PSClient([running.address], shared_memory=shared_memory,
                       wire_dtype=wire_dtype) as client:
@@ -218,3 +223,27 @@ def test_the_servicer_writes_its_replies_with_the_stores_lock_released(monkeypat
     assert held and not any(held), held
     np.testing.assert_array_equal(after["dense0.weight"], PARAMS["dense0.weight"] - 0.125)
     np.testing.assert_array_equal(fused.params["dense0.bias"], -0.25)
+
+
+def test_a_reply_laid_out_for_other_versions_is_written_again_and_right(monkeypatch):
+    """The reply is laid out for the keys' versions before the pull; when they turn out to
+    need another number of bytes, the servicer writes it again from the values."""
+    import ps.service
+
+    running = serve(mode="async", workers=1)
+    again = []
+    write = ps.service.write_pull_reply
+    monkeypatch.setattr(ps.service, "write_pull_reply",
+                        lambda *a, **k: again.append(1) or write(*a, **k))
+    try:
+        with PSClient([running.address], shared_memory=False) as client:
+            client.init(PARAMS, "sgd", lr=0.5)
+            assert client.pull()["dense0.bias"].tolist() == [0.0, 0.0] and not again
+            monkeypatch.setattr(running.store, "key_versions",
+                                lambda key_ids: [300] * len(key_ids or running.store.layout()))
+            client.push({name: np.full(v.shape, 2.0, np.float32)
+                         for name, v in PARAMS.items()}, 0)
+            assert client.pull()["dense0.bias"].tolist() == [-1.0, -1.0]
+            assert again  # laid out for version 300 (2 bytes), answered at version 1
+    finally:
+        running.stop(0)
