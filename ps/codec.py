@@ -21,8 +21,21 @@ import numpy as np
 
 from kernels import bf16_decode, bf16_encode, fp16_decode, fp16_encode
 from ps.keys import Key, KeyId
-from ps.memory import filled_bytes
 from ps.packed import Packed
+from ps.protowire import (
+    I64,
+    LEN,
+    VARINT,
+    CodecError,
+    fields,
+    join,
+    message,
+    read_varint,
+    signed,
+    tag,
+    text,
+    varint,
+)
 
 if TYPE_CHECKING:
     from ps import ps_pb2
@@ -43,16 +56,6 @@ WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<u2"),
                "bfloat16": np.dtype("<u2")}
 _ENCODERS = {"float16": fp16_encode, "bfloat16": bf16_encode}
 _UNPACK = {"float32": lambda a: a, "float16": fp16_decode, "bfloat16": bf16_decode}
-
-# Wire types (protobuf encoding spec): varint, 64-bit, length-delimited, 32-bit.
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-
-
-class CodecError(ValueError):
-    """Bytes that are not a well-formed message, or whose dtype, shape and length disagree."""
-
-
-
 
 # -- values -------------------------------------------------------------------------------
 
@@ -151,21 +154,6 @@ def raw_slice(msg: ps_pb2.Slice | WireSlice) -> np.ndarray:
 # -- writing ------------------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # negative int32/int64: ten bytes of two's complement
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _tag(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
-
-
 # From this many values up, 16-bit codes are written straight into the message rather than
 # into an array that is then copied in: that saves a pass over them, about 40% of the time to
 # encode a MiB-sized chunk, while below it the extra NumPy calls cost more than the pass
@@ -176,7 +164,7 @@ _IN_PLACE_MIN = 1 << 16
 
 class _Codes:
     """A message part of 16-bit codes still to be made: `len` is their size on the wire, and
-    `_join` has the kernel write them straight into the message."""
+    protowire.join has the kernel write them straight into the message."""
 
     def __init__(self, values: np.ndarray, dtype: str) -> None:
         self.values, self.dtype = values, dtype
@@ -199,32 +187,6 @@ class _Hole:
         return self.nbytes
 
 
-def _join(parts: list) -> bytes:
-    """The message: bytes parts copied and codes made, in order, into one bytes object."""
-    runs, plain = [], []  # the bytes parts between codes, joined first: fewer, larger copies
-    for part in parts:
-        if isinstance(part, _Codes):
-            runs += [b"".join(plain), part]
-            plain = []
-        else:
-            plain.append(part)
-    if not runs:
-        return b"".join(plain)
-    runs.append(b"".join(plain))
-
-    def fill(dest: np.ndarray) -> None:
-        at = 0
-        for run in runs:
-            end = at + len(run)
-            if isinstance(run, _Codes):
-                run.write(dest[at:end])
-            else:
-                dest[at:end] = np.frombuffer(run, np.uint8)
-            at = end
-
-    return filled_bytes(sum(len(run) for run in runs), fill)
-
-
 def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
                  dtype: str = "float32", offset: int | None = None,
                  encoded: bool = False) -> list:
@@ -243,25 +205,20 @@ def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
         data = memoryview(pack(values, dtype)).cast("B")
     encoded_name = name.encode()
     encoded_dtype = dtype.encode()
-    packed_shape = _varint(values.size)
-    head = [_tag(1, _LEN), _varint(len(encoded_name)), encoded_name]
+    packed_shape = varint(values.size)
+    head = [tag(1, LEN), varint(len(encoded_name)), encoded_name]
     if start:
-        head += [_tag(2, _VARINT), _varint(start)]
-    head += [_tag(3, _LEN), _varint(len(encoded_dtype)), encoded_dtype,
-             _tag(4, _LEN), _varint(len(packed_shape)), packed_shape]
+        head += [tag(2, VARINT), varint(start)]
+    head += [tag(3, LEN), varint(len(encoded_dtype)), encoded_dtype,
+             tag(4, LEN), varint(len(packed_shape)), packed_shape]
     if len(data):
-        head += [_tag(5, _LEN), _varint(len(data))]
-    tail = [_tag(6, _VARINT), _varint(version)] if version else []
+        head += [tag(5, LEN), varint(len(data))]
+    tail = [tag(6, VARINT), varint(version)] if version else []
     if offset:
-        tail += [_tag(7, _VARINT), _varint(offset)]
+        tail += [tag(7, VARINT), varint(offset)]
     header = b"".join(head)
     body = [header, data] if len(data) else [header]
     return body + tail
-
-
-def _message(field: int, parts: list) -> list:
-    size = sum(len(p) for p in parts)
-    return [_tag(field, _LEN), _varint(size), *parts]
 
 
 def encode_pull_reply(
@@ -275,15 +232,15 @@ def encode_pull_reply(
     parts = []
     for k, (name, start, values, version) in enumerate(items):
         offset = None if offsets is None else offsets[k]
-        parts += _message(1, _slice_parts(name, start, values, version, dtype, offset,
+        parts += message(1, _slice_parts(name, start, values, version, dtype, offset,
                                           encoded))
     if staleness_max:
-        parts += [_tag(2, _VARINT), _varint(staleness_max)]
+        parts += [tag(2, VARINT), varint(staleness_max)]
     if step_skipped:
-        parts += [_tag(3, _VARINT), b"\x01"]
+        parts += [tag(3, VARINT), b"\x01"]
     if offsets is not None:
-        parts += [_tag(4, _VARINT), b"\x01"]
-    return _join(parts)
+        parts += [tag(4, VARINT), b"\x01"]
+    return join(parts)
 
 
 def encode_push_request(
@@ -296,20 +253,20 @@ def encode_push_request(
     not in the message."""
     parts = []
     if worker:
-        parts += [_tag(1, _VARINT), _varint(worker)]
+        parts += [tag(1, VARINT), varint(worker)]
     if step:
-        parts += [_tag(2, _VARINT), _varint(step)]
+        parts += [tag(2, VARINT), varint(step)]
     for k, (name, start, values, version) in enumerate(items):
         offset = None if offsets is None else offsets[k]
-        parts += _message(3, _slice_parts(name, start, values, version, dtype, offset))
+        parts += message(3, _slice_parts(name, start, values, version, dtype, offset))
     if grad_scale:
-        parts += [_tag(4, _I64), struct.pack("<d", grad_scale)]
+        parts += [tag(4, I64), struct.pack("<d", grad_scale)]
     if skip:
-        parts += [_tag(5, _VARINT), b"\x01"]
+        parts += [tag(5, VARINT), b"\x01"]
     if mailbox:
         encoded = mailbox.encode()
-        parts += [_tag(6, _LEN), _varint(len(encoded)), encoded]
-    return _join(parts)
+        parts += [tag(6, LEN), varint(len(encoded)), encoded]
+    return join(parts)
 
 
 def write_pull_reply(
@@ -350,11 +307,11 @@ class ReplyPlan:
                  for k, v in zip(self.keys, versions, strict=True)]
         parts = []
         for name, start, hole, version in items:
-            parts += _message(1, _slice_parts(name, start, hole, version, self.dtype))
+            parts += message(1, _slice_parts(name, start, hole, version, self.dtype))
         if self.staleness_max:
-            parts += [_tag(2, _VARINT), _varint(self.staleness_max)]
+            parts += [tag(2, VARINT), varint(self.staleness_max)]
         if step_skipped:
-            parts += [_tag(3, _VARINT), b"\x01"]
+            parts += [tag(3, VARINT), b"\x01"]
         return parts
 
     def destinations(self, dest: np.ndarray) -> dict[KeyId, np.ndarray | Packed]:
@@ -391,111 +348,59 @@ class ReplyPlan:
 # -- reading ------------------------------------------------------------------------------
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(buf):
-            raise CodecError("message ends inside a varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift >= 70:
-            raise CodecError("varint longer than ten bytes")
-
-
-def _signed(value: int) -> int:
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _fields(buf: memoryview):
-    """Yield (field number, wire type, value) of a message; LEN values are views."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise CodecError("field number 0")
-        if wire_type == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif wire_type == _LEN:
-            size, pos = _read_varint(buf, pos)
-            if pos + size > len(buf):
-                raise CodecError(f"field {field} claims {size} bytes, {len(buf) - pos} remain")
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire_type in (_I64, _I32):
-            width = 8 if wire_type == _I64 else 4
-            if pos + width > len(buf):
-                raise CodecError(f"field {field} ends early")
-            value, pos = buf[pos:pos + width], pos + width
-        else:
-            raise CodecError(f"field {field} has unsupported wire type {wire_type}")
-        yield field, wire_type, value
-
-
 def _decode_slice(buf: memoryview) -> WireSlice:
     name, start, dtype, shape, data, version, offset = "", 0, "", [], memoryview(b""), 0, 0
-    for field, wire_type, value in _fields(buf):
-        if field == 1 and wire_type == _LEN:
-            name = _text(value)
-        elif field == 2 and wire_type == _VARINT:
-            start = _signed(value)
-        elif field == 3 and wire_type == _LEN:
-            dtype = _text(value)
-        elif field == 4 and wire_type == _LEN:  # packed
+    for field, wire_type, value in fields(buf):
+        if field == 1 and wire_type == LEN:
+            name = text(value)
+        elif field == 2 and wire_type == VARINT:
+            start = signed(value)
+        elif field == 3 and wire_type == LEN:
+            dtype = text(value)
+        elif field == 4 and wire_type == LEN:  # packed
             pos = 0
             while pos < len(value):
-                dim, pos = _read_varint(value, pos)
-                shape.append(_signed(dim))
-        elif field == 4 and wire_type == _VARINT:  # unpacked: also legal
-            shape.append(_signed(value))
-        elif field == 5 and wire_type == _LEN:
+                dim, pos = read_varint(value, pos)
+                shape.append(signed(dim))
+        elif field == 4 and wire_type == VARINT:  # unpacked: also legal
+            shape.append(signed(value))
+        elif field == 5 and wire_type == LEN:
             data = value
-        elif field == 6 and wire_type == _VARINT:
-            version = _signed(value)
-        elif field == 7 and wire_type == _VARINT:
-            offset = _signed(value)
+        elif field == 6 and wire_type == VARINT:
+            version = signed(value)
+        elif field == 7 and wire_type == VARINT:
+            offset = signed(value)
     return WireSlice(name, start, dtype, tuple(shape), data, version, offset)
-
-
-def _text(view: memoryview) -> str:
-    try:
-        return bytes(view).decode()
-    except UnicodeDecodeError:
-        raise CodecError("a string field is not UTF-8") from None
 
 
 def decode_pull_reply(payload: bytes) -> PullReplyView:
     slices, staleness_max, skipped, shared = [], 0, False, False
-    for field, wire_type, value in _fields(memoryview(payload)):
-        if field == 1 and wire_type == _LEN:
+    for field, wire_type, value in fields(memoryview(payload)):
+        if field == 1 and wire_type == LEN:
             slices.append(_decode_slice(value))
-        elif field == 2 and wire_type == _VARINT:
-            staleness_max = _signed(value)
-        elif field == 3 and wire_type == _VARINT:
+        elif field == 2 and wire_type == VARINT:
+            staleness_max = signed(value)
+        elif field == 3 and wire_type == VARINT:
             skipped = bool(value)
-        elif field == 4 and wire_type == _VARINT:
+        elif field == 4 and wire_type == VARINT:
             shared = bool(value)
     return PullReplyView(slices, staleness_max, skipped, shared)
 
 
 def decode_push_request(payload: bytes) -> PushRequestView:
     worker, step, slices, scale, skip, mailbox = 0, 0, [], 0.0, False, ""
-    for field, wire_type, value in _fields(memoryview(payload)):
-        if field == 1 and wire_type == _VARINT:
-            worker = _signed(value)
+    for field, wire_type, value in fields(memoryview(payload)):
+        if field == 1 and wire_type == VARINT:
+            worker = signed(value)
             worker = (worker + (1 << 31)) % (1 << 32) - (1 << 31)  # int32
-        elif field == 2 and wire_type == _VARINT:
-            step = _signed(value)
-        elif field == 3 and wire_type == _LEN:
+        elif field == 2 and wire_type == VARINT:
+            step = signed(value)
+        elif field == 3 and wire_type == LEN:
             slices.append(_decode_slice(value))
-        elif field == 4 and wire_type == _I64:
+        elif field == 4 and wire_type == I64:
             (scale,) = struct.unpack("<d", value)
-        elif field == 5 and wire_type == _VARINT:
+        elif field == 5 and wire_type == VARINT:
             skip = bool(value)
-        elif field == 6 and wire_type == _LEN:
-            mailbox = _text(value)
+        elif field == 6 and wire_type == LEN:
+            mailbox = text(value)
     return PushRequestView(worker, step, slices, scale or 1.0, skip, mailbox)
