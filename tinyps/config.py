@@ -21,6 +21,7 @@ from ps.store_config import StoreConfig
 from worker.poison import BYZANTINE, parse_poison
 from worker.precision import PrecisionConfig
 from worker.privacy import DPConfig, PrivacyConfig
+from worker.process import TransportConfig
 from worker.settings import SplitConfig, TrainConfig
 
 __all__ = ["BACKENDS", "FaultConfig", "LaunchConfig", "parse_index_after", "parse_slow_worker"]
@@ -116,10 +117,7 @@ class LaunchConfig:
     precision: PrecisionConfig = part(PrecisionConfig)
     # Tensors through shared-memory mailboxes where a server can map them (this host; never
     # with TLS), instead of in the gRPC messages: see ps/mailbox.py.
-    fused: bool = setting(True, "push a step and pull the next in one PushPull round trip")
-    shared_memory: bool = setting(
-        True, "tensors through a shared-memory mailbox and a local socket to servers on this "
-              "host (else every call through gRPC, tensors in the messages)")
+    transport: TransportConfig = part(TransportConfig)
     faults: FaultConfig = part(FaultConfig)
     checkpoint: CheckpointConfig = part(CheckpointConfig)
     resume: str | None = setting(

@@ -45,8 +45,8 @@ def worker_settings(config: LaunchConfig, index: int, addresses: list[str] | tup
     return WorkerSettings(
         servers=tuple(addresses), index=index, workers=config.workers, train=train,
         split=config.split, placement=config.placement, precision=config.precision,
-        privacy=config.privacy, security=config.security, fused=config.fused,
-        shared_memory=config.shared_memory, slowdown=config.faults.slowdown(index),
+        privacy=config.privacy, security=config.security, transport=config.transport,
+        slowdown=config.faults.slowdown(index),
         poison=config.faults.poison_of(index),
         metrics=None if metrics is None else str(metrics), start_time=start_time)
 

@@ -24,7 +24,8 @@ from worker.privacy import PrivacyConfig
 from worker.settings import SplitConfig, TrainConfig
 from worker.shards import partition
 
-__all__ = ["WorkerSettings", "parse_addresses", "run_worker_process", "steps_for"]
+__all__ = ["TransportConfig", "WorkerSettings", "parse_addresses", "run_worker_process",
+           "steps_for"]
 
 
 def parse_addresses(text: str) -> tuple[str, ...]:
@@ -37,6 +38,16 @@ def parse_addresses(text: str) -> tuple[str, ...]:
     if not parts:
         raise ValueError("expected at least one HOST:PORT")
     return parts
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """How a worker's tensors travel to its servers."""
+
+    fused: bool = setting(True, "push a step and pull the next in one PushPull round trip")
+    shared_memory: bool = setting(
+        True, "tensors through a shared-memory mailbox and a local socket to a server on this "
+              "host (else every call through gRPC, tensors in the messages)")
 
 
 @dataclass(frozen=True)
@@ -53,10 +64,7 @@ class WorkerSettings:
     precision: PrecisionConfig = part(PrecisionConfig)
     privacy: PrivacyConfig = part(PrivacyConfig)
     security: SecurityConfig = part(SecurityConfig)
-    fused: bool = setting(True, "push a step and pull the next in one PushPull round trip")
-    shared_memory: bool = setting(
-        True, "tensors through a shared-memory mailbox and a local socket to a server on this "
-              "host (else every call through gRPC, tensors in the messages)")
+    transport: TransportConfig = part(TransportConfig)
     slowdown: float = setting(1.0, "compute this many times slower (an injected straggler)")
     poison: str | None = setting(
         None, "injected fault: label_flip | random_labels | scaled_gradient:F")
@@ -109,7 +117,7 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
                                      train.epochs)
     config = WorkerConfig(steps=steps, batch_size=train.batch_size, seed=train.seed,
                           augment=train.augment, slowdown=settings.slowdown,
-                          fused=settings.fused, precision=settings.precision,
+                          fused=settings.transport.fused, precision=settings.precision,
                           poison=settings.poison, dp=settings.privacy.dp())
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
@@ -128,7 +136,7 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
                       tls=security.tls(client=True), deadline_s=settings.deadline_s,
                       wait_s=settings.wait_s,
                       wire_dtype=Precision(settings.precision.precision).wire_dtype,
-                      shared_memory=settings.shared_memory) as client:
+                      shared_memory=settings.transport.shared_memory) as client:
             client.init(model.init_params(), train.optimizer,
                         placement=settings.placement.placement,
                         split_bytes=settings.placement.split_bytes,
