@@ -14,9 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from kernels.precision import HARDWARE_HALF, _bf16_bits, _fp16_bits, _half_value
-
-__all__ = ["adam_update", "sgd_update", "sgd_update_codes"]
+__all__ = ["adam_update", "sgd_update"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,33 +104,76 @@ def _check_scalar(name: str, value: object, low: float, high: float | None = Non
 
 
 # ---------------------------------------------------------------------------------------------
-# SGD
+# SGD. Each update kernel has two passes, chosen by flags: `check` computes every new value and
+# answers False at the first inf or NaN, writing nothing; `store` writes them. A server checks
+# then stores, so that an update that would overflow is never half applied.
+
+_CHUNK = 4096  # elements checked between early exits: long enough to vectorise
+_MAX = np.float32(np.finfo(np.float32).max)  # |x| <= _MAX: x is finite (NaN compares False)
+_ZERO = np.float32(0.0)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _sgd_kernel(param, grad, buf, neg_lr, momentum, weight_decay, use_wd, use_momentum, nesterov):
-    """One SGD step over flat float32 arrays, in place (param, and buf when use_momentum).
+def _sgd_values(p, g, b, neg_lr, momentum, weight_decay, use_wd, use_momentum, nesterov):
+    """One element of an SGD step: the new (param, buf), buf unchanged without momentum.
 
-    Computes, per element and in float32, torch's order (fma = one rounding, as torch's
-    vectorised add with alpha):
+    Per element and in float32, torch's order (fma = one rounding, as torch's vectorised add
+    with alpha):
         g = fma(param, wd, grad)       grad.add(param, alpha=wd), only when use_wd (wd == 0
                                        must leave -0.0 and inf alone, as torch skips it)
         buf = buf*momentum + g         buf.mul_(momentum).add_(g): two roundings
         g = fma(buf, momentum, g) if nesterov else buf
         param = fma(g, -lr, param)     param.add_(g, alpha=-lr)
-    Twin: twins.optim.sgd_update. Tricks: one pass, no temporaries; every scalar arrives as
-    float32 so no term is promoted to float64; the flags are loop-invariant branches.
     """
-    for i in range(param.size):
-        p = param[i]
-        g = grad[i]
-        if use_wd:
-            g = _fma32(p, weight_decay, g)
-        if use_momentum:
-            b = buf[i] * momentum + g
-            buf[i] = b
-            g = _fma32(b, momentum, g) if nesterov else b
-        param[i] = _fma32(g, neg_lr, p)
+    if use_wd:
+        g = _fma32(p, weight_decay, g)
+    if use_momentum:
+        b = b * momentum + g
+        g = _fma32(b, momentum, g) if nesterov else b
+    return _fma32(g, neg_lr, p), b
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sgd_kernel(param, grad, buf, neg_lr, momentum, weight_decay, use_wd, use_momentum,
+                nesterov, check, store):
+    """One SGD step over flat float32 arrays (_sgd_values per element), in place on param,
+    and buf when use_momentum; False, with nothing written, when `check` finds a new value
+    inf or NaN. check: compute every new value first; store: write them.
+
+    Twin: twins.optim.sgd_update (check: twins.optim.checked). Tricks: no temporaries; every
+    scalar arrives as float32 so no term is promoted to float64; the flags are loop-invariant
+    branches; the check pass stores nothing, so it vectorises, and exits per chunk; both
+    passes compute with the one _sgd_values, so what the check saw is what is stored.
+    """
+    if check:
+        for c0 in range(0, param.size, _CHUNK):
+            # Slices indexed from 0: Numba drops its wraparound arithmetic (see norms.py).
+            pc = param[c0 : c0 + _CHUNK]
+            gc = grad[c0 : c0 + _CHUNK]
+            bc = buf[c0 : c0 + _CHUNK] if use_momentum else pc
+            bad = False
+            for i in range(pc.size):
+                p, b = _sgd_values(pc[i], gc[i], bc[i], neg_lr, momentum, weight_decay,
+                                   use_wd, use_momentum, nesterov)
+                bad |= not (abs(p) <= _MAX and abs(b) <= _MAX)  # NaN fails <= too
+            if bad:
+                return False
+    if store:
+        for i in range(param.size):
+            p, b = _sgd_values(param[i], grad[i], buf[i] if use_momentum else _ZERO, neg_lr,
+                               momentum, weight_decay, use_wd, use_momentum, nesterov)
+            if use_momentum:
+                buf[i] = b
+            param[i] = p
+    return True
+
+
+def _passes(keep_finite: bool, dry_run: bool) -> tuple[bool, bool]:
+    """(check, store) for a kernel: keep_finite checks then stores, dry_run only checks."""
+    for name, flag in (("keep_finite", keep_finite), ("dry_run", dry_run)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    return bool(keep_finite or dry_run), not dry_run
 
 
 def sgd_update(
@@ -143,7 +184,10 @@ def sgd_update(
     buf: np.ndarray | None = None,
     weight_decay: float = 0.0,
     nesterov: bool = False,
-) -> None:
+    *,
+    keep_finite: bool = False,
+    dry_run: bool = False,
+) -> bool:
     """One torch.optim.SGD step (dampening=0, maximize=False), in place on param (and buf).
 
     param, grad, buf: float32, C-contiguous, same shape, not overlapping. buf is the momentum
@@ -154,9 +198,15 @@ def sgd_update(
     for every g, NaN and -0.0 included). np.zeros_like(param) does too, except that a gradient
     of -0.0 becomes +0.0 in buf (+0.0 + -0.0 == +0.0), a difference in the sign of a zero only.
 
+    Returns whether the step was written. keep_finite: write it only if every new value (param,
+    buf) is finite, else nothing (a server's weights never turn inf or NaN); dry_run: write
+    nothing, only say whether the step would keep every value finite. Neither (torch's way):
+    always written, inf and NaN carried through; True.
+
     Raises TypeError/ValueError naming the bad argument before anything is written:
     lr, momentum, weight_decay must be finite and >= 0; nesterov needs momentum > 0.
     """
+    check, store = _passes(keep_finite, dry_run)
     _check_array("param", param)
     _check_array("grad", grad, like=param)
     lr = _check_scalar("lr", lr, 0.0)
@@ -167,7 +217,8 @@ def sgd_update(
     if nesterov and momentum == 0.0:
         raise ValueError("nesterov momentum requires momentum > 0 (as torch.optim.SGD)")
     use_momentum = momentum != 0.0
-    _check_writable("param", param)
+    if store:
+        _check_writable("param", param)
     arrays = {"param": param, "grad": grad}
     if use_momentum:
         if buf is None:
@@ -176,14 +227,15 @@ def sgd_update(
                 "on the first step and the same array afterwards"
             )
         _check_array("buf", buf, like=param)
-        _check_writable("buf", buf)
+        if store:
+            _check_writable("buf", buf)
         arrays["buf"] = buf
     _check_no_overlap(arrays)
     if param.size == 0:
-        return
+        return True
     flat_buf = buf.reshape(-1) if use_momentum else param.reshape(-1)[:0]
     # torch casts each scalar to the tensor's dtype before the elementwise op: float32 here.
-    _sgd_kernel(
+    return bool(_sgd_kernel(
         param.reshape(-1),
         grad.reshape(-1),
         flat_buf,
@@ -193,100 +245,9 @@ def sgd_update(
         weight_decay != 0.0,
         use_momentum,
         bool(nesterov),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# SGD straight from 16-bit codes: a parameter server receives fp16/bf16 gradients as their bit
-# patterns. Decoding them into a float32 array and then updating writes and reads that array
-# once more than needed; these kernels decode each code where the update uses it. Three
-# kernels, one per decoder, because the hardware one cannot be compiled where there is no
-# F16C (a branch would not keep it out of the machine code), and a kernel made by a factory
-# around its decoder is not cached by Numba (each process would compile it again).
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _sgd_fp16_kernel(param, codes, neg_lr, scale, use_scale):
-    """One plain SGD step from half codes, in place on param (flat arrays).
-
-    Per element, in float32: g = decode(code); g = g / scale when use_scale; param =
-    fma(g, -lr, param): exactly what fp16_decode, a float32 division and _sgd_kernel (no
-    momentum, no weight decay) compute one after the other. Twin: twins.optim.sgd_update_codes.
-    Tricks: one pass, no float32 gradient array; the decode is precision._fp16_bits (bit
-    arithmetic); a division, not a multiply by 1/scale, which would round differently.
-    """
-    for i in range(param.size):
-        g = np.uint32(_fp16_bits(codes[i])).view(np.float32)
-        if use_scale:
-            g = g / scale
-        param[i] = _fma32(g, neg_lr, param[i])
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _sgd_fp16_hw_kernel(param, codes, neg_lr, scale, use_scale):
-    """_sgd_fp16_kernel with the FPU's half conversion alone (precision._half_value).
-
-    Unlike fp16_decode, the conversion sets a NaN's quiet bit; that cannot show here, because
-    the division and the fma set it too (keeping sign and payload), whichever decoder ran. So
-    the kernel skips the NaN fix-up that _fp16_bits_hw needs: about 15% less time per step.
-    """
-    for i in range(param.size):
-        g = _half_value(codes[i])
-        if use_scale:
-            g = g / scale
-        param[i] = _fma32(g, neg_lr, param[i])
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _sgd_bf16_kernel(param, codes, neg_lr, scale, use_scale):
-    """_sgd_fp16_kernel for bfloat16 codes (precision._bf16_bits: a shift)."""
-    for i in range(param.size):
-        g = np.uint32(_bf16_bits(codes[i])).view(np.float32)
-        if use_scale:
-            g = g / scale
-        param[i] = _fma32(g, neg_lr, param[i])
-
-
-_SGD_CODES = {"float16": _sgd_fp16_hw_kernel if HARDWARE_HALF else _sgd_fp16_kernel,
-              "bfloat16": _sgd_bf16_kernel}
-
-
-def sgd_update_codes(
-    param: np.ndarray, codes: np.ndarray, fmt: str, lr: float, scale: float = 1.0
-) -> None:
-    """One plain SGD step (no momentum, no weight decay) from a gradient still in 16-bit codes.
-
-    Bit for bit `sgd_update(param, g, lr)` with g = fp16_decode(codes) (fmt "float16") or
-    bf16_decode(codes) ("bfloat16"), divided by np.float32(scale) first when scale != 1 (a
-    loss scale, divided out in float32 as GradScaler does); but in one pass, without the
-    float32 gradient. param: float32, C-contiguous, writable; codes: uint16 of param's shape.
-
-    Raises TypeError/ValueError naming the bad argument before anything is written: lr finite
-    and >= 0, scale finite and > 0.
-    """
-    _check_array("param", param)
-    if not isinstance(codes, np.ndarray):
-        raise TypeError(f"codes must be a numpy.ndarray, got {type(codes).__name__}")
-    if codes.dtype != np.uint16:
-        raise TypeError(f"codes must be uint16 (16-bit float codes), got {codes.dtype}")
-    if not codes.flags.c_contiguous:
-        raise ValueError("codes must be C-contiguous (use np.ascontiguousarray)")
-    if codes.shape != param.shape:
-        raise ValueError(f"codes has shape {codes.shape}, expected {param.shape} (the param's "
-                         f"shape)")
-    kernel = _SGD_CODES.get(fmt)
-    if kernel is None:
-        raise ValueError(f"fmt must be one of {', '.join(_SGD_CODES)}, got {fmt!r}")
-    lr = _check_scalar("lr", lr, 0.0)
-    scale = _check_scalar("scale", scale, 0.0)
-    if scale == 0.0:
-        raise ValueError("scale must be > 0, got 0.0")
-    _check_writable("param", param)
-    _check_no_overlap({"param": param, "codes": codes})
-    if param.size == 0:
-        return
-    kernel(param.reshape(-1), codes.reshape(-1), np.float32(-lr), np.float32(scale),
-           scale != 1.0)
+        check,
+        store,
+    ))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,49 +255,62 @@ def sgd_update_codes(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _adam_kernel(
-    param,
-    grad,
-    m,
-    v,
-    weight_decay,
-    use_wd,
-    w1,
-    w1_minus_1,
-    small_w1,
-    beta2,
-    c2,
-    bc2_sqrt,
-    eps,
-    neg_step_size,
-):
-    """One Adam step over flat float32 arrays, in place on param, m, v.
+def _adam_values(p, g, m, v, weight_decay, use_wd, w1, w1_minus_1, small_w1, beta2, c2,
+                 bc2_sqrt, eps, neg_step_size):
+    """One element of an Adam step: the new (param, m, v).
 
-    Computes, per element and in float32, torch's _single_tensor_adam order (fma = one
-    rounding, as torch's vectorised kernels):
+    Per element and in float32, torch's _single_tensor_adam order (fma = one rounding, as
+    torch's vectorised kernels):
         g = fma(param, wd, grad)                 grad.add(param, alpha=wd), only when use_wd
         m = fma(g - m, w1, m) if w1 < 0.5 else fma(g - m, w1 - 1, g)
                                                  m.lerp_(g, w1), w1 = 1 - beta1, torch's lerp_vec
         v = fma(c2*g, g, v*beta2)                v.mul_(beta2).addcmul_(g, g, value=c2)
         denom = sqrt(v) / bc2_sqrt + eps         sqrt correctly rounded (torch's is not always)
         param = param + (neg_step_size*m) / denom    addcdiv_: value*t1/t2, left to right
-    Twin: twins.optim.adam_update. Tricks: one pass, no temporaries, float32 scalars
-    precomputed in Python (float64, as torch does) so nothing is promoted; error_model="numpy"
-    lets 0/0 give NaN (eps=0, v=0) instead of raising, and lets the loop vectorise.
     """
-    for i in range(param.size):
-        p = param[i]
-        g = grad[i]
-        if use_wd:
-            g = _fma32(p, weight_decay, g)
-        mi = m[i]
-        d = g - mi
-        mi = _fma32(d, w1, mi) if small_w1 else _fma32(d, w1_minus_1, g)
-        vi = _fma32(c2 * g, g, v[i] * beta2)
-        m[i] = mi
-        v[i] = vi
-        denom = np.sqrt(vi) / bc2_sqrt + eps
-        param[i] = p + (neg_step_size * mi) / denom
+    if use_wd:
+        g = _fma32(p, weight_decay, g)
+    d = g - m
+    m = _fma32(d, w1, m) if small_w1 else _fma32(d, w1_minus_1, g)
+    v = _fma32(c2 * g, g, v * beta2)
+    denom = np.sqrt(v) / bc2_sqrt + eps
+    return p + (neg_step_size * m) / denom, m, v
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _adam_kernel(param, grad, m, v, weight_decay, use_wd, w1, w1_minus_1, small_w1, beta2, c2,
+                 bc2_sqrt, eps, neg_step_size, check, store):
+    """One Adam step over flat float32 arrays (_adam_values per element), in place on param,
+    m, v; False, with nothing written, when `check` finds a new value inf or NaN (the passes
+    as in _sgd_kernel).
+
+    Twin: twins.optim.adam_update. Tricks: no temporaries, float32 scalars precomputed in
+    Python (float64, as torch does) so nothing is promoted; error_model="numpy" lets 0/0 give
+    NaN (eps=0, v=0) instead of raising, and lets the loop vectorise.
+    """
+    if check:
+        for c0 in range(0, param.size, _CHUNK):
+            pc = param[c0 : c0 + _CHUNK]
+            gc = grad[c0 : c0 + _CHUNK]
+            mc = m[c0 : c0 + _CHUNK]
+            vc = v[c0 : c0 + _CHUNK]
+            bad = False
+            for i in range(pc.size):
+                p, mi, vi = _adam_values(pc[i], gc[i], mc[i], vc[i], weight_decay, use_wd, w1,
+                                         w1_minus_1, small_w1, beta2, c2, bc2_sqrt, eps,
+                                         neg_step_size)
+                bad |= not (abs(p) <= _MAX and abs(mi) <= _MAX and vi <= _MAX)  # v >= 0
+            if bad:
+                return False
+    if store:
+        for i in range(param.size):
+            p, mi, vi = _adam_values(param[i], grad[i], m[i], v[i], weight_decay, use_wd, w1,
+                                     w1_minus_1, small_w1, beta2, c2, bc2_sqrt, eps,
+                                     neg_step_size)
+            m[i] = mi
+            v[i] = vi
+            param[i] = p
+    return True
 
 
 def adam_update(
@@ -350,17 +324,23 @@ def adam_update(
     beta2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-) -> None:
+    *,
+    keep_finite: bool = False,
+    dry_run: bool = False,
+) -> bool:
     """One torch.optim.Adam step (amsgrad=False, L2 weight decay), in place on param, m, v.
 
     param, grad, m, v: float32, C-contiguous, same shape, not overlapping; m and v start as
     zeros (as torch's exp_avg and exp_avg_sq). step counts this update from 1, as torch's
     state["step"] after its increment. Bias corrections and the step size are Python floats
-    (float64), as in torch; every elementwise operation is float32.
+    (float64), as in torch; every elementwise operation is float32. Returns whether the step
+    was written; keep_finite (param, m and v all finite, or nothing written) and dry_run as
+    in sgd_update.
 
     Raises TypeError/ValueError naming the bad argument before anything is written:
     step an int >= 1; lr, eps, weight_decay finite and >= 0; beta1, beta2 in [0, 1).
     """
+    check, store = _passes(keep_finite, dry_run)
     _check_array("param", param)
     _check_array("grad", grad, like=param)
     _check_array("m", m, like=param)
@@ -375,11 +355,12 @@ def adam_update(
     beta2 = _check_scalar("beta2", beta2, 0.0, 1.0)
     eps = _check_scalar("eps", eps, 0.0)
     weight_decay = _check_scalar("weight_decay", weight_decay, 0.0)
-    for name, a in (("param", param), ("m", m), ("v", v)):
-        _check_writable(name, a)
+    if store:
+        for name, a in (("param", param), ("m", m), ("v", v)):
+            _check_writable(name, a)
     _check_no_overlap({"param": param, "grad": grad, "m": m, "v": v})
     if param.size == 0:
-        return
+        return True
     # The scalars as torch computes them (Python floats), then cast to float32 where torch's
     # kernels cast them (Scalar.to<float>() / a wrapped 0-d tensor).
     t = float(step)  # torch's state["step"] is a float tensor read with .item()
@@ -388,7 +369,7 @@ def adam_update(
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2**0.5
     w1 = np.float32(1 - beta1)
-    _adam_kernel(
+    return bool(_adam_kernel(
         param.reshape(-1),
         grad.reshape(-1),
         m.reshape(-1),
@@ -403,4 +384,6 @@ def adam_update(
         np.float32(bias_correction2_sqrt),
         np.float32(eps),
         np.float32(-step_size),
-    )
+        check,
+        store,
+    ))

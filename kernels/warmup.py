@@ -11,7 +11,8 @@ import numpy as np
 from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
 from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
 from kernels.norms import all_finite, clip_by_global_norm, global_norm
-from kernels.optim import adam_update, sgd_update, sgd_update_codes
+from kernels.optim import adam_update, sgd_update
+from kernels.optim_codes import sgd_update_codes
 from kernels.precision import (
     bf16_all_finite,
     bf16_decode,

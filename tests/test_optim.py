@@ -12,14 +12,8 @@ from hypothesis.extra.numpy import arrays
 from jit import outputs_with_and_without_jit
 from twins import optim as twin
 
-from kernels.optim import (
-    _fma32,
-    _sgd_fp16_hw_kernel,
-    _sgd_fp16_kernel,
-    adam_update,
-    sgd_update,
-    sgd_update_codes,
-)
+from kernels.optim import _fma32, adam_update, sgd_update
+from kernels.optim_codes import _sgd_fp16_hw_kernel, _sgd_fp16_kernel, sgd_update_codes
 from kernels.precision import (
     HARDWARE_HALF,
     bf16_all_finite,
@@ -529,7 +523,7 @@ def test_sgd_update_codes_fpu_and_bit_arithmetic_decoders_agree(scale):
     param = _params_for(codes, np.random.default_rng(13))
     hw, bits = param.copy(), param.copy()
     for p, kernel in ((hw, _sgd_fp16_hw_kernel), (bits, _sgd_fp16_kernel)):
-        kernel(p, codes, np.float32(-0.25), np.float32(scale), scale != 1.0)
+        kernel(p, codes, np.float32(-0.25), np.float32(scale), scale != 1.0, False, True)
     np.testing.assert_array_equal(hw.view(np.uint32), bits.view(np.uint32))
 
 

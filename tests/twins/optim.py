@@ -1,4 +1,5 @@
-"""Plain-NumPy twins of kernels/optim.py: the specification, written to be obviously right.
+"""Plain-NumPy twins of kernels/optim.py and optim_codes.py: the specification, written to be
+obviously right.
 
 Each line is one line of torch's _single_tensor_sgd / _single_tensor_adam, in float32, with
 each Python scalar cast to float32 where torch's kernel casts it, and fma32 where torch's
@@ -9,7 +10,7 @@ import numpy as np
 
 from twins import precision
 
-__all__ = ["adam_update", "fma32", "sgd_update", "sgd_update_codes"]
+__all__ = ["adam_update", "checked", "fma32", "sgd_update", "sgd_update_codes"]
 
 f32 = np.float32
 
@@ -72,3 +73,20 @@ def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, w
     bias_correction2_sqrt = bias_correction2**0.5
     denom = np.sqrt(v) / f32(bias_correction2_sqrt) + f32(eps)
     param[...] = param + (f32(-step_size) * m) / denom  # addcdiv_(m, denom, value=-step_size)
+
+
+def checked(update, args, written, dry_run=False, **kwargs):
+    """The kernels' keep_finite (and dry_run): `update(*args, **kwargs)` on copies of the
+    arrays at positions `written`; they are copied back only if every new value is finite
+    (and not dry_run). Returns whether every new value is finite."""
+    args = list(args)
+    originals = {i: args[i] for i in written}
+    for i in written:
+        args[i] = args[i].copy()
+    with np.errstate(all="ignore"):
+        update(*args, **kwargs)
+    finite = all(np.isfinite(args[i]).all() for i in written)
+    if finite and not dry_run:
+        for i, original in originals.items():
+            original[...] = args[i]
+    return bool(finite)
