@@ -369,6 +369,8 @@ def adam_update(
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2**0.5
     w1 = np.float32(1 - beta1)
+    with np.errstate(over="ignore"):  # a step size past float32 is inf, as in torch
+        neg_step_size = np.float32(-step_size)
     return bool(_adam_kernel(
         param.reshape(-1),
         grad.reshape(-1),
@@ -383,7 +385,7 @@ def adam_update(
         np.float32(1 - beta2),
         np.float32(bias_correction2_sqrt),
         np.float32(eps),
-        np.float32(-step_size),
+        neg_step_size,
         check,
         store,
     ))

@@ -66,26 +66,35 @@ class Optimizer:
             else:
                 self.state[name] = {}
 
-    def step(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float | None = None) -> None:
-        """Apply one update to `param` (in place) from `grad`; `lr` overrides the configured one."""
+    def step(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float | None = None,
+             keep_finite: bool = False, dry_run: bool = False) -> bool:
+        """Apply one update to `param` (in place) from `grad`; `lr` overrides the configured one.
+
+        Returns whether it was applied. keep_finite: only if every new weight and state value
+        is finite, else nothing changes; dry_run: change nothing, say whether it would stay
+        finite (see kernels.sgd_update).
+        """
         cfg = self.config
         lr = cfg.lr if lr is None else lr
         state = self.state[name]
+        checks = {"keep_finite": keep_finite, "dry_run": dry_run}
         if cfg.name == "adam":
-            # The count advances only once the kernel accepted the update (a refusal changes
-            # nothing).
-            adam_update(
+            # The count advances only once the kernel wrote the update (a refusal, or a dry
+            # run, changes nothing).
+            written = adam_update(
                 param, grad, state["m"], state["v"], state["step"] + 1, lr,
                 beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                **checks,
             )
-            state["step"] += 1
-        elif cfg.name == "momentum":
-            sgd_update(
+            if written and not dry_run:
+                state["step"] += 1
+            return written
+        if cfg.name == "momentum":
+            return sgd_update(
                 param, grad, lr, momentum=cfg.momentum, buf=state["buf"],
-                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, **checks,
             )
-        else:
-            sgd_update(param, grad, lr, weight_decay=cfg.weight_decay)
+        return sgd_update(param, grad, lr, weight_decay=cfg.weight_decay, **checks)
 
     @property
     def fuses_codes(self) -> bool:
@@ -94,12 +103,15 @@ class Optimizer:
         return self.config.name == "sgd" and self.config.weight_decay == 0.0
 
     def step_codes(self, name: str, param: np.ndarray, codes: np.ndarray, fmt: str,
-                   scale: float = 1.0, lr: float | None = None) -> None:
+                   scale: float = 1.0, lr: float | None = None, keep_finite: bool = False,
+                   dry_run: bool = False) -> bool:
         """step() from a gradient still in 16-bit codes (fmt "float16" or "bfloat16") times a
         loss scale: bit for bit step(name, param, decode(codes) / float32(scale), lr), in one
-        pass without the float32 gradient. Only where fuses_codes."""
+        pass without the float32 gradient. Only where fuses_codes. Returns and checks as
+        step()."""
         if not self.fuses_codes:
             raise ValueError(f"step_codes: {self.config.name} with weight decay "
                              f"{self.config.weight_decay} needs the float32 gradient; decode "
                              f"the codes and call step")
-        sgd_update_codes(param, codes, fmt, self.config.lr if lr is None else lr, scale)
+        return sgd_update_codes(param, codes, fmt, self.config.lr if lr is None else lr, scale,
+                                keep_finite=keep_finite, dry_run=dry_run)

@@ -6,7 +6,6 @@ gradient, and knows nothing of gRPC: the servicer translates.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +30,7 @@ from ps.store_errors import (
     StepOutOfRange,
     WaitTimeout,
 )
-from ps.updates import Updates
+from ps.updates import Updates, check_scale
 
 __all__ = ["InitResult", "Pulled", "PushResult", "Store", "Versions"]
 
@@ -201,16 +200,19 @@ class Store:
             self._check_worker(worker)
             if step < 0:
                 raise StepOutOfRange(f"push: step must be >= 0, got {step}")
-            if not (math.isfinite(scale) and scale > 0):
-                raise BadRequest(f"push: the gradient scale must be finite and > 0, got {scale}")
+            check_scale(scale, skip)
             # A rejoining worker was computing while this store lost track of it (see
             # Shard.check_push): its clock may move up.
             fresh = shard.check_push(worker, step, grads, skip,
                                      rejoining=worker in self._members.rejoining)
+            ready = self._updates.unscale(fresh, scale, skip, owned, decoded)
+            # Weights stay finite: an update that would not is refused whole (async, ssp) or
+            # skips its step (sync, see Updates.advance).
+            self._updates.check_finite(shard, step, ready, scale, skip)
             with self._members.calling(worker):
                 self._arrive(worker, step)
                 staleness_max = self._updates.take(shard, self._members.live, worker, step,
-                                                   fresh, scale, skip, owned, decoded)
+                                                   ready, scale, skip)
             self._counters.pushes += 1
             self._cond.notify_all()
             return PushResult(len(fresh), len(grads) - len(fresh), staleness_max)

@@ -5,19 +5,44 @@ step and applied with the others once the step is complete (sync), or applied al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Set
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ps.consistency import Arrival, Rule
+from kernels import all_finite
+from ps.consistency import EVERY_WORKER, Arrival, Rule
 from ps.gather import Gather, Step
 from ps.keys import KeyId
 from ps.packed import Packed
 from ps.shard import Shard, Slot
+from ps.store_errors import BadRequest
 from ps.watch import GradientWatch
 
-__all__ = ["Counters", "Updates"]
+__all__ = ["GRAD_SCALE_MAX", "GRAD_SCALE_MIN", "Counters", "Updates", "check_scale"]
+
+# The loss scales a push may carry. A scale is a power of two that a loss scaler moved
+# (torch's GradScaler starts at 2**16, halves on overflow, doubles after 2000 good steps).
+# Below 2**-24 (fp16's smallest subnormal) the scaler has backed off through 40 overflows in a
+# row, and dividing by it would make ordinary gradients huge; 1e-300 is 0 in float32, and a
+# division by it makes every gradient inf. Above 2**64 no scaler gets: fp16 gradients overflow
+# at 65504 long before. A skipped push divides nothing, and only needs a scale > 0.
+GRAD_SCALE_MIN = 2.0**-24
+GRAD_SCALE_MAX = 2.0**64
+
+# A fresh gradient ready for its update: (key, slot, gradient unscaled unless Packed codes,
+# version read, the gradient is the store's to keep).
+Ready = tuple[KeyId, Slot, np.ndarray | Packed, int, bool]
+
+
+def check_scale(scale: float, skip: bool) -> None:
+    """Refuse a loss scale outside the bounds (any scale not finite and > 0)."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise BadRequest(f"push: the gradient scale must be finite and > 0, got {scale}")
+    if not skip and not GRAD_SCALE_MIN <= scale <= GRAD_SCALE_MAX:
+        raise BadRequest(f"push: grad_scale {scale:g} is outside [2**-24, 2**64] (the loss "
+                         f"scales a scaler can reach); the gradients were not applied")
 
 
 @dataclass
@@ -119,21 +144,53 @@ class Updates:
             out[key_id] = (grad, read_version)
         return out, decoded
 
-    def take(self, shard: Shard, live: Set[int], worker: int, step: int, fresh: list,
-             scale: float, skip: bool, owned: bool, decoded: set[KeyId]) -> int:
-        """Apply or gather the checked gradients of one push of `worker`'s `step`; the largest
-        staleness applied. `fresh`: (key, slot, gradient, version read), see
-        Shard.check_push. `scale`: the loss scale; `skip`: the step is skipped (no values).
-        `owned`, or the key in `decoded`: the array is the store's to keep, without a copy."""
-        staleness_max = 0
-        late = False
+    def unscale(self, fresh: list, scale: float, skip: bool, owned: bool,
+                decoded: set[KeyId]) -> list[Ready]:
+        """The fresh gradients of a push (see Shard.check_push) ready for their update: float32
+        ones divided by the loss scale in fp32, as GradScaler does (a new array, the store's
+        to keep); Packed codes are unscaled by the update itself, in the same pass. `owned`,
+        or the key in `decoded`: the array is the store's to keep, without a copy."""
+        ready = []
         for key_id, slot, grad, read_version in fresh:
             owned_here = owned or key_id in decoded
-            slot.next_step[worker] += 1
-            # Packed codes are unscaled by the update itself, in the same pass.
             if not skip and scale != 1.0 and not isinstance(grad, Packed):
-                grad = grad / np.float32(scale)  # unscale in fp32, as GradScaler does: a new
-                owned_here = True  # array, ours to keep
+                with np.errstate(over="ignore"):  # an inf here is refused by check_finite
+                    grad = grad / np.float32(scale)
+                owned_here = True
+            ready.append((key_id, slot, grad, read_version, owned_here))
+        return ready
+
+    def check_finite(self, shard: Shard, step: int, ready: list[Ready], scale: float,
+                     skip: bool) -> None:
+        """A rule that applies on arrival (async, ssp): refuse the whole push, changing
+        nothing, if the update of any of its keys would make a weight or the optimizer's
+        state inf or NaN (each computed as it would be, nothing written). A rule that
+        gathers checks each step's combined update instead (advance)."""
+        if skip or self.rule.gathers:
+            return
+        for _, slot, grad, read_version, _ in ready:
+            dropped, lr = self._staleness(shard, slot, read_version)
+            if dropped or self._update(shard, slot, grad, lr, scale, dry_run=True):
+                continue
+            if isinstance(grad, Packed) or all_finite(grad):
+                cause = (f"{shard.optimizer.config.name} with lr "
+                         f"{shard.optimizer.config.lr if lr is None else lr:g} would take a "
+                         f"weight or its optimizer state past float32's range")
+            else:
+                cause = f"the gradient divided by grad_scale {scale:g} overflows float32"
+            raise BadRequest(f"push {slot.key}: the update would make weights non-finite: "
+                             f"{cause}; nothing of this push was applied, and worker step "
+                             f"{step} may be sent again")
+
+    def take(self, shard: Shard, live: Set[int], worker: int, step: int, ready: list[Ready],
+             scale: float, skip: bool) -> int:
+        """Apply or gather the gradients of one push of `worker`'s `step`, ready (unscale) and
+        checked (check_finite); the largest staleness applied. `scale`: the loss scale still
+        in Packed codes; `skip`: the step is skipped (no values)."""
+        staleness_max = 0
+        late = False
+        for _, slot, grad, read_version, owned_here in ready:
+            slot.next_step[worker] += 1
             arrival = self.rule.arrival(step, slot.version)
             if arrival is Arrival.GATHER:
                 slot.pending.setdefault(step, Step()).add(worker, None if skip else grad,
@@ -160,11 +217,14 @@ class Updates:
             if entry.skipped_by is not None:
                 self.skipped.add(self.rule.skip_mark(entry.skipped_by, slot.version))
             else:
-                update = self.gather.combine(entry, slot.key, slot.version)
+                with np.errstate(over="ignore", invalid="ignore"):  # inf: skipped just below
+                    update = self.gather.combine(entry, slot.key, slot.version)
                 self.watch.observe(entry.grads)
-                shard.optimizer.step(str(slot.key), slot.value, update)
-                self.counters.updates += 1
-                self.counters.record_staleness(0, len(entry.workers))
+                if shard.optimizer.step(str(slot.key), slot.value, update, keep_finite=True):
+                    self.counters.updates += 1
+                    self.counters.record_staleness(0, len(entry.workers))
+                else:  # it would make the key's values or state non-finite: skipped for all
+                    self.skipped.add(self.rule.skip_mark(EVERY_WORKER, slot.version))
             slot.version += 1
 
     def catch_up(self, shard: Shard | None, live: Set[int]) -> None:
@@ -183,22 +243,36 @@ class Updates:
                 slot.version = target
                 self.advance(shard, slot, live)
 
-    def _apply_one(self, shard: Shard, slot: Slot, grad: np.ndarray | Packed,
-                   read_version: int, scale: float) -> int:
-        """Apply on arrival, unless staler than allowed. Returns the staleness.
-        `scale`: the loss scale still in Packed codes (a float32 gradient is unscaled)."""
+    def _staleness(self, shard: Shard, slot: Slot, read_version: int) -> tuple[bool, float | None]:
+        """Whether a gradient read at `read_version` is dropped as too stale, and the step
+        size its staleness gives (None: the optimizer's own)."""
         staleness = slot.version - read_version
         if self.max_staleness is not None and staleness > self.max_staleness:
+            return True, None
+        if self.staleness_lr and staleness > 1:
+            return False, shard.optimizer.config.lr / staleness  # Zhang et al. 2016
+        return False, None
+
+    @staticmethod
+    def _update(shard: Shard, slot: Slot, grad: np.ndarray | Packed, lr: float | None,
+                scale: float, dry_run: bool = False) -> bool:
+        optimizer = shard.optimizer
+        if isinstance(grad, Packed):  # decoded, unscaled and applied in one pass
+            return optimizer.step_codes(str(slot.key), slot.value, grad.codes, grad.fmt, scale,
+                                        lr=lr, dry_run=dry_run)
+        return optimizer.step(str(slot.key), slot.value, grad, lr=lr, dry_run=dry_run)
+
+    def _apply_one(self, shard: Shard, slot: Slot, grad: np.ndarray | Packed,
+                   read_version: int, scale: float) -> int:
+        """Apply on arrival (checked by check_finite), unless staler than allowed. Returns the
+        staleness. `scale`: the loss scale still in Packed codes (a float32 gradient is
+        unscaled)."""
+        staleness = slot.version - read_version
+        dropped, lr = self._staleness(shard, slot, read_version)
+        if dropped:
             self.counters.dropped_stale += 1
             return staleness
-        lr = None
-        optimizer = shard.optimizer
-        if self.staleness_lr and staleness > 1:
-            lr = optimizer.config.lr / staleness  # Zhang et al. 2016
-        if isinstance(grad, Packed):  # decoded, unscaled and applied in one pass
-            optimizer.step_codes(str(slot.key), slot.value, grad.codes, grad.fmt, scale, lr=lr)
-        else:
-            optimizer.step(str(slot.key), slot.value, grad, lr=lr)
+        self._update(shard, slot, grad, lr, scale)
         slot.version += 1
         self.counters.updates += 1
         self.counters.record_staleness(staleness, 1)

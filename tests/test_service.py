@@ -247,3 +247,66 @@ def test_a_reply_laid_out_for_other_versions_is_written_again_and_right(monkeypa
             assert again  # laid out for version 300 (2 bytes), answered at version 1
     finally:
         running.stop(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights stay finite: a bad loss scale or an update that would overflow is refused (async) or
+# skips its step (sync), over gRPC, Push and PushPull alike.
+
+
+@pytest.mark.parametrize("method", ["Push", "PushPull"])
+@pytest.mark.parametrize("scale", [1e-300, 1e-40, 2.0**70])
+def test_a_grad_scale_out_of_bounds_is_invalid_argument(initialised, stub, method, scale):
+    request = _push(values=np.ones(2, np.float32))
+    request.grad_scale = scale
+    code, details = _code(getattr(stub, method), request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"grad_scale {scale:g} is outside [2**-24, 2**64]" in details
+    with PSClient([initialised.address]) as client:
+        np.testing.assert_array_equal(client.pull()["dense0.bias"], 0.0)
+        assert client.versions()[0]["clocks"] == {0: 0, 1: 0}
+
+
+@pytest.mark.parametrize("method", ["Push", "PushPull"])
+def test_a_push_that_would_overflow_the_weights_is_refused_and_may_be_retried(initialised,
+                                                                                 stub, method):
+    # lr 0.5, gradient 3.4e38: the bias goes to -1.7e38, -3.4e38, then the third would pass
+    # float32's largest. That push is refused, naming the key; its step is sent again, with an
+    # ordinary gradient, and taken.
+    call = getattr(stub, method)
+    with PSClient([initialised.address]) as client:
+        for step in range(2):
+            call(_push(values=np.full(2, 3.4e38, np.float32), step=step, version=step),
+                 timeout=10)
+        before = client.pull()["dense0.bias"]
+        code, details = _code(call, _push(values=np.full(2, 3.4e38, np.float32), step=2,
+                                          version=2))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("push dense0.bias[0:2]: the update would make weights "
+                                  "non-finite: sgd with lr 0.5")
+        np.testing.assert_array_equal(client.pull()["dense0.bias"], before)
+        call(_push(values=np.ones(2, np.float32), step=2, version=2), timeout=10)
+        assert np.isfinite(client.pull()["dense0.bias"]).all()
+        assert initialised.store.key_versions([("dense0.bias", 0)]) == [3]
+        assert client.stats()[0]["rejected_pushes"] == 1
+
+
+def test_sync_a_step_that_would_overflow_is_skipped_and_push_pull_says_so():
+    running = serve(mode="sync", workers=1)
+    try:
+        with PSClient([running.address]) as client:
+            client.init(PARAMS, "sgd", lr=0.5)
+            client.pull(step=0)
+            huge = {name: np.full(v.shape, 3.4e38, np.float32) for name, v in PARAMS.items()}
+            for step in range(2):
+                result = client.push_pull(huge, step)
+                assert not result.step_skipped
+            result = client.push_pull(huge, 2)  # past float32: skipped, weights kept
+            assert result.step_skipped
+            assert all(np.isfinite(v).all() for v in result.params.values())
+            assert client.stats()[0]["skipped_steps"] == 1
+            result = client.push_pull({n: np.ones(v.shape, np.float32)
+                                       for n, v in PARAMS.items()}, 3)
+            assert not result.step_skipped
+    finally:
+        running.stop(0)

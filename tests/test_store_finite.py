@@ -1,0 +1,231 @@
+"""Weights stay finite, always: a grad_scale out of bounds is refused; an update that would make
+a weight or optimizer state inf or NaN is refused whole (async, ssp: the step is not used up)
+or skips its step (sync); the weights and state stay exactly as they were."""
+
+import re
+
+import numpy as np
+import pytest
+
+from kernels import bf16_encode, fp16_encode
+from ps.keys import Key
+from ps.optimizer import OptimizerConfig
+from ps.packed import Packed
+from ps.store import Store
+from ps.store_config import StoreConfig
+from ps.store_errors import BadRequest
+
+A = Key("dense0.weight", (4, 30), 0, 120)
+B = Key("dense0.bias", (30,), 0, 30)
+BIG = 3.4e38
+OPTIMIZERS = [OptimizerConfig("sgd", lr=0.1), OptimizerConfig("momentum", lr=0.1),
+              OptimizerConfig("adam", lr=0.1), OptimizerConfig("sgd", lr=0.1, weight_decay=0.01)]
+
+
+def _store(mode="async", workers=1, optimizer=OPTIMIZERS[0], value=1.0, **kw):
+    store = Store(StoreConfig(mode=mode, workers=workers,
+                              staleness=1 if mode == "ssp" else 0, **kw))
+    store.init([A, B], optimizer, {A.id: np.full(120, value, np.float32),
+                                   B.id: np.full(30, value, np.float32)})
+    return store
+
+
+def _state(store) -> list[np.ndarray]:
+    """Every weight and optimizer state array, copied."""
+    snap = store.snapshot()
+    out = []
+    for ks in snap.keys:
+        out.append(ks.value)
+        out += [np.asarray(v) for _, v in sorted(ks.optimizer.items())]
+    return out
+
+
+def _assert_same(before, after):
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(a).all() for a in after)
+
+
+def _grads(a, b=0.5, version=0):
+    return {A.id: (np.full(120, a, np.float32), version), B.id: (np.full(30, b, np.float32),
+                                                                  version)}
+
+
+def _pushes_work_after(store, worker=0, step=0):
+    """A normal push of `step` is still taken and applied (one worker)."""
+    versions = store.key_versions(None)
+    store.push(worker, step, _grads(0.5, 0.5, versions[0]))
+    assert store.key_versions(None) == [v + 1 for v in versions]
+    assert all(np.isfinite(a).all() for a in _state(store))
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-40, 2.0**-25, 2.0**65, 1e300])
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
+def test_a_grad_scale_out_of_bounds_is_refused_and_changes_nothing(scale, mode):
+    store = _store(mode)
+    before = _state(store)
+    want = re.escape(f"grad_scale {scale:g} is outside [2**-24, 2**64]")
+    with pytest.raises(BadRequest, match=want):
+        store.push(0, 0, _grads(1.0), scale=scale)
+    _assert_same(before, _state(store))
+    store.push(0, 0, _grads(1.0), scale=2.0**-24)  # the bound itself, and step 0 is still open
+    assert all(np.isfinite(a).all() for a in _state(store))
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_scale_that_is_no_number_is_refused_even_for_a_skipped_step(scale):
+    store = _store()
+    with pytest.raises(BadRequest, match="must be finite and > 0"):
+        store.push(0, 0, {A.id: (np.zeros(0, np.float32), 0)}, scale=scale, skip=True)
+
+
+def test_a_skipped_step_may_carry_a_tiny_scale():
+    # A dynamic scaler that kept overflowing backs off below 2**-24; its skipped steps carry
+    # no values, so nothing is divided, and they are taken.
+    store = _store()
+    store.push(0, 0, {A.id: (np.zeros(0, np.float32), 0), B.id: (np.zeros(0, np.float32), 0)},
+               scale=2.0**-40, skip=True)
+    assert store.was_skipped(0, 0)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name + str(o.weight_decay))
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_the_issues_twelve_huge_pushes_never_make_weights_inf(mode, optimizer):
+    # Twelve pushes of 3.4e38 at scale 1, sgd lr 0.1: the ones that would overflow are
+    # refused, naming the key and the cause; the weights stay finite throughout.
+    store = _store(mode, optimizer=optimizer)
+    refused = 0
+    step = 0
+    for _ in range(12):
+        before = _state(store)
+        version = store.key_versions([A.id])[0]
+        try:
+            store.push(0, step, _grads(BIG, 0.5, version))
+            step += 1
+        except BadRequest as err:
+            refused += 1
+            assert "push dense0.weight[0:120]: the update would make weights non-finite" in str(
+                err)
+            assert f"worker step {step} may be sent again" in str(err)
+            _assert_same(before, _state(store))
+    assert refused >= 2
+    assert all(np.isfinite(a).all() for a in _state(store))
+    _pushes_work_after(store, step=step)
+
+
+def test_no_key_of_a_refused_push_is_applied():
+    # B's gradient is fine and comes first in the push; A's would overflow: neither applies.
+    store = _store(value=-3.39e38)
+    before = _state(store)
+    grads = {B.id: (np.full(30, 1.0, np.float32), 0), A.id: (np.full(120, BIG, np.float32), 0)}
+    with pytest.raises(BadRequest, match=r"dense0.weight\[0:120\].*past float32's range"):
+        store.push(0, 0, grads)
+    _assert_same(before, _state(store))
+    assert store.key_versions(None) == [0, 0]
+    assert store.stats()["updates"] == 0
+    _pushes_work_after(store)
+
+
+@pytest.mark.parametrize("scale", [2.0**-24, 1e-7])
+def test_a_finite_gradient_over_a_small_scale_that_overflows_is_refused(scale):
+    store = _store()
+    before = _state(store)
+    with pytest.raises(BadRequest, match=f"divided by grad_scale {scale:g} overflows float32"):
+        store.push(0, 0, _grads(1e33), scale=scale)
+    _assert_same(before, _state(store))
+    _pushes_work_after(store)
+
+
+def test_momentum_buffer_overflow_is_refused():
+    # buf <- 0.9 buf + 3.5e37 heads for 3.5e38, past float32's largest (3.4e38): the buffer
+    # overflows while the weight, with lr tiny, would not.
+    store = _store(optimizer=OptimizerConfig("momentum", lr=1e-30, momentum=0.9))
+    step = 0
+    with pytest.raises(BadRequest, match="non-finite"):
+        for step in range(100):  # noqa: B007 - the step refused is the one to retry
+            before = _state(store)
+            store.push(0, step, _grads(3.5e37, 0.0, store.key_versions([A.id])[0]))
+    _assert_same(before, _state(store))
+    buf = store.snapshot().keys[0].optimizer["buf"]
+    assert np.abs(buf).max() > 1e38  # it got near the edge, and stopped there
+    _pushes_work_after(store, step=step)
+
+
+def test_adam_second_moment_overflow_is_refused_though_the_weight_would_not():
+    # v = 0.001 * g^2 overflows for g = 1e21, while the step m / sqrt(v) stays small.
+    store = _store(optimizer=OptimizerConfig("adam", lr=1e-3))
+    before = _state(store)
+    with pytest.raises(BadRequest, match="adam with lr 0.001 would take a weight or its "
+                                         "optimizer state past float32's range"):
+        store.push(0, 0, _grads(1e21))
+    _assert_same(before, _state(store))
+    assert store.snapshot().keys[0].optimizer["step"] == 0
+    _pushes_work_after(store)
+
+
+@pytest.mark.parametrize("fmt, encode", [("float16", fp16_encode), ("bfloat16", bf16_encode)])
+@pytest.mark.parametrize("optimizer", [OptimizerConfig("sgd", lr=1e27),
+                                       OptimizerConfig("momentum", lr=1e27),
+                                       OptimizerConfig("adam", lr=1e38)], ids=lambda o: o.name)
+def test_16_bit_codes_that_would_overflow_are_refused(fmt, encode, optimizer):
+    # 60000 / 2**-24 is 1e12, finite: with the scale in bounds, 16-bit codes overflow only
+    # with a huge step size. Plain sgd reads the codes in the update itself (the fused path);
+    # the others decode.
+    store = _store(optimizer=optimizer, value=-3.39e38)
+    before = _state(store)
+    codes = {A.id: (Packed(encode(np.full(120, 60000.0, np.float32)), fmt), 0),
+             B.id: (Packed(encode(np.full(30, 1.0, np.float32)), fmt), 0)}
+    with pytest.raises(BadRequest, match="non-finite"):
+        store.push(0, 0, codes, scale=2.0**-24)
+    _assert_same(before, _state(store))
+    if optimizer.name != "adam":  # adam's step of 1e38 / (1 - beta1) is past float32 always
+        _pushes_work_after(store)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name + str(o.weight_decay))
+@pytest.mark.parametrize("scale", [1.0, 2.0**-24])
+def test_sync_a_step_whose_mean_would_overflow_is_skipped_for_everyone(optimizer, scale):
+    # Two finite gradients of 3.4e38 sum to inf: the step's combined update is not applied,
+    # the step counts as skipped (versions advance, pulls say so), and the next step applies.
+    store = _store("sync", workers=2, optimizer=optimizer)
+    before = _state(store)
+    for w in (0, 1):
+        store.push(w, 0, _grads(BIG * scale, 0.5 * scale), scale=scale)
+    # A's state is as it was; B, gathered and checked on its own, took its step.
+    after = _state(store)
+    half = len(after) // 2
+    _assert_same(before[:half], after[:half])
+    assert not np.array_equal(before[half], after[half])
+    assert store.key_versions(None) == [1, 1]
+    assert store.stats()["skipped_steps"] == 1 and store.stats()["updates"] == 1
+    assert store.was_skipped(0, 0) and store.was_skipped(1, 0)
+    for w in (0, 1):
+        store.push(w, 1, _grads(0.5, 0.5, 1))
+    assert store.key_versions(None) == [2, 2] and store.stats()["skipped_steps"] == 1
+    assert not np.array_equal(_state(store)[0], before[0])
+
+
+@pytest.mark.parametrize("fmt, encode", [("float16", fp16_encode), ("bfloat16", bf16_encode)])
+def test_sync_16_bit_codes_over_a_small_scale_skip_the_step(fmt, encode):
+    store = _store("sync", workers=2, value=-3.39e38,
+                   optimizer=OptimizerConfig("sgd", lr=1e27))
+    before = _state(store)
+    for w in (0, 1):
+        store.push(w, 0, {A.id: (Packed(encode(np.full(120, 60000.0, np.float32)), fmt), 0),
+                          B.id: (Packed(encode(np.full(30, 1.0, np.float32)), fmt), 0)},
+                   scale=2.0**-24)
+    assert store.was_skipped(0, 0)
+    np.testing.assert_array_equal(_state(store)[0], before[0])
+    assert all(np.isfinite(a).all() for a in _state(store))
+
+
+def test_sync_accumulated_steps_stop_at_the_edge():
+    # Step after step of 1.7e38 (the mean of two, still finite) walks the weight towards
+    # -inf by 1.7e37; every step that would cross is skipped, and the weight rests finite.
+    store = _store("sync", workers=2)
+    for step in range(24):
+        for w in (0, 1):
+            store.push(w, step, _grads(BIG / 2, 0.0, step))
+    weights = _state(store)[0]
+    assert np.isfinite(weights).all() and weights.min() < -3.0e38
+    assert store.stats()["skipped_steps"] >= 4
