@@ -63,8 +63,9 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "the address to bind (127.0.0.1: this machine only)")
     port: int = setting(0, "the port to bind (0: a free one)")
     threads: int | None = setting(
-        None, "handler threads (default: 8 per worker and 8 more, so that waiting pulls never "
-              "starve the pushes that end their wait)")
+        None, "handler threads (default: --max-waiting per worker and 16 more, so that waiting "
+              "calls never starve the pushes that end their wait, nor control calls); fewer "
+              "than workers x max-waiting + 1 are refused")
     store: StoreConfig = part(StoreConfig)
     checkpoint: CheckpointConfig = part(CheckpointConfig)
     security: SecurityConfig = part(SecurityConfig)
@@ -72,8 +73,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        waiting = self.store.workers * self.store.max_waiting
+        if self.threads is not None and self.threads <= waiting:
+            raise ValueError(
+                f"threads {self.threads} leaves no thread for pushes and control calls when "
+                f"the {self.store.workers} workers hold their {self.store.max_waiting} waiting "
+                f"calls each ({waiting}): give more than {waiting}, or lower --max-waiting")
 
 
 @dataclass
@@ -175,11 +180,17 @@ def serve(config: ServerConfig | None = None, **settings) -> RunningServer:
         if checkpointing.restore and (snapshot := latest_checkpoint(checkpointing.directory)):
             store.restore(snapshot)
             checkpointer.written = int(snapshot.counters.get("checkpoints_written", 0))
-    # Pulls that wait on a barrier hold a thread each; the pool leaves room for every worker's
-    # waiting pulls (a few chunks each) and their pushes, so waiting can never starve the
-    # pushes that would end the wait.
-    pool = ThreadPoolExecutor(max_workers=config.threads or 8 * (workers + 1) + 8,
-                              thread_name_prefix="ps-handler")
+    # The pool rule. Only calls that may wait (a pull of a step, a PushPull) hold a thread for
+    # long, and the store admits at most max_waiting of them per worker id, refusing one more
+    # at once with RESOURCE_EXHAUSTED (Store.waiting_room; worker ids out of range are refused
+    # before they wait). So at most workers * max_waiting threads wait, and the pool has 16
+    # more: whatever the clients do, pushes (which never wait, and open the barriers), Init
+    # and the control calls (Stats, Version, Health, Leave, Shutdown, Layout) always find a
+    # thread after at most a short queue. No maximum_concurrent_rpcs: it would refuse control
+    # calls too, where the rooms refuse only the calls that wait.
+    pool = ThreadPoolExecutor(
+        max_workers=config.threads or workers * config.store.max_waiting + 16,
+        thread_name_prefix="ps-handler")
     server = grpc.server(pool, options=[
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

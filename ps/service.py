@@ -7,7 +7,8 @@ store errors map to gRPC status codes in one table.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import grpc
 import numpy as np
@@ -28,6 +29,7 @@ from ps.store_errors import (
     Closed,
     LayoutConflict,
     NotInitialised,
+    ResourceExhausted,
     StepOutOfRange,
     StoreError,
     UnknownKey,
@@ -48,6 +50,8 @@ _STATUS = {
     NotInitialised: grpc.StatusCode.FAILED_PRECONDITION,
     LayoutConflict: grpc.StatusCode.FAILED_PRECONDITION,
     StepOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,  # over the memory budget, or a
+    # worker's calls waiting beyond its places (Store.waiting_room)
     WaitTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     Closed: grpc.StatusCode.UNAVAILABLE,
 }
@@ -122,29 +126,33 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- the store: each verb in one place --------------------------------------------------
 
-    def _take(self, payload: bytes) -> tuple[TensorRequest, PushResult]:
-        """Decode a Push or PushPull and hand its gradients to the store: (the request, what
-        the store made of it)."""
+    @contextmanager
+    def _push_refusals(self) -> Iterator[None]:
+        """Count a push that is refused: malformed, non-finite, the wrong step, ..."""
         try:
-            request = self._inbox.push(payload)
-            # 16-bit gradients go to the store as their codes: it decodes them only where
-            # the update cannot read codes itself.
-            grads = {key_id: (raw if fmt == "float32" else Packed(raw, fmt), version)
-                     for key_id, (raw, fmt, version) in request.grads.items()}
-            result = self._store.push(request.worker, request.step, grads, request.scale,
-                                      request.skip, owned=request.owned)
+            yield
         except _REFUSALS:
             with self._lock:
                 self._rejected_pushes += 1
             raise
+
+    def _take(self, request: TensorRequest) -> PushResult:
+        """Hand a decoded Push's or PushPull's gradients to the store: what it made of them."""
+        # 16-bit gradients go to the store as their codes: it decodes them only where the
+        # update cannot read codes itself.
+        grads = {key_id: (raw if fmt == "float32" else Packed(raw, fmt), version)
+                 for key_id, (raw, fmt, version) in request.grads.items()}
+        result = self._store.push(request.worker, request.step, grads, request.scale,
+                                  request.skip, owned=request.owned)
         self._count(received=request.received)
-        return request, result
+        return result
 
     def _give(self, request: TensorRequest, step: int | None, context: grpc.ServicerContext,
               staleness: int = 0, pushed: bool = False) -> bytes:
         """PullReply bytes of the request's keys once `step` may be read (None: at once), the
         weights in the reply or in the worker's mailbox. pushed: a PushPull's reply, which
-        says whether its step was skipped (decided before the pull's barrier opened)."""
+        says whether its step was skipped (decided before the pull's barrier opened), and
+        whose caller holds a waiting room for the pull."""
         if request.into is None:
             payload = self._reply_in_messages(request, step, context, staleness, pushed)
         else:
@@ -158,7 +166,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         out = {key_id: view if request.dtype == "float32" else Packed(view, request.dtype)
                for key_id, (_, view) in request.into.items()}
         got = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
-                               out=out)
+                               out=out, admitted=pushed)
         skipped = pushed and self._store.was_skipped(request.worker, request.step)
         offsets = {key_id: offset for key_id, (offset, _) in request.into.items()}
         return write_pull_reply(got, request.dtype, staleness, skipped, offsets)
@@ -176,7 +184,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
         def fill(dest: np.ndarray) -> None:
             got = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
-                                   out=plan.destinations(dest))
+                                   out=plan.destinations(dest), admitted=pushed)
             skipped = pushed and self._store.was_skipped(request.worker, request.step)
             if not plan.finish(dest, [version for _, _, version in got], skipped):
                 answer["again"] = (got, skipped)
@@ -218,7 +226,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Push(self, request: bytes, context):
         """Takes PushRequest bytes, read in place by ps.codec (see add_to_server)."""
         def run():
-            _, result = self._take(request)
+            with self._push_refusals():
+                result = self._take(self._inbox.push(request))
             return ps_pb2.PushReply(accepted=result.accepted, duplicates=result.duplicates,
                                     staleness_max=result.staleness_max)
 
@@ -227,8 +236,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def PushPull(self, request: bytes, context):
         """Push, then pull the same keys for the next step: PullReply bytes (ps.codec)."""
         def run():
-            push, result = self._take(request)
-            return self._give(push, push.step + 1, context, result.staleness_max, pushed=True)
+            with ExitStack() as held:
+                with self._push_refusals():
+                    push = self._inbox.push(request)
+                    # One waiting room (Store.waiting_room) for the push and the pull after
+                    # it: a PushPull refused for want of one has applied nothing.
+                    held.enter_context(self._store.waiting_room(push.worker))
+                    result = self._take(push)
+                return self._give(push, push.step + 1, context, result.staleness_max,
+                                  pushed=True)
 
         return self._call(context, run)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -154,18 +155,30 @@ class Shard:
 
 
 def check_layout(layout: tuple[Key, ...]) -> None:
+    """A layout is whole before anything is made of it: named keys, each a non-empty range
+    inside its tensor, one shape per tensor name, no two keys overlapping."""
     if not layout:
         raise BadRequest("init: the layout has no keys")
-    seen: set[KeyId] = set()
+    first: dict[str, Key] = {}  # tensor name -> its first key, whose shape the others share
     for k in layout:
+        if not k.name:
+            raise BadRequest(f"init: key {k} has no tensor name")
+        if any(d < 0 for d in k.tensor_shape):
+            raise BadRequest(f"init: key {k}: the tensor shape {k.tensor_shape} has a negative "
+                             f"dimension")
         total = math.prod(k.tensor_shape)
-        if not k.name or not 0 <= k.start < k.stop <= total:
-            raise BadRequest(
-                f"init: key {k} is not a non-empty range of a tensor of shape {k.tensor_shape}"
-            )
-        if k.id in seen:
-            raise BadRequest(f"init: key {k} appears twice in the layout")
-        seen.add(k.id)
+        if not 0 <= k.start < k.stop <= total:
+            raise BadRequest(f"init: key {k} is not a non-empty range of a tensor of shape "
+                             f"{k.tensor_shape} ({total} elements)")
+        other = first.setdefault(k.name, k)
+        if other.tensor_shape != k.tensor_shape:
+            raise BadRequest(f"init: keys {other} and {k} give tensor {k.name!r} two shapes, "
+                             f"{other.tensor_shape} and {k.tensor_shape}")
+    ordered = sorted(layout, key=lambda k: (k.name, k.start, k.stop))
+    for a, b in pairwise(ordered):
+        if a.name == b.name and b.start < a.stop:
+            raise BadRequest(f"init: key {a} appears twice in the layout" if a == b else
+                             f"init: keys {a} and {b} overlap: each element belongs to one key")
 
 
 def check_gradient(verb: str, key: Key, grad: np.ndarray | Packed) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
 
+from ps.admission import Admission
 from ps.consistency import clock, make_rule
 from ps.gather import Gather
 from ps.keys import Key, KeyId
@@ -27,6 +29,7 @@ from ps.store_errors import (
     Closed,
     LayoutConflict,
     NotInitialised,
+    ResourceExhausted,
     StepOutOfRange,
     WaitTimeout,
 )
@@ -78,6 +81,9 @@ class Store:
         self._counters = self._updates.counters
         self._restored_seq = -1  # the checkpoint this store was restored from
         self._closed = False
+        # The memory budget, and each worker's places for calls that may wait.
+        self._admission = Admission(config.memory_budget_mb, config.max_waiting,
+                                    config.workers, self._rule.gathers)
 
     # -- initialisation -------------------------------------------------------------------
 
@@ -89,7 +95,9 @@ class Store:
     ) -> InitResult:
         """Set the layout (the first call wins) and the first values of keys.
 
-        A layout or optimizer that differs from the one set is refused: two workers disagree
+        The layout is checked whole, and weighed against the memory budget, before anything is
+        allocated; a refused or failed init leaves the store as it was (no layout set). A
+        layout or optimizer that differs from the one set is refused: two workers disagree
         about the model.
         """
         layout = tuple(keys)
@@ -98,11 +106,20 @@ class Store:
             self._check_open()
             created = self._shard is None
             if created:
-                shard = Shard.new(layout, optimizer, self.config.workers)
+                self._admission.check_layout(layout, optimizer.name)
+                try:
+                    shard = Shard.new(layout, optimizer, self.config.workers)
+                except MemoryError:
+                    raise ResourceExhausted("init: this machine could not allocate the "
+                                            "layout; nothing was kept") from None
             else:
                 shard = self._shard
                 shard.check_same(layout, optimizer)
-            shard.fill(values)  # checks every value first: a refused init changes nothing
+            try:
+                shard.fill(values)  # checks every value first: a refused init changes nothing
+            except MemoryError:
+                raise ResourceExhausted("init: this machine could not allocate the values "
+                                        "sent; nothing was kept") from None
             self._shard = shard
             self._cond.notify_all()
             return InitResult(created, shard.missing)
@@ -116,13 +133,15 @@ class Store:
         step: int | None,
         timeout: float,
         out: Mapping[KeyId, np.ndarray | Packed] | None = None,
+        admitted: bool = False,
     ) -> list[Pulled]:
         """The values of `key_ids` (None: all) with their versions, as (key, values, version).
 
         step None: at once, no barrier (a look at the weights). Otherwise `worker` is about to
         compute `step`, and its rule says when to answer (sync: once every key has applied
         `step` updates; ssp: once the slowest live worker's clock is at least step - K; async:
-        at once); step 0 first waits at the start line. Waits at most `timeout` s.
+        at once); step 0 first waits at the start line. Waits at most `timeout` s, in one of
+        the worker's waiting rooms (see waiting_room; `admitted`: the caller holds one).
 
         Without `out`, the values are copies. With it (key -> a float32 array of the key's
         size, or Packed codes), each key's values are written there, encoded as the
@@ -130,6 +149,9 @@ class Store:
         values that a reply needs, made while no update can change them. Only the store's
         own code runs under its lock.
         """
+        if step is not None and not admitted:
+            with self.waiting_room(worker):
+                return self.pull(key_ids, worker, step, timeout, out, admitted=True)
         with self._cond:
             shard = self._check_ready()
             slots = shard.select(key_ids)
@@ -148,6 +170,22 @@ class Store:
             for s in slots:
                 write_values(s.value, out[s.key.id])
             return [Pulled(s.key, out[s.key.id], s.version) for s in slots]
+
+    @contextmanager
+    def waiting_room(self, worker: int) -> Iterator[None]:
+        """Hold one of `worker`'s config.max_waiting places for a call that may wait (a pull of
+        a step, a PushPull). With every place taken, the call is refused at once: waiting
+        calls hold a handler thread each, and no worker id may hold more than its share, so
+        a barrier's own workers and the control calls always find a thread."""
+        with self._cond:
+            self._check_open()
+            self._check_worker(worker)
+            self._admission.enter(worker)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admission.leave(worker)
 
     def _wait_for_step(self, slots: list[Slot], worker: int, step: int, timeout: float) -> None:
         members = self._members
@@ -339,7 +377,6 @@ class Store:
         with self._cond:
             initialised, vmin, vmax, clocks = self.versions()
             layout = self._shard.layout if self._shard else ()
-            watch = self._updates.watch.summary()
             return {
                 "mode": self.config.mode,
                 "workers": self.config.workers,
@@ -348,12 +385,8 @@ class Store:
                 "keys": len(layout),
                 "params": sum(k.size for k in layout),
                 "bytes_held": 4 * sum(k.size for k in layout),
-                **self._counters.as_stats(),
-                "skipped_steps": self._updates.skipped_count(),
+                **self._updates.stats(),
                 "live_workers": sorted(self._members.live),
-                "suspect_workers": self._updates.watch.suspects(),
-                "grad_cosine": {w: cos for w, (cos, _) in watch.items()},
-                "grad_norm_ratio": {w: ratio for w, (_, ratio) in watch.items()},
                 "restored_from": self._restored_seq,
                 "clocks": clocks,
                 "min_version": vmin,

@@ -41,6 +41,20 @@ class StoreConfig:
     dp_noise_std: float = setting(0.0, "sync: add N(0, s^2) to each step's sum of gradients "
                                        "(DP-SGD noise from a trusted aggregator)")
     dp_seed: int | None = setting(None, "seed that noise (default: secret OS entropy)")
+    # An Init whose layout needs more (values, optimizer state, sync's gathered gradients; see
+    # ps/budget.py) is refused with RESOURCE_EXHAUSTED before anything is allocated.
+    memory_budget_mb: int | None = setting(
+        None, "MiB this server may hold for its parameters, optimizer state and gathered "
+              "gradients; an Init that needs more is refused (default: half of this "
+              "machine's physical memory)", metavar="MIB")
+    # A real worker has at most a few chunks in flight to one server: PSClient runs 4 calls
+    # per server at once (in_flight), and its pool may put all 4*S of S servers' on one; 32
+    # covers 8 servers. Waiting calls hold a handler thread each, so the server's pool is
+    # sized from this bound (ps/server.py).
+    max_waiting: int = setting(
+        32, "calls one worker id may have waiting at once (pulls at a barrier, PushPulls); "
+            "one more is refused with RESOURCE_EXHAUSTED, so that no client can hold every "
+            "handler thread")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +87,11 @@ class StoreConfig:
             raise ValueError(f"lease_s must be > 0 and finite (seconds), got {self.lease_s}")
         if not (math.isfinite(self.dp_noise_std) and self.dp_noise_std >= 0):
             raise ValueError(f"dp_noise_std must be >= 0, got {self.dp_noise_std}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be > 0 (MiB), or None for half of the "
+                             f"machine's memory; got {self.memory_budget_mb}")
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.dp_noise_std and not (gathers and name == "mean"):
             raise ValueError("server-side DP noise needs sync mode and mean aggregation: it is "
                              "added once to each step's sum of gradients")

@@ -6,8 +6,8 @@ The servicer maps each class to one gRPC status code, in one table (ps/service.p
 from __future__ import annotations
 
 __all__ = [
-    "BadRequest", "Closed", "LayoutConflict", "NotInitialised", "StepOutOfRange", "StoreError",
-    "UnknownKey", "WaitTimeout",
+    "BadRequest", "Closed", "LayoutConflict", "NotInitialised", "ResourceExhausted",
+    "StepOutOfRange", "StoreError", "UnknownKey", "WaitTimeout",
 ]
 
 
@@ -41,3 +41,8 @@ class WaitTimeout(StoreError):
 
 class Closed(StoreError):
     pass
+
+
+class ResourceExhausted(StoreError):
+    """More than the server allows: a layout over the memory budget, or a worker's calls that
+    wait beyond its share of the handler threads."""

@@ -114,6 +114,14 @@ class Updates:
         c.staleness_hist = [int(n) for n in saved.get("staleness_hist", [])]
         self.skipped_before = int(saved.get("skipped_steps", 0))
 
+    def stats(self) -> dict:
+        """The counters, skipped steps and the gradient watch, as Stats reports them."""
+        watch = self.watch.summary()
+        return {**self.counters.as_stats(), "skipped_steps": self.skipped_count(),
+                "suspect_workers": self.watch.suspects(),
+                "grad_cosine": {w: cos for w, (cos, _) in watch.items()},
+                "grad_norm_ratio": {w: ratio for w, (_, ratio) in watch.items()}}
+
     def was_skipped(self, worker: int, step: int) -> bool:
         return self.rule.skip_mark(worker, step) in self.skipped
 

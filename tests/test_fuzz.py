@@ -86,6 +86,9 @@ def test_a_server_survives_ten_thousand_bad_requests():
                     assert code in EXPECTED, (i, code, err.details())
                     for a, b in zip(before, weights(), strict=True):
                         np.testing.assert_array_equal(a, b)
+        figures = {code.name: n for code, n in sorted(codes.items(), key=lambda c: c[0].name)}
+        print(f"\nfuzz: {REQUESTS} requests; {accepted} OK; codes {figures}; UNKNOWN "
+              f"{codes.get(grpc.StatusCode.UNKNOWN, 0)}")
         assert sum(codes.values()) > REQUESTS * 0.9, codes  # most were bad, and refused
         stats = PSClient([running.address]).stats()[0]
         assert stats["rejected_pushes"] > 0

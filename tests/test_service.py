@@ -310,3 +310,40 @@ def test_sync_a_step_that_would_overflow_is_skipped_and_push_pull_says_so():
             assert not result.step_skipped
     finally:
         running.stop(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Init is checked whole before anything is allocated or kept.
+
+
+@pytest.mark.parametrize("optimizer, size, code, words", [
+    ("adam", 2**33, grpc.StatusCode.RESOURCE_EXHAUSTED, "init: the layout needs 103079216128 "
+                                                         "bytes"),
+    ("sgd", 2**40, grpc.StatusCode.RESOURCE_EXHAUSTED, "more than this server's memory budget"),
+])
+def test_a_huge_init_is_resource_exhausted_and_keeps_no_layout(server, stub, optimizer, size,
+                                                                code, words):
+    request = ps_pb2.InitRequest(
+        optimizer=ps_pb2.OptimizerSettings(name=optimizer, lr=0.1, beta1=0.9, beta2=0.999,
+                                           eps=1e-8),
+        keys=[ps_pb2.KeySpec(name="w", tensor_shape=[size], start=0, stop=size)])
+    got, details = _code(stub.Init, request)
+    assert got == code and words in details
+    with PSClient([server.address]) as client:
+        client.init(PARAMS, "sgd", lr=0.5)  # the server holds no layout: a good init works
+        np.testing.assert_array_equal(client.pull()["dense0.weight"], 1.0)
+
+
+def test_overlapping_keys_and_two_shapes_are_invalid_argument(server, stub):
+    spec = ps_pb2.KeySpec
+    for keys, words in [
+        ([spec(name="w", tensor_shape=[10], start=0, stop=6),
+          spec(name="w", tensor_shape=[10], start=4, stop=10)], "keys w[0:6] and w[4:10] overlap"),
+        ([spec(name="w", tensor_shape=[10], start=0, stop=5),
+          spec(name="w", tensor_shape=[5, 2], start=5, stop=10)], "give tensor 'w' two shapes"),
+        ([spec(name="w", tensor_shape=[10], start=3, stop=12)], "w[3:12] is not a non-empty range"),
+    ]:
+        got, details = _code(stub.Init, ps_pb2.InitRequest(
+            optimizer=ps_pb2.OptimizerSettings(name="sgd", lr=0.1), keys=keys))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and words in details
+    assert server.store.layout() == ()
