@@ -45,7 +45,8 @@ def layout_bytes(layout: Sequence[Key], optimizer: str, workers: int,
     worker and their combination; and each key's own objects."""
     elements = sum(k.size for k in layout)
     per_element = 4 * (1 + _STATE_FLOATS[optimizer] + (workers + 1 if gathers else 0))
-    parts = ["values", f"{optimizer} state"] + (["sync's gathered gradients"] if gathers else [])
+    parts = (["values"] + ([f"{optimizer} state"] if _STATE_FLOATS[optimizer] else [])
+             + (["sync's gathered gradients"] if gathers else []))
     need = per_element * elements + KEY_BYTES * len(layout)
     return need, (f"{elements} elements x {per_element} bytes ({', '.join(parts)}) and "
-                  f"{len(layout)} keys x {KEY_BYTES} bytes")
+                  f"{len(layout)} key(s) x {KEY_BYTES} bytes")
