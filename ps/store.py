@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import numpy as np
 
@@ -33,35 +32,10 @@ from ps.store_errors import (
     StepOutOfRange,
     WaitTimeout,
 )
+from ps.store_results import InitResult, Pulled, PushResult, Versions
 from ps.updates import Updates, check_scale
 
 __all__ = ["InitResult", "Pulled", "PushResult", "Store", "Versions"]
-
-class InitResult(NamedTuple):
-    created: bool  # this call set the layout
-    pending: int  # keys still without values
-
-
-class Pulled(NamedTuple):
-    """One key of a pull: its values (a copy, or the destination they were written to) and
-    the version they are."""
-
-    key: Key
-    values: np.ndarray | Packed
-    version: int
-
-
-class PushResult(NamedTuple):
-    accepted: int  # keys taken for this step
-    duplicates: int  # keys already pushed for this step (a retry): acknowledged, not applied
-    staleness_max: int  # the largest staleness among the gradients applied by this push
-
-
-class Versions(NamedTuple):
-    initialised: bool  # every key has values
-    min_version: int
-    max_version: int
-    clocks: dict[int, int]  # worker -> its clock (steps pushed to every key here)
 
 
 class Store:

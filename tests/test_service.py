@@ -344,6 +344,7 @@ def test_overlapping_keys_and_two_shapes_are_invalid_argument(server, stub):
         ([spec(name="w", tensor_shape=[10], start=3, stop=12)], "w[3:12] is not a non-empty range"),
     ]:
         got, details = _code(stub.Init, ps_pb2.InitRequest(
-            optimizer=ps_pb2.OptimizerSettings(name="sgd", lr=0.1), keys=keys))
+            optimizer=ps_pb2.OptimizerSettings(name="sgd", lr=0.1, beta1=0.9, beta2=0.999,
+                                               eps=1e-8), keys=keys))
         assert got == grpc.StatusCode.INVALID_ARGUMENT and words in details
     assert server.store.layout() == ()
