@@ -12,8 +12,8 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
-
 from deadline import wait_until
+
 from ps import ps_pb2
 from ps.client import PSClient
 from ps.codec import MAX_MESSAGE_BYTES, encode_push_request
