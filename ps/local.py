@@ -134,6 +134,7 @@ class LocalServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind("\0" + self.name)
+            # room for workers' connects while the accept loop closes a stranger's flood
             listener.listen(128)
         except OSError:
             listener.close()
@@ -242,6 +243,7 @@ class LocalServer:
         return admitted
 
     def _hello(self, conn: socket.socket) -> bool:
+        """The hello came whole before the deadline and shows the key."""
         deadline = time.monotonic() + self.hello_s
         header = recv_before(conn, REQUEST.size, deadline)
         if header is None:
@@ -262,8 +264,8 @@ class LocalServer:
         if not 1 <= method <= len(METHODS) or size > MAX_MESSAGE_BYTES or \
                 not 0.0 <= timeout < math.inf:
             send_reply(conn, grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                   f"malformed local frame: method {method}, {size} bytes, timeout "
-                   f"{timeout}".encode())
+                       f"malformed local frame: method {method}, {size} bytes, timeout "
+                       f"{timeout}".encode())
             return False
         body = recv_exactly(conn, size)
         if body is None:

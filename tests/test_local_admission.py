@@ -212,6 +212,26 @@ def test_a_worker_whose_new_connection_finds_no_slot_calls_grpc_once_and_keeps_t
         _local_pull(running, client)  # the channel again
 
 
+def test_served_connections_have_their_bound_and_a_freed_slot_is_taken_again():
+    server = LocalServer(ECHO, max_connections=2)
+    assert server.start()
+    channels = [LocalChannel(server.name, server.key) for _ in range(3)]
+    try:
+        for channel in channels[:2]:
+            assert channel.call("Pull", b"a", 10) == b"a"  # each keeps its connection
+        with pytest.raises(LocalBusy, match=r"0 connections in their hello \(at most 32\), "
+                                            r"2 served \(at most 2\)"):
+            channels[2].call("Pull", b"b", 10)
+        channels[0].close()
+        wait_until(lambda: server.admitted == 1, "a served slot freed")
+        assert channels[2].call("Pull", b"c", 10) == b"c"
+        assert server.admitted == 2 and server.hellos == 0
+    finally:
+        for channel in channels:
+            channel.close()
+        server.stop()
+
+
 @pytest.mark.parametrize("frame", [
     _frame(32, 0, 0.0, b"k" * 32),  # a wrong key
     _frame(31, 0, 0.0, b"k" * 31),  # too short for a key
