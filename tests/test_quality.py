@@ -325,6 +325,11 @@ def test_plot_shards_writes_a_png(tmp_path):
     path = plot_shards(report, tmp_path / "shards.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    # The tallest stack is drawn whole (autoscaling stopped at a lower layer of it).
+    from tinyps.report import draw_shards
+
+    top = draw_shards(report).axes[0].get_ylim()[1]
+    assert max(report.shard_sizes) < top < 1.1 * max(report.shard_sizes)
 
 
 def test_duplicates_are_counted_in_the_whole_file_before_the_split(tmp_path):
