@@ -204,6 +204,19 @@ class RoundRecorder:
         self._reported.add(text)
         return [text]
 
+    def look(self, final: bool = False) -> tuple[list[Round], str]:
+        """The rounds complete on disk since the last one noted (with final=True, the
+        servers' final checkpoints as the last round), and why there is no final round
+        ("" if there is one, or final=False). Writes nothing."""
+        files = [self._files(i) for i in range(self.servers)]
+        new = self._new_rounds(files)
+        why = ""
+        if final:
+            last, why = self._final_round(files)
+            if last is not None and (not self.rounds or self.rounds[-1].files != last.files):
+                new.append(last)
+        return new, why
+
     def record(self, final: bool = False) -> list[str]:
         """Note the rounds complete since the last call (with final=True, after the servers
         stopped, also their final checkpoints as the last round); the fault events to report
@@ -214,27 +227,24 @@ class RoundRecorder:
         self._next = now + self.every_s
         events: list[str] = []
         try:
-            files = [self._files(i) for i in range(self.servers)]
-            new = self._new_rounds(files)
-            if final:
-                last, why = self._final_round(files)
-                if last is None:
-                    known = self.rounds + new
-                    newest = known[-1].label() if known else "nothing (no round is complete)"
-                    events += self._event(f"checkpoints: {why}; a resume of this run starts "
-                                          f"from {newest}")
-                elif not self.rounds or self.rounds[-1].files != last.files:
-                    new.append(last)
-            if new:
-                self.rounds += new
-                self._dirty = True
-            if self._dirty and self.root.is_dir():  # no folder yet: no server has written
+            new, why = self.look(final)
+        except OSError as err:  # a server's folder that cannot be listed
+            return self._event(f"checkpoints: cannot read {self.root}: {err}")
+        if new:
+            self.rounds += new
+            self._dirty = True
+        if why:
+            newest = self.rounds[-1].label() if self.rounds else "nothing (no round is complete)"
+            events += self._event(f"checkpoints: {why}; a resume of this run starts from "
+                                  f"{newest}")
+        if self._dirty and self.root.is_dir():  # no folder yet: no server has written
+            try:
                 write_manifest(self.root, self.servers, self.rounds)
                 self._dirty = False
-        except OSError as err:
-            events += self._event(f"checkpoints: cannot write {self.root / MANIFEST}: "
-                                  f"{err.strerror or err}; a resume takes the rounds it "
-                                  f"listed before")
+            except OSError as err:
+                events += self._event(f"checkpoints: cannot write {self.root / MANIFEST}: "
+                                      f"{err.strerror or err}; a resume takes the rounds it "
+                                      f"listed before")
         return events
 
 
@@ -293,11 +303,39 @@ def _server_dirs(root: Path) -> list[Path]:
     return [d for _, d in found]
 
 
+def _seq(path: Path) -> int:
+    return int(path.name[5:15])  # ckpt-0000000042.npz
+
+
+def _passed_over(root: Path, path: Path) -> str:
+    """A newer file than the round resumed from, and why it was not taken."""
+    name = path.relative_to(root).as_posix()
+    try:
+        read_checkpoint(path)
+    except CheckpointError as err:
+        return str(err).replace(f"checkpoint {path}", name, 1)
+    return f"{name} (its round is not on every server)"
+
+
 def _without_manifest(root: Path) -> ResumePoint:
-    """An older run, whose servers were never noted as rounds: the servers' newest readable
+    """No manifest: a cluster without a launcher (a spec, Kubernetes), a launcher that died
+    before its first note, or an older tinyps. The rounds the files' tags make complete on
+    every server; files without tags (an older run): the servers' newest readable
     checkpoints, only if they are all of one seq (the same step, in sync)."""
+    directories = _server_dirs(root)
+    rounds, _ = RoundRecorder(root, len(directories)).look(final=True)
+    if rounds:
+        point = _from_manifest(root, rounds)
+        taken = next(r for r in reversed(rounds) if r.step == point.step)
+        newer = [_passed_over(root, path) for i, d in enumerate(directories)
+                 for path in list_checkpoints(d) if _seq(path) > taken.seqs[i]]
+        if newer:
+            point.notes.append(f"resume: {root} has no {MANIFEST}; resuming from "
+                               f"{taken.label()}, the newest round readable on every server "
+                               f"({_where(taken)}), passing over {'; '.join(newer)}")
+        return point
     snapshots, notes, newest = [], [], []
-    for directory in _server_dirs(root):
+    for directory in directories:
         skipped = []
         for path in reversed(list_checkpoints(directory)):
             try:
@@ -313,9 +351,9 @@ def _without_manifest(root: Path) -> ResumePoint:
     seqs = {s.seq for s in snapshots}
     if len(seqs) != 1:
         raise CheckpointError(
-            f"resume: {root} has no {MANIFEST} (a run of an older tinyps), and its servers' "
-            f"newest readable checkpoints are at different updates ({', '.join(newest)}): "
-            f"resuming would mix two moments of the model")
+            f"resume: {root} has no {MANIFEST}, and no round of checkpoints is complete on "
+            f"every server; their newest readable checkpoints are at different updates "
+            f"({', '.join(newest)}): resuming would mix two moments of the model")
     if notes:
         notes.append(f"resume: resuming from update {seqs.pop()} on every server "
                      f"(no {MANIFEST}: a run of an older tinyps)")

@@ -31,15 +31,19 @@ def _snapshot(seq: int, server: int) -> Snapshot:
     return Snapshot("sync", 2, OptimizerConfig("momentum"), [state], {"updates": seq}, seq=seq)
 
 
-def _write(root: Path, server: int, seq: int, final: bool = False, **kwargs) -> Path:
+def _write(root: Path, server: int, seq: int, final: bool = False, tagged: bool = True,
+           **kwargs) -> Path:
+    """Server `server`'s checkpoint at `seq`; untagged: as an older tinyps wrote them."""
     return write_checkpoint(server_directory(root, server), _snapshot(seq, server), keep=10,
-                            round_step=seq // EVERY * EVERY, final=final, **kwargs)
+                            round_step=seq // EVERY * EVERY if tagged else None, final=final,
+                            **kwargs)
 
 
-def _run(root: Path, rounds=ROUNDS, servers: int = 2, record: bool = True) -> Path:
+def _run(root: Path, rounds=ROUNDS, servers: int = 2, record: bool = True,
+         tagged: bool = True) -> Path:
     for seq in rounds:
         for server in range(servers):
-            _write(root, server, seq)
+            _write(root, server, seq, tagged=tagged)
     if record:
         assert RoundRecorder(root, servers, every_s=0).record() == []
     return root
@@ -275,11 +279,35 @@ def test_protected_files_of_a_server_without_a_manifest_are_none(tmp_path):
     assert protected_files(tmp_path / "server0") == []
 
 
-# ---- a run of an older tinyps, without a manifest -----------------------------------------
+# ---- a run without a manifest ------------------------------------------------------------
 
 
-def test_without_a_manifest_newest_files_of_one_step_are_taken(tmp_path):
-    root = _run(tmp_path, record=False)
+def test_without_a_manifest_the_rounds_come_from_the_files_tags(tmp_path):
+    """A cluster without a launcher (a spec, Kubernetes) writes no manifest."""
+    root = _run(tmp_path / "checkpoints", record=False)
+    assert not (root / MANIFEST).exists()
+    assert cset.resume_point(root).step == 280
+    _truncate(root / "server1/ckpt-0000000280.npz")
+    point = read_resume_point(_config(tmp_path))
+    assert [s.seq for s in point.snapshots] == [260, 260]
+    [note] = point.notes
+    assert note.startswith(f"resume: {root} has no {MANIFEST}; resuming from round 260, the "
+                           f"newest round readable on every server (server0 at update 260, "
+                           f"server1 at update 260), passing over server0/ckpt-0000000280.npz "
+                           f"(its round is not on every server); server1/ckpt-0000000280.npz: "
+                           f"unreadable")
+
+
+def test_without_a_manifest_the_final_checkpoints_are_a_round(tmp_path):
+    _run(tmp_path, record=False)
+    _write(tmp_path, 0, 291, final=True)
+    _write(tmp_path, 1, 293, final=True)
+    point = cset.resume_point(tmp_path)
+    assert [s.seq for s in point.snapshots] == [291, 293] and point.notes == []
+
+
+def test_an_older_run_resumes_from_newest_files_of_one_step(tmp_path):
+    root = _run(tmp_path, tagged=False, record=False)
     point = cset.resume_point(root)
     assert [s.seq for s in point.snapshots] == [280, 280] and point.notes == []
     _truncate(root / "server0/ckpt-0000000280.npz")
@@ -291,15 +319,15 @@ def test_without_a_manifest_newest_files_of_one_step_are_taken(tmp_path):
                                f"{MANIFEST}: a run of an older tinyps)")
 
 
-def test_without_a_manifest_newest_files_of_different_steps_are_refused(tmp_path):
-    root = _run(tmp_path / "checkpoints", record=False)
+def test_an_older_run_whose_newest_files_are_of_different_steps_is_refused(tmp_path):
+    root = _run(tmp_path / "checkpoints", tagged=False, record=False)
     _truncate(root / "server1/ckpt-0000000280.npz")
     with pytest.raises(CheckpointError) as err:
         read_resumed(_config(tmp_path))
     assert str(err.value) == (
-        f"resume: {root} has no {MANIFEST} (a run of an older tinyps), and its servers' "
-        f"newest readable checkpoints are at different updates (server0: 280, server1: 260): "
-        f"resuming would mix two moments of the model")
+        f"resume: {root} has no {MANIFEST}, and no round of checkpoints is complete on every "
+        f"server; their newest readable checkpoints are at different updates (server0: 280, "
+        f"server1: 260): resuming would mix two moments of the model")
 
 
 def test_without_a_manifest_a_server_without_files_is_named(tmp_path):
