@@ -128,10 +128,12 @@ def protected_files(server_dir: Path | str) -> list[Path]:
 # ---- noting the rounds complete on every server (the launcher does) -----------------------
 
 
-def _meta(path: Path) -> dict:
-    """The meta entry of a checkpoint file, without reading its arrays."""
+def _tags(path: Path) -> dict:
+    """A checkpoint file's seq, round and final flag, from its meta (not its arrays)."""
     with np.load(path, allow_pickle=False) as npz:
-        return json.loads(str(npz["meta"][()]))
+        meta = json.loads(str(npz["meta"][()]))
+    return {"seq": int(meta["seq"]), "round": meta.get("round"),
+            "final": bool(meta.get("final"))}
 
 
 @dataclass
@@ -143,7 +145,7 @@ class RoundRecorder:
     servers: int
     every_s: float = 1.0  # record() looks at the files at most this often (but final=True)
     rounds: list[Round] = field(default_factory=list)
-    _metas: dict[tuple[str, int, int], dict] = field(default_factory=dict)
+    _metas: dict[tuple[str, int, int], dict] = field(default_factory=dict)  # file -> tags
     _next: float = 0.0
     _dirty: bool = True  # rounds not yet in the manifest on disk (at first, an empty one)
     _reported: set[str] = field(default_factory=set)
@@ -155,16 +157,17 @@ class RoundRecorder:
         except CheckpointError:
             self.rounds = []  # rewritten from the files at the next complete round
 
-    def _files(self, server: int) -> list[tuple[Path, dict]]:
-        """This server's checkpoint files with their meta (unreadable ones left out)."""
+    def _files(self, server: int, seen: dict[tuple[str, int, int], dict]
+               ) -> list[tuple[Path, dict]]:
+        """This server's checkpoint files with their tags (unreadable ones left out); each
+        file (name, mtime, size) is opened once, and `seen` collects what is still there."""
         found = []
         for path in list_checkpoints(server_directory(self.root, server)):
             try:
                 st = path.stat()
                 key = (str(path), st.st_mtime_ns, st.st_size)
-                if key not in self._metas:
-                    self._metas[key] = _meta(path)
-                found.append((path, self._metas[key]))
+                seen[key] = self._metas[key] if key in self._metas else _tags(path)
+                found.append((path, seen[key]))
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 continue  # being replaced, or damaged: resume reads every file again anyway
         return found
@@ -177,7 +180,7 @@ class RoundRecorder:
             for path, meta in server_files:  # oldest first: the first of a round is kept
                 step = meta.get("round")
                 if step is not None and not meta.get("final") and step > last:
-                    mine.setdefault(int(step), (path, int(meta["seq"])))
+                    mine.setdefault(int(step), (path, meta["seq"]))
             by_round.append(mine)
         complete = set.intersection(*(set(m) for m in by_round)) if by_round else set()
         return [self._round(step, [m[step] for m in by_round]) for step in sorted(complete)]
@@ -195,7 +198,7 @@ class RoundRecorder:
                 newest = server_files[-1][0].name if server_files else "none"
                 return None, f"server{i} wrote no final checkpoint (its newest: {newest})"
             path, meta = server_files[-1]
-            picked.append((path, int(meta["seq"])))
+            picked.append((path, meta["seq"]))
         return self._round(min(seq for _, seq in picked), picked, final=True), ""
 
     def _event(self, text: str) -> list[str]:
@@ -208,7 +211,9 @@ class RoundRecorder:
         """The rounds complete on disk since the last one noted (with final=True, the
         servers' final checkpoints as the last round), and why there is no final round
         ("" if there is one, or final=False). Writes nothing."""
-        files = [self._files(i) for i in range(self.servers)]
+        seen: dict[tuple[str, int, int], dict] = {}
+        files = [self._files(i, seen) for i in range(self.servers)]
+        self._metas = seen  # pruned files are forgotten
         new = self._new_rounds(files)
         why = ""
         if final:

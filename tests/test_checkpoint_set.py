@@ -226,6 +226,22 @@ def test_the_recorder_looks_at_most_once_per_interval(tmp_path):
     assert [r.step for r in read_manifest(tmp_path)] == [240, 260]
 
 
+def test_the_recorder_opens_each_file_once_and_forgets_pruned_ones(tmp_path, monkeypatch):
+    _run(tmp_path, record=False)
+    opened = []
+    tags = cset._tags
+    monkeypatch.setattr(cset, "_tags", lambda path: opened.append(path.name) or tags(path))
+    recorder = RoundRecorder(tmp_path, 2, every_s=0)
+    recorder.record()
+    assert len(opened) == 6
+    recorder.record()
+    assert len(opened) == 6
+    (tmp_path / "server0/ckpt-0000000240.npz").unlink()
+    _write(tmp_path, 1, 300)
+    recorder.record()
+    assert opened[6:] == ["ckpt-0000000300.npz"] and len(recorder._metas) == 6
+
+
 # ---- the final round ----------------------------------------------------------------------
 
 
