@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ps.checkpoint import latest_set, list_checkpoints, resplit, server_directory, write_checkpoint
+from ps.checkpoint import list_checkpoints, resplit, server_directory, write_checkpoint
+from ps.checkpoint_set import MANIFEST, ResumePoint, resume_point
 from ps.keys import cut
 from ps.placement import Placement, TensorSpec
 from ps.snapshot import Snapshot
@@ -25,7 +26,7 @@ from worker.process import steps_for
 from worker.shards import partition
 
 __all__ = ["LaunchError", "LaunchPlan", "checkpoint_root", "model_placement", "prepare_launch",
-           "read_resumed", "resume_into", "warm_numba_cache"]
+           "read_resume_point", "read_resumed", "resume_into", "warm_numba_cache"]
 
 
 class LaunchError(RuntimeError):
@@ -54,18 +55,27 @@ def checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
     for folder in root.glob("server*"):
         for path in list_checkpoints(folder):
             path.unlink()
+    (root / MANIFEST).unlink(missing_ok=True)
     return root
 
 
-def read_resumed(config: LaunchConfig) -> list[Snapshot]:
-    """The newest checkpoint of every server of the run resumed, checked against this run
-    before anything is written."""
-    old = latest_set(config.resume_checkpoints())
+def read_resume_point(config: LaunchConfig) -> ResumePoint:
+    """The newest round of checkpoints of the run resumed that every one of its servers holds
+    readable (ps/checkpoint_set.py), with a note for each newer round passed over; checked
+    against this run before anything is written."""
+    point = resume_point(config.resume_checkpoints())
+    old = point.snapshots
     if (old[0].mode, old[0].workers) != (config.mode, config.workers):
         raise ValueError(f"resume: {config.resume} is a {old[0].mode} run of {old[0].workers} "
                          f"workers; this run must be the same (got {config.mode}, "
                          f"{config.workers} workers)")
-    return old
+    return point
+
+
+def read_resumed(config: LaunchConfig) -> list[Snapshot]:
+    """The checkpoints of every server of the run resumed, all of one round (see
+    read_resume_point)."""
+    return read_resume_point(config).snapshots
 
 
 def resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement,
@@ -93,6 +103,10 @@ class LaunchPlan:
     checkpoints: Path  # absolute: a Ray actor's working directory may be another
     resumed: list[Snapshot] | None  # the resumed run's newest checkpoints, or None
     started: float  # time.time() when the launch began
+    # A resume: the round resumed from, and what a user must hear about it (each newer round
+    # passed over: its file and why), for the terminal and summary.json.
+    resume_round: int | None = None
+    resume_notes: tuple[str, ...] = ()
 
 
 def prepare_launch(config: LaunchConfig) -> LaunchPlan:
@@ -102,7 +116,8 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
-    resumed = read_resumed(config) if config.resume else None
+    point = read_resume_point(config) if config.resume else None
+    resumed = point.snapshots if point is not None else None
     train = config.train
     data = load_dataset(train.dataset, seed=train.seed)
     placement = model_placement(config, data)
@@ -120,4 +135,5 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
         resume_into(config, resumed, placement, checkpoints)
     warm_numba_cache()  # for the processes on this machine; other hosts compile their own
     return LaunchPlan(config, run_dir, data, placement, steps, shard_sizes, checkpoints,
-                      resumed, started)
+                      resumed, started, None if point is None else point.step,
+                      () if point is None else tuple(point.notes))
