@@ -7,6 +7,7 @@ run's servers, and warms Numba's cache for the processes that follow.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,8 +26,9 @@ from worker.model import MLP
 from worker.process import steps_for
 from worker.shards import partition
 
-__all__ = ["LaunchError", "LaunchPlan", "checkpoint_root", "model_placement", "prepare_launch",
-           "read_resume_point", "read_resumed", "resume_into", "warm_numba_cache"]
+__all__ = ["LaunchError", "LaunchPlan", "check_every_server_holds_something", "checkpoint_root",
+           "launch_warnings", "model_placement", "prepare_launch", "read_resume_point",
+           "read_resumed", "resume_into", "warm_numba_cache"]
 
 
 class LaunchError(RuntimeError):
@@ -38,6 +40,38 @@ def model_placement(config: LaunchConfig, data: Dataset) -> Placement:
     model = MLP((data.n_features, *config.train.hidden, data.n_classes))
     specs = [TensorSpec(name, shape) for name, shape in model.param_shapes().items()]
     return config.placement.place(specs, config.servers)
+
+
+def check_every_server_holds_something(config: LaunchConfig, placement: Placement) -> None:
+    """A server that holds no tensor costs a process, a port and every worker's calls for
+    nothing: refuse the run, and say how many servers this model can use."""
+    empty = [i for i, load in enumerate(placement.bytes_per_server()) if load == 0]
+    if not empty:
+        return
+    parts = len(placement.parts)
+    shown = ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more"
+                                               if len(empty) > 5 else "")
+    raise ValueError(
+        f"--servers {config.servers}: the model has {parts} parts to place (tensors, or row "
+        f"ranges of those over --split-bytes), so servers {shown} would hold nothing; use at "
+        f"most {parts} servers, or a smaller --split-bytes to cut big tensors into row ranges")
+
+
+def launch_warnings(config: LaunchConfig, data: Dataset) -> tuple[str, ...]:
+    """What a user should hear before the run starts, though it may go on."""
+    warnings = []
+    if data.dropped_rows:
+        warnings.append(f"{config.train.dataset}: {data.dropped_rows} rows dropped for NaN or "
+                        f"±inf values (`tinyps data-report {config.train.dataset}` lists the "
+                        f"data set's problems)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    processes = config.servers + config.workers
+    if config.backend == "local" and cores and processes > 2 * cores:
+        warnings.append(f"{processes} processes ({config.servers} servers, {config.workers} "
+                        f"workers) on {cores} cores: they take turns on the cores, so this run "
+                        f"measures the scheduler more than training, and runs slower than "
+                        f"fewer processes would")
+    return tuple(warnings)
 
 
 def warm_numba_cache() -> None:
@@ -107,6 +141,7 @@ class LaunchPlan:
     # passed over: its file and why), for the terminal and summary.json.
     resume_round: int | None = None
     resume_notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # for the terminal before the run starts (launch_warnings)
 
 
 def prepare_launch(config: LaunchConfig) -> LaunchPlan:
@@ -121,6 +156,7 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
     train = config.train
     data = load_dataset(train.dataset, seed=train.seed)
     placement = model_placement(config, data)
+    check_every_server_holds_something(config, placement)
     steps = train.steps or steps_for(len(data.X_train), config.workers, train.batch_size,
                                      train.epochs)
     shard_sizes = [len(s) for s in partition(data, config.workers, config.split.partition,
@@ -136,4 +172,5 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
     warm_numba_cache()  # for the processes on this machine; other hosts compile their own
     return LaunchPlan(config, run_dir, data, placement, steps, shard_sizes, checkpoints,
                       resumed, started, None if point is None else point.step,
-                      () if point is None else tuple(point.notes))
+                      () if point is None else tuple(point.notes),
+                      launch_warnings(config, data))
