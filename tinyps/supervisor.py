@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ps.checkpoint_set import RoundRecorder
 from ps.client import PSClient
 from ps.placement import Placement
 from tinyps import privacy
@@ -109,6 +110,7 @@ class Supervisor:
     worker_restarts: int = 0
     lost_workers: list[int] = field(default_factory=list)  # died or hung, not restarted
     events: list[str] = field(default_factory=list)  # faults seen and what was done
+    rounds: RoundRecorder | None = None  # the run's checkpoint manifest (_record_checkpoints)
 
     @property
     def config(self) -> LaunchConfig:
@@ -157,6 +159,7 @@ class Supervisor:
             for index in self.backend.dead_servers():
                 self._restart_server(index)
             self._end_hung(running, seen)
+            self._record_checkpoints()
             if running:
                 time.sleep(self.backend.poll_s)  # a monitoring interval, not synchronisation
         return records
@@ -196,6 +199,14 @@ class Supervisor:
             self.events.append(f"worker{index} silent for {quiet:.0f} s after the others "
                                f"finished: ended as hung")
 
+    def _record_checkpoints(self, final: bool = False) -> None:
+        """Note in the run's manifest the rounds of checkpoints now on every server's disk (a
+        resume takes the newest); final: after the servers stopped, their final ones. The
+        recorder looks at the files at most once a second, and reports each problem once."""
+        if self.rounds is None:
+            self.rounds = RoundRecorder(self.plan.checkpoints, self.config.servers)
+        self.events += self.rounds.record(final=final)
+
     def finish(self, records: list[dict]) -> tuple[dict, dict]:
         """The model and the counters from the servers, evaluated here; then stop the servers
         (each writes a final checkpoint): (summary, params)."""
@@ -206,6 +217,7 @@ class Supervisor:
             params = client.pull()
             client.shutdown()
         self.backend.wait_servers_stopped(config.startup_timeout_s)
+        self._record_checkpoints(final=True)
         faults = {"restarts": self.restarts(),
                   "checkpoints_written": self.backend.checkpoints_written(),
                   "workers_lost": sorted(self.lost_workers),
