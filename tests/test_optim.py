@@ -523,7 +523,8 @@ def test_sgd_update_codes_fpu_and_bit_arithmetic_decoders_agree(scale):
     param = _params_for(codes, np.random.default_rng(13))
     hw, bits = param.copy(), param.copy()
     for p, kernel in ((hw, _sgd_fp16_hw_kernel), (bits, _sgd_fp16_kernel)):
-        kernel(p, codes, np.float32(-0.25), np.float32(scale), scale != 1.0, False, True)
+        kernel(p, codes, np.float32(-0.25), np.float32(scale), scale != 1.0, np.float32(1),
+               False, False, True)
     np.testing.assert_array_equal(hw.view(np.uint32), bits.view(np.uint32))
 
 

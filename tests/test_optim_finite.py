@@ -94,7 +94,7 @@ def test_both_fp16_decoders_refuse_alike():
     codes = fp16_encode(np.array([65504.0, 1.0, -2.0], np.float32))
     for scale in (1e-36, 1.0):
         answers = [kernel(np.ones(3, np.float32), codes, np.float32(-0.1), np.float32(scale),
-                          scale != 1.0, True, False)
+                          scale != 1.0, np.float32(1), False, True, False)
                    for kernel in (_sgd_fp16_kernel, _sgd_fp16_hw_kernel)]
         assert answers == [scale == 1.0] * 2
 
@@ -120,7 +120,7 @@ def test_one_overflow_anywhere_writes_nothing_at_all(at):
                            1e-3, keep_finite=True)  # v = 0.001 * g^2 overflows, param does not
     _same([param, m, v], [before[0], np.zeros(n, np.float32), np.zeros(n, np.float32)])
     assert not _sgd_bf16_kernel(param, bf16_encode(grad), np.float32(-0.5), np.float32(1.0),
-                                False, True, False)  # the bf16 kernel, called as the wrapper does
+                                False, np.float32(1), False, True, False)
     _same([param], [before[0]])
 
 
