@@ -9,7 +9,7 @@ from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimme
 from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
 from kernels.matmul import blocked_matmul
 from kernels.norms import all_finite, clip_by_global_norm, global_norm
-from kernels.optim import adam_update, sgd_update
+from kernels.optim import adam_update, amax, sgd_update
 from kernels.optim_codes import sgd_update_codes
 from kernels.precision import (
     bf16_all_finite,
@@ -29,6 +29,7 @@ __all__ = [
     "aggregate_median",
     "aggregate_trimmed_mean",
     "all_finite",
+    "amax",
     "bf16_all_finite",
     "bf16_decode",
     "bf16_encode",

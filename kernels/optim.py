@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["adam_update", "sgd_update"]
+__all__ = ["adam_update", "amax", "sgd_update"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,3 +389,31 @@ def adam_update(
         check,
         store,
     ))
+
+
+# ---------------------------------------------------------------------------------------------
+# The largest magnitude: what a server knows of its weights and state between updates, so that
+# most updates are known to stay finite without a check pass (ps/bounds.py).
+
+_ABS_BITS = np.int32(0x7FFFFFFF)  # every bit but the sign
+
+
+@njit(cache=True, nogil=True)
+def _amax_kernel(bits):
+    """max |x| over float32 bit patterns (flat int32), as bits. Twin: twins.optim.amax.
+
+    Tricks: as norms._all_finite_kernel, an integer max (the bits of |x| order as |x| does,
+    inf and NaN above every finite value), which vectorises where a float max would not.
+    """
+    worst = np.int32(0)
+    for c0 in range(0, bits.size, _CHUNK):
+        chunk = bits[c0 : c0 + _CHUNK]
+        for i in range(chunk.size):
+            worst = max(worst, chunk[i] & _ABS_BITS)
+    return worst
+
+
+def amax(x: np.ndarray) -> float:
+    """The largest |x| of a float32 array (0.0 when empty); inf or NaN if x holds one."""
+    _check_array("x", x)
+    return float(np.int32(_amax_kernel(x.reshape(-1).view(np.int32))).view(np.float32))

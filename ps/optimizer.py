@@ -8,11 +8,14 @@ The single-process trainer uses the same class, so both sides update weights ide
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from kernels import adam_update, sgd_update, sgd_update_codes
+from kernels import adam_update, amax, sgd_update, sgd_update_codes
+from ps.bounds import FORMAT_MAX, after_step
 
 __all__ = ["OPTIMIZERS", "OptimizerConfig", "Optimizer"]
 
@@ -52,6 +55,9 @@ class Optimizer:
     def __init__(self, config: OptimizerConfig, shapes: dict[str, tuple[int, ...]]) -> None:
         self.config = config
         self.state: dict[str, dict[str, np.ndarray | int]] = {}
+        # name -> upper bounds on |param| and each state array (ps/bounds.py); None: unknown,
+        # measured when next needed. Only checked updates keep them.
+        self.bounds: dict[str, dict[str, float] | None] = dict.fromkeys(shapes)
         for name, shape in shapes.items():
             if config.name == "momentum":
                 # A buffer of -0.0 gives torch's first step (buf = g) bit for bit, since
@@ -67,15 +73,23 @@ class Optimizer:
                 self.state[name] = {}
 
     def step(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float | None = None,
-             keep_finite: bool = False, dry_run: bool = False) -> bool:
+             keep_finite: bool = False, dry_run: bool = False,
+             grad_bound: float | None = None) -> bool:
         """Apply one update to `param` (in place) from `grad`; `lr` overrides the configured one.
 
         Returns whether it was applied. keep_finite: only if every new weight and state value
         is finite, else nothing changes; dry_run: change nothing, say whether it would stay
-        finite (see kernels.sgd_update).
+        finite (see kernels.sgd_update). Both first try the bounds (ps/bounds.py): an update
+        they show to stay finite needs no check pass over the arrays. grad_bound: max |grad|
+        if the caller knows it (else it is measured).
         """
+        return self._update(name, param, lr, keep_finite, dry_run,
+                            lambda: amax(grad) if grad_bound is None else grad_bound,
+                            partial(self._kernel, name, param, grad))
+
+    def _kernel(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float,
+                keep_finite: bool, dry_run: bool) -> bool:
         cfg = self.config
-        lr = cfg.lr if lr is None else lr
         state = self.state[name]
         checks = {"keep_finite": keep_finite, "dry_run": dry_run}
         if cfg.name == "adam":
@@ -96,6 +110,43 @@ class Optimizer:
             )
         return sgd_update(param, grad, lr, weight_decay=cfg.weight_decay, **checks)
 
+    def _update(self, name: str, param: np.ndarray, lr: float | None, keep_finite: bool,
+                dry_run: bool, grad_bound: Callable[[], float],
+                kernel: Callable[[float, bool, bool], bool]) -> bool:
+        """kernel(lr, keep_finite, dry_run), unless the bounds show the update stays finite:
+        then a dry run is answered at once, and keep_finite writes without a check pass."""
+        lr = self.config.lr if lr is None else lr
+        if not (keep_finite or dry_run):
+            self.bounds[name] = None  # unchecked: nothing is known of the values after it
+            return kernel(lr, False, False)
+        after = self._after(name, param, lr, grad_bound())
+        if after is not None:
+            if not dry_run:
+                kernel(lr, False, False)
+                self.bounds[name] = after
+            return True
+        written = kernel(lr, keep_finite, dry_run)
+        if written and not dry_run:
+            self.bounds[name] = None  # measured again when next needed
+        return written
+
+    def _after(self, name: str, param: np.ndarray, lr: float,
+               grad_bound: float) -> dict[str, float] | None:
+        """The bounds after the update if they show every value stays finite, else None. Bounds
+        that grew loose over many updates are measured again (a pass over each array) before
+        giving up."""
+        state = self.state[name]
+        step = int(state.get("step", 0)) + 1
+        known = self.bounds.get(name)
+        if known is not None:
+            after = after_step(self.config, lr, step, known, grad_bound)
+            if after is not None:
+                return after
+        measured = {"param": amax(param)}
+        measured.update({k: amax(v) for k, v in state.items() if isinstance(v, np.ndarray)})
+        self.bounds[name] = measured
+        return after_step(self.config, lr, step, measured, grad_bound)
+
     @property
     def fuses_codes(self) -> bool:
         """Whether step_codes can apply a gradient straight from its 16-bit codes: plain SGD
@@ -104,14 +155,20 @@ class Optimizer:
 
     def step_codes(self, name: str, param: np.ndarray, codes: np.ndarray, fmt: str,
                    scale: float = 1.0, lr: float | None = None, keep_finite: bool = False,
-                   dry_run: bool = False) -> bool:
+                   dry_run: bool = False, codes_finite: bool = False) -> bool:
         """step() from a gradient still in 16-bit codes (fmt "float16" or "bfloat16") times a
         loss scale: bit for bit step(name, param, decode(codes) / float32(scale), lr), in one
         pass without the float32 gradient. Only where fuses_codes. Returns and checks as
-        step()."""
+        step(); codes_finite: the caller has checked that no code is inf or NaN, so that the
+        bounds may take the format's largest value as |g| without reading the codes."""
         if not self.fuses_codes:
             raise ValueError(f"step_codes: {self.config.name} with weight decay "
                              f"{self.config.weight_decay} needs the float32 gradient; decode "
                              f"the codes and call step")
-        return sgd_update_codes(param, codes, fmt, self.config.lr if lr is None else lr, scale,
-                                keep_finite=keep_finite, dry_run=dry_run)
+        # |g| is at most the format's largest finite value over the scale; codes not known to
+        # be finite go to the check pass (an infinite bound shows nothing).
+        return self._update(name, param, lr, keep_finite, dry_run,
+                            lambda: (FORMAT_MAX[fmt] / scale * (1 + 2.0**-20) if codes_finite
+                                     else math.inf),
+                            lambda lr, keep, dry: sgd_update_codes(
+                                param, codes, fmt, lr, scale, keep_finite=keep, dry_run=dry))

@@ -12,7 +12,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from kernels import all_finite
+from kernels import amax
 from ps.gather import Step
 from ps.keys import Key, KeyId
 from ps.optimizer import Optimizer, OptimizerConfig
@@ -21,6 +21,10 @@ from ps.snapshot import KeyState, Snapshot
 from ps.store_errors import BadRequest, LayoutConflict, StepOutOfRange, UnknownKey
 
 __all__ = ["Shard", "Slot", "check_destinations", "check_gradient", "check_layout", "check_values"]
+
+
+# A gradient new for its step: (key, slot, gradient, version read, max |gradient| or None).
+Fresh = tuple[KeyId, "Slot", "np.ndarray | Packed", int, "float | None"]
 
 
 @dataclass
@@ -100,20 +104,22 @@ class Shard:
 
     def check_push(self, worker: int, step: int,
                    grads: dict[KeyId, tuple[np.ndarray | Packed, int]], skip: bool,
-                   rejoining: bool) -> list[tuple[KeyId, Slot, np.ndarray | Packed, int]]:
+                   rejoining: bool) -> list[Fresh]:
         """Check a push of `worker`'s `step` ({key: (gradient, version read)}; `skip`: empty
         gradients) against the keys, changing nothing; return the gradients new for this step
-        as (key, slot, gradient, version read). A retried step's are acknowledged, not new.
+        as (key, slot, gradient, version read, max |gradient| or None for codes). A retried
+        step's are acknowledged, not new.
         `rejoining`: the worker's clock may move up to `step`, and the versions it read may
         be ahead of this shard's (a restored one): they count as its own versions."""
         fresh = []
         for key_id, (grad, read_version) in grads.items():
             slot = self.slot(key_id, "push")
+            bound = None
             if skip:
                 if grad.size:
                     raise BadRequest(f"push {slot.key}: a skipped step carries no values")
             else:
-                check_gradient("push", slot.key, grad)
+                bound = check_gradient("push", slot.key, grad)
             expected = int(slot.next_step[worker])
             if rejoining:
                 expected = max(expected, step)
@@ -125,7 +131,7 @@ class Shard:
                 raise BadRequest(f"push {slot.key}: computed from version {read_version}, but "
                                  f"the key is at version {slot.version}")
             if step == expected:
-                fresh.append((key_id, slot, grad, read_version))
+                fresh.append((key_id, slot, grad, read_version, bound))
         return fresh
 
     def slot(self, key_id: KeyId, verb: str) -> Slot:
@@ -181,25 +187,29 @@ def check_layout(layout: tuple[Key, ...]) -> None:
                              f"init: keys {a} and {b} overlap: each element belongs to one key")
 
 
-def check_gradient(verb: str, key: Key, grad: np.ndarray | Packed) -> None:
-    """check_values, or for Packed codes the same checks on the codes (half the bytes)."""
+def check_gradient(verb: str, key: Key, grad: np.ndarray | Packed) -> float | None:
+    """check_values, or for Packed codes the same checks on the codes (half the bytes); the
+    largest |value| of a float32 gradient (None for codes), found by the same pass."""
     if not isinstance(grad, Packed):
-        check_values(verb, key, grad)
-        return
+        return check_values(verb, key, grad)
     if grad.codes.shape != (key.size,):
         raise BadRequest(f"{verb} {key}: expected {grad.fmt} ({key.size},), got {grad.fmt} "
                          f"{grad.codes.shape}")
     if not grad.all_finite():
         raise BadRequest(f"{verb} {key}: the values hold inf or NaN")
+    return None
 
 
-def check_values(verb: str, key: Key, value: np.ndarray) -> None:
+def check_values(verb: str, key: Key, value: np.ndarray) -> float:
+    """Refuse values of the wrong dtype or shape, or holding inf or NaN; their largest |x|."""
     if value.dtype != np.float32 or value.shape != (key.size,):
         raise BadRequest(
             f"{verb} {key}: expected float32 ({key.size},), got {value.dtype} {value.shape}"
         )
-    if not all_finite(value):
+    largest = amax(value)  # inf or NaN among them makes it inf or NaN
+    if not largest < math.inf:
         raise BadRequest(f"{verb} {key}: the values hold inf or NaN")
+    return largest
 
 
 def check_destinations(slots: list[Slot], out: Mapping[KeyId, np.ndarray | Packed]) -> None:

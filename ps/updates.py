@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels import all_finite
+from kernels import all_finite, amax
 from ps.consistency import EVERY_WORKER, Arrival, Rule
 from ps.gather import Gather, Step
 from ps.keys import KeyId
@@ -20,7 +20,7 @@ from ps.shard import Shard, Slot
 from ps.store_errors import BadRequest
 from ps.watch import GradientWatch
 
-__all__ = ["GRAD_SCALE_MAX", "GRAD_SCALE_MIN", "Counters", "Updates", "check_scale"]
+__all__ = ["GRAD_SCALE_MAX", "GRAD_SCALE_MIN", "Counters", "Ready", "Updates", "check_scale"]
 
 # The loss scales a push may carry. A scale is a power of two that a loss scaler moved
 # (torch's GradScaler starts at 2**16, halves on overflow, doubles after 2000 good steps).
@@ -30,10 +30,18 @@ __all__ = ["GRAD_SCALE_MAX", "GRAD_SCALE_MIN", "Counters", "Updates", "check_sca
 # at 65504 long before. A skipped push divides nothing, and only needs a scale > 0.
 GRAD_SCALE_MIN = 2.0**-24
 GRAD_SCALE_MAX = 2.0**64
+_WIDEN = 1 + 2.0**-20  # a bound divided by the scale, widened past the division's rounding
 
-# A fresh gradient ready for its update: (key, slot, gradient unscaled unless Packed codes,
-# version read, the gradient is the store's to keep).
-Ready = tuple[KeyId, Slot, np.ndarray | Packed, int, bool]
+@dataclass
+class Ready:
+    """A fresh gradient of a push, ready for its update."""
+
+    key_id: KeyId
+    slot: Slot
+    grad: np.ndarray | Packed  # unscaled, unless Packed codes (their update unscales them)
+    read_version: int
+    owned: bool  # the array is the store's to keep
+    bound: float | None = None  # max |grad| (at least), once known
 
 
 def check_scale(scale: float, skip: bool) -> None:
@@ -159,13 +167,15 @@ class Updates:
         to keep); Packed codes are unscaled by the update itself, in the same pass. `owned`,
         or the key in `decoded`: the array is the store's to keep, without a copy."""
         ready = []
-        for key_id, slot, grad, read_version in fresh:
+        for key_id, slot, grad, read_version, bound in fresh:
             owned_here = owned or key_id in decoded
             if not skip and scale != 1.0 and not isinstance(grad, Packed):
                 with np.errstate(over="ignore"):  # an inf here is refused by check_finite
                     grad = grad / np.float32(scale)
                 owned_here = True
-            ready.append((key_id, slot, grad, read_version, owned_here))
+                bound = None if bound is None else bound / float(np.float32(scale)) * _WIDEN
+            ready.append(Ready(key_id, slot, grad, read_version, owned_here,
+                               None if isinstance(grad, Packed) else bound))
         return ready
 
     def check_finite(self, shard: Shard, step: int, ready: list[Ready], scale: float,
@@ -176,9 +186,12 @@ class Updates:
         gathers checks each step's combined update instead (advance)."""
         if skip or self.rule.gathers:
             return
-        for _, slot, grad, read_version, _ in ready:
-            dropped, lr = self._staleness(shard, slot, read_version)
-            if dropped or self._update(shard, slot, grad, lr, scale, dry_run=True):
+        for item in ready:
+            slot, grad = item.slot, item.grad
+            dropped, lr = self._staleness(shard, slot, item.read_version)
+            if item.bound is None and not isinstance(grad, Packed):
+                item.bound = amax(grad)  # measured once, for this check and the update
+            if dropped or self._update(shard, slot, grad, lr, scale, item.bound, dry_run=True):
                 continue
             if isinstance(grad, Packed) or all_finite(grad):
                 cause = (f"{shard.optimizer.config.name} with lr "
@@ -197,20 +210,21 @@ class Updates:
         in Packed codes; `skip`: the step is skipped (no values)."""
         staleness_max = 0
         late = False
-        for _, slot, grad, read_version, owned_here in ready:
+        for item in ready:
+            slot, grad = item.slot, item.grad
             slot.next_step[worker] += 1
             arrival = self.rule.arrival(step, slot.version)
             if arrival is Arrival.GATHER:
                 slot.pending.setdefault(step, Step()).add(worker, None if skip else grad,
-                                                           owned_here)
+                                                           item.owned)
                 self.advance(shard, slot, live)
             elif arrival is Arrival.LATE:
                 late = True  # the step was applied without it (backup workers, rejoin)
             elif skip:
                 self.skipped.add(self.rule.skip_mark(worker, step))
             else:
-                staleness_max = max(staleness_max,
-                                    self._apply_one(shard, slot, grad, read_version, scale))
+                staleness_max = max(staleness_max, self._apply_one(
+                    shard, slot, grad, item.read_version, scale, item.bound))
         if late and self._last_dropped.get(worker) != step:
             self._last_dropped[worker] = step  # a step's requests to this server count once
             self.counters.dropped_gradients += 1
@@ -263,15 +277,18 @@ class Updates:
 
     @staticmethod
     def _update(shard: Shard, slot: Slot, grad: np.ndarray | Packed, lr: float | None,
-                scale: float, dry_run: bool = False) -> bool:
+                scale: float, bound: float | None, dry_run: bool = False) -> bool:
         optimizer = shard.optimizer
+        # The codes were checked finite with the push (Shard.check_push).
         if isinstance(grad, Packed):  # decoded, unscaled and applied in one pass
             return optimizer.step_codes(str(slot.key), slot.value, grad.codes, grad.fmt, scale,
-                                        lr=lr, dry_run=dry_run)
-        return optimizer.step(str(slot.key), slot.value, grad, lr=lr, dry_run=dry_run)
+                                        lr=lr, keep_finite=True, dry_run=dry_run,
+                                        codes_finite=True)
+        return optimizer.step(str(slot.key), slot.value, grad, lr=lr, keep_finite=True,
+                              dry_run=dry_run, grad_bound=bound)
 
     def _apply_one(self, shard: Shard, slot: Slot, grad: np.ndarray | Packed,
-                   read_version: int, scale: float) -> int:
+                   read_version: int, scale: float, bound: float | None) -> int:
         """Apply on arrival (checked by check_finite), unless staler than allowed. Returns the
         staleness. `scale`: the loss scale still in Packed codes (a float32 gradient is
         unscaled)."""
@@ -280,7 +297,7 @@ class Updates:
         if dropped:
             self.counters.dropped_stale += 1
             return staleness
-        self._update(shard, slot, grad, lr, scale)
+        self._update(shard, slot, grad, lr, scale, bound)
         slot.version += 1
         self.counters.updates += 1
         self.counters.record_staleness(staleness, 1)

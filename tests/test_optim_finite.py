@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from jit import outputs_with_and_without_jit
 from twins import optim as twin
 
-from kernels.optim import _CHUNK, adam_update, sgd_update
+from kernels.optim import _CHUNK, adam_update, amax, sgd_update
 from kernels.optim_codes import (
     _sgd_bf16_kernel,
     _sgd_fp16_hw_kernel,
@@ -162,3 +162,11 @@ def test_keep_finite_means_the_same_under_disable_jit():
     )
     outs = outputs_with_and_without_jit(code)
     assert outs[0] == outs[1]
+
+
+@settings(deadline=None, max_examples=100)
+@given(arrays(np.float32, st.integers(0, 9000), elements=st.floats(width=32)))
+def test_amax_is_the_twin(x):
+    # Any floats, NaN and inf among them, across the chunk boundary.
+    got, want = amax(x), twin.amax(x)
+    assert (np.isnan(got) and np.isnan(want)) or got == want

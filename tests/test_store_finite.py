@@ -6,10 +6,13 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
-from kernels import bf16_encode, fp16_encode
+from kernels import adam_update, bf16_encode, fp16_encode, sgd_update, sgd_update_codes
 from ps.keys import Key
-from ps.optimizer import OptimizerConfig
+from ps.optimizer import Optimizer, OptimizerConfig
 from ps.packed import Packed
 from ps.store import Store
 from ps.store_config import StoreConfig
@@ -229,3 +232,104 @@ def test_sync_accumulated_steps_stop_at_the_edge():
     weights = _state(store)[0]
     assert np.isfinite(weights).all() and weights.min() < -3.0e38
     assert store.stats()["skipped_steps"] >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer's bounds (ps/bounds.py) skip the check pass only where it would have passed:
+# step after step, its answers and bits are those of the kernels' exact check.
+
+BOUND_CONFIGS = [
+    OptimizerConfig("sgd", lr=0.5), OptimizerConfig("sgd", lr=3e37, weight_decay=0.5),
+    OptimizerConfig("momentum", lr=0.1, momentum=0.9, nesterov=True),
+    OptimizerConfig("momentum", lr=1e30, momentum=0.5, weight_decay=0.01),
+    OptimizerConfig("momentum", lr=0.1, momentum=0.0),
+    OptimizerConfig("adam", lr=1e-3), OptimizerConfig("adam", lr=1e37, eps=1e-30, weight_decay=0.1),
+    OptimizerConfig("adam", lr=0.1, beta1=0.0, beta2=0.0),
+    # A denominator down at eps: tiny gradients, whose squares vanish, take huge steps.
+    OptimizerConfig("adam", lr=3e38, beta1=0.0, beta2=0.0, eps=1e-45),
+]
+MAGNITUDES = st.sampled_from([0.0, -0.0, 1e-45, -1e-40, 1e-3, 1.0, -7.5, 1e20, -1e21, 1e30, 3.0e38,
+                              -3.4e38, float(np.finfo(np.float32).max)])
+
+
+def _exact_step(cfg, param, state, grad):
+    """The kernels' exact keep_finite step: the reference."""
+    if cfg.name == "adam":
+        written = adam_update(param, grad, state["m"], state["v"], state["step"] + 1, cfg.lr,
+                              cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, keep_finite=True)
+        state["step"] += written
+        return written
+    if cfg.name == "momentum":
+        return sgd_update(param, grad, cfg.lr, cfg.momentum, state["buf"], cfg.weight_decay,
+                          cfg.nesterov, keep_finite=True)
+    return sgd_update(param, grad, cfg.lr, weight_decay=cfg.weight_decay, keep_finite=True)
+
+
+@settings(deadline=None, max_examples=150)
+@given(st.integers(0, len(BOUND_CONFIGS) - 1),
+       arrays(np.float32, 6, elements=MAGNITUDES),
+       st.lists(arrays(np.float32, 6, elements=MAGNITUDES), min_size=1, max_size=8))
+def test_the_bounds_answer_as_the_exact_check_step_after_step(which, start, grads):
+    cfg = BOUND_CONFIGS[which]
+    opt = Optimizer(cfg, {"w": (6,)})
+    param, ref = start.copy(), start.copy()
+    ref_state = {k: v.copy() if isinstance(v, np.ndarray) else v
+                 for k, v in opt.state["w"].items()}
+    for grad in grads:
+        with np.errstate(all="ignore"):
+            dry = opt.step("w", param, grad, dry_run=True)
+            got = opt.step("w", param, grad, keep_finite=True)
+            want = _exact_step(cfg, ref, ref_state, grad)
+        assert dry == got == want
+        np.testing.assert_array_equal(param.view(np.uint32), ref.view(np.uint32))
+        for k, v in ref_state.items():
+            np.testing.assert_array_equal(np.asarray(opt.state["w"][k]), np.asarray(v))
+
+
+@settings(deadline=None, max_examples=100)
+@given(arrays(np.float32, 6, elements=MAGNITUDES),
+       st.lists(arrays(np.float32, 6, elements=st.floats(-65504, 65504, width=32)),
+                min_size=1, max_size=6),
+       st.sampled_from(["float16", "bfloat16"]), st.sampled_from([2.0**-24, 1.0, 3.0, 2.0**40]),
+       st.sampled_from([0.1, 1e27, 3e38]))
+def test_the_bounds_of_16_bit_codes_answer_as_the_exact_check(start, grads, fmt, scale, lr):
+    opt = Optimizer(OptimizerConfig("sgd", lr=lr), {"w": (6,)})
+    param, ref = start.copy(), start.copy()
+    encode = fp16_encode if fmt == "float16" else bf16_encode
+    for grad in grads:
+        codes = encode(grad)
+        with np.errstate(all="ignore"):
+            got = opt.step_codes("w", param, codes, fmt, scale, keep_finite=True,
+                                 codes_finite=True)
+            want = sgd_update_codes(ref, codes, fmt, lr, scale, keep_finite=True)
+        assert got == want
+        np.testing.assert_array_equal(param.view(np.uint32), ref.view(np.uint32))
+
+
+def test_an_unchecked_step_forgets_the_bounds():
+    opt = Optimizer(OptimizerConfig("sgd", lr=1.0), {"w": (2,)})
+    param = np.zeros(2, np.float32)
+    assert opt.step("w", param, np.ones(2, np.float32), keep_finite=True)
+    assert opt.bounds["w"] is not None
+    opt.step("w", param, np.ones(2, np.float32))
+    assert opt.bounds["w"] is None
+    param[:] = -3.4e38  # written behind the optimizer's back after an unchecked step: measured
+    assert not opt.step("w", param, np.full(2, 1e38, np.float32), keep_finite=True)
+
+
+@pytest.mark.parametrize("grad", [-1e-40, 1e-42])
+def test_the_bounds_see_an_adam_step_over_a_vanishing_denominator(grad):
+    # v = g^2 underflows to 0, the denominator is eps = 1e-45: the step m / eps overflows,
+    # though every value going in is tiny.
+    cfg = BOUND_CONFIGS[-1]
+    opt = Optimizer(cfg, {"w": (6,)})
+    param = np.zeros(6, np.float32)
+    g = np.full(6, grad, np.float32)
+    ref = param.copy()
+    want = _exact_step(cfg, ref, {"m": np.zeros(6, np.float32), "v": np.zeros(6, np.float32),
+                                  "step": 0}, g)
+    assert not want
+    assert not opt.step("w", param, g, dry_run=True)
+    assert not opt.step("w", param, g, keep_finite=True)
+    np.testing.assert_array_equal(param, 0.0)
+    assert opt.state["w"]["step"] == 0 and not opt.state["w"]["m"].any()

@@ -10,7 +10,7 @@ import numpy as np
 
 from twins import precision
 
-__all__ = ["adam_update", "checked", "fma32", "sgd_update", "sgd_update_codes"]
+__all__ = ["adam_update", "amax", "checked", "fma32", "sgd_update", "sgd_update_codes"]
 
 f32 = np.float32
 
@@ -90,3 +90,8 @@ def checked(update, args, written, dry_run=False, **kwargs):
         for i, original in originals.items():
             original[...] = args[i]
     return bool(finite)
+
+
+def amax(x):
+    """The largest |x| (0.0 when empty): NaN if any is NaN, as np.max of |x| gives."""
+    return float(np.max(np.abs(x), initial=0.0)) if x.size else 0.0
