@@ -144,6 +144,9 @@ class Optimizer:
                 return after
         measured = {"param": amax(param)}
         measured.update({k: amax(v) for k, v in state.items() if isinstance(v, np.ndarray)})
+        if "v" in state and state["v"].size and state["v"].min() < 0:
+            return None  # the bounds take Adam's v >= 0, as every update keeps it (a restored
+            # checkpoint could hold anything)
         self.bounds[name] = measured
         return after_step(self.config, lr, step, measured, grad_bound)
 
