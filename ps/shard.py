@@ -20,7 +20,8 @@ from ps.packed import Packed
 from ps.snapshot import KeyState, Snapshot
 from ps.store_errors import BadRequest, LayoutConflict, StepOutOfRange, UnknownKey
 
-__all__ = ["Shard", "Slot", "check_destinations", "check_gradient", "check_layout", "check_values"]
+__all__ = ["Fresh", "Shard", "Slot", "check_destinations", "check_gradient", "check_layout",
+           "check_values"]
 
 
 # A gradient new for its step: (key, slot, gradient, version read, max |gradient| or None).

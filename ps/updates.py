@@ -16,7 +16,7 @@ from ps.consistency import EVERY_WORKER, Arrival, Rule
 from ps.gather import Gather, Step
 from ps.keys import KeyId
 from ps.packed import Packed
-from ps.shard import Shard, Slot
+from ps.shard import Fresh, Shard, Slot
 from ps.store_errors import BadRequest
 from ps.watch import GradientWatch
 
@@ -160,7 +160,7 @@ class Updates:
             out[key_id] = (grad, read_version)
         return out, decoded
 
-    def unscale(self, fresh: list, scale: float, skip: bool, owned: bool,
+    def unscale(self, fresh: list[Fresh], scale: float, skip: bool, owned: bool,
                 decoded: set[KeyId]) -> list[Ready]:
         """The fresh gradients of a push (see Shard.check_push) ready for their update: float32
         ones divided by the loss scale in fp32, as GradScaler does (a new array, the store's
