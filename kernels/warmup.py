@@ -11,7 +11,7 @@ import numpy as np
 from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
 from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
 from kernels.norms import all_finite, clip_by_global_norm, global_norm
-from kernels.optim import adam_update, sgd_update
+from kernels.optim import adam_update, amax, sgd_update
 from kernels.optim_codes import sgd_update_codes
 from kernels.precision import (
     bf16_all_finite,
@@ -48,6 +48,7 @@ def warm_up() -> None:
     aggregate_median(stack)
     aggregate_trimmed_mean(stack, 0.34)
     all_finite(v)
+    amax(v)
     global_norm([v])
     clip_by_global_norm([np.ones(3, np.float32)], 1.0)
     outer_sq_norms(x, x)
@@ -55,6 +56,7 @@ def warm_up() -> None:
     # distinct type for Numba: compile those variants too.
     frozen = np.frombuffer(np.ones(3, np.float32).tobytes(), np.float32)
     all_finite(frozen)
+    amax(frozen)
     sgd_update(p, frozen, 0.1)
     # A server updates straight from 16-bit gradient codes (async SGD), also read-only views.
     codes = np.frombuffer(fp16_encode(v).tobytes(), np.uint16)
