@@ -19,6 +19,7 @@ from ps.keys import Key
 __all__ = ["AGGREGATES", "Gather", "Step", "parse_aggregate"]
 
 AGGREGATES = ("mean", "median", "trimmed_mean")  # trimmed_mean:F trims F of each end
+_F32_LIMIT = float(np.finfo(np.float32).max) * (1 - 2.0**-20)  # below: surely finite
 
 
 def parse_aggregate(text: str) -> tuple[str, float]:
@@ -51,10 +52,13 @@ class Step:
     workers: set[int] = field(default_factory=set)  # the workers whose pushes are in
     # The first worker that found inf or NaN: then nobody's gradient of the step is applied.
     skipped_by: int | None = None
+    bound: float | None = 0.0  # at least max |g| over the gradients in (None: not known)
 
-    def add(self, worker: int, grad: np.ndarray | None, owned: bool = False) -> None:
-        """Take `worker`'s gradient (None: it skipped the step). Unless `owned` (the store's to
-        keep), a copy: the gradient may be a view of the request's bytes, gone after the call."""
+    def add(self, worker: int, grad: np.ndarray | None, owned: bool = False,
+            bound: float | None = None) -> None:
+        """Take `worker`'s gradient (None: it skipped the step), with a bound on its |g| if
+        known. Unless `owned` (the store's to keep), a copy: the gradient may be a view of the
+        request's bytes, gone after the call."""
         self.workers.add(worker)
         if grad is None:
             if self.skipped_by is None:
@@ -62,6 +66,7 @@ class Step:
             self.grads.clear()
         elif self.skipped_by is None:
             self.grads[worker] = grad if owned else np.array(grad, np.float32, copy=True)
+            self.bound = None if self.bound is None or bound is None else max(self.bound, bound)
 
 
 class Gather:
@@ -105,6 +110,17 @@ class Gather:
         if self.dp_noise_std:
             update += self._noise(key, version, len(entry.workers))
         return update
+
+    def combined_bound(self, entry: Step) -> float | None:
+        """At least max |update| of combine(entry), or None when not known: a mean, median or
+        trimmed mean of values within G stays within G, but for float32's rounding (each of
+        the n - 1 sums, and the division) and as long as no partial sum can overflow; noise
+        has no bound."""
+        n = len(entry.grads)
+        if entry.bound is None or self.dp_noise_std or not n:
+            return None
+        widened = n * entry.bound * (1 + n * 2.0**-22)  # the largest partial sum, rounded
+        return widened / n if widened <= _F32_LIMIT else None
 
     def _noise(self, key: Key, version: int, count: int) -> np.ndarray:
         """The trusted aggregator's noise for one step of one key, as the mean receives it

@@ -216,7 +216,7 @@ class Updates:
             arrival = self.rule.arrival(step, slot.version)
             if arrival is Arrival.GATHER:
                 slot.pending.setdefault(step, Step()).add(worker, None if skip else grad,
-                                                           item.owned)
+                                                           item.owned, item.bound)
                 self.advance(shard, slot, live)
             elif arrival is Arrival.LATE:
                 late = True  # the step was applied without it (backup workers, rejoin)
@@ -242,7 +242,8 @@ class Updates:
                 with np.errstate(over="ignore", invalid="ignore"):  # inf: skipped just below
                     update = self.gather.combine(entry, slot.key, slot.version)
                 self.watch.observe(entry.grads)
-                if shard.optimizer.step(str(slot.key), slot.value, update, keep_finite=True):
+                if shard.optimizer.step(str(slot.key), slot.value, update, keep_finite=True,
+                                        grad_bound=self.gather.combined_bound(entry)):
                     self.counters.updates += 1
                     self.counters.record_staleness(0, len(entry.workers))
                 else:  # it would make the key's values or state non-finite: skipped for all

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kernels import adam_update, bf16_encode, fp16_encode, sgd_update, sgd_update_codes
+from ps.gather import Gather, Step
 from ps.keys import Key
 from ps.optimizer import Optimizer, OptimizerConfig
 from ps.packed import Packed
@@ -343,3 +344,22 @@ def test_a_negative_adam_second_moment_goes_to_the_exact_check():
     with np.errstate(invalid="ignore"):
         assert not opt.step("w", param, np.full(3, 0.5, np.float32), keep_finite=True)
     np.testing.assert_array_equal(param, 1.0)
+
+
+@settings(deadline=None, max_examples=150)
+@given(st.integers(1, 9).flatmap(lambda n: st.lists(arrays(np.float32, 5, elements=MAGNITUDES),
+                                                    min_size=n, max_size=n)),
+       st.sampled_from(["mean", "median", "trimmed_mean:0.25"]))
+def test_a_sync_steps_combined_bound_holds_the_combined_update(grads, aggregate):
+    gather = Gather(aggregate)
+    entry = Step()
+    for w, g in enumerate(grads):
+        entry.add(w, g, bound=float(np.abs(g).max()))
+    bound = gather.combined_bound(entry)
+    with np.errstate(all="ignore"):
+        update = gather.combine(entry, A, 0)
+    if bound is not None:
+        assert np.isfinite(update).all() and float(np.abs(update).max()) <= bound
+    entry.add(len(grads), grads[0], bound=None)  # one gradient of unknown bound: none known
+    assert gather.combined_bound(entry) is None
+    assert Gather("mean", dp_noise_std=1.0).combined_bound(entry) is None
