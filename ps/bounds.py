@@ -37,10 +37,12 @@ def _up(x: float) -> float:
     return x * (1 + 2.0**-20)
 
 
+_HALFWAY = 3.4028235677973366e38  # float32's largest + half an ulp: from here on, inf
+
+
 def _f32(x: float) -> float:
-    """x as the kernels see it: rounded to float32 (inf past its range)."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(x))
+    """x as the kernels see it: rounded to float32 (inf past its range, NaN as inf)."""
+    return float(np.float32(x)) if abs(x) < _HALFWAY else math.inf
 
 
 def after_step(config: Rule, lr: float, step: int, bounds: dict[str, float],
