@@ -61,6 +61,7 @@ class RayBackend(Backend):
     else ray.init(config.ray_address) (None: a new local instance, shut down at the end)."""
 
     poll_s = 0.1  # each poll asks every worker actor for its new step records
+    restarts_servers_itself = True  # each server actor, up to max_restarts times
 
     def __init__(self, plan: LaunchPlan) -> None:
         self.plan = plan
@@ -229,9 +230,20 @@ class RayBackend(Backend):
     def end_worker(self, index: int) -> None:
         ray.kill(self.workers[index], no_restart=True)
 
-    def wait_servers_stopped(self, timeout: float) -> None:
-        if not all(ray.get([s.wait_stopped.remote(timeout) for s in self.servers])):
-            raise LaunchError(f"servers did not stop within {timeout:.0f} s")
+    def end_frozen_server(self, index: int) -> None:
+        # As a crash would: Ray restarts it from its checkpoint, on its node and port.
+        kill_server_actor(self.servers[index])
+
+    def wait_servers_stopped(self, timeout: float) -> list[int]:
+        refs = [s.wait_stopped.remote(timeout) for s in self.servers]
+        late = []
+        for i, ref in enumerate(refs):
+            try:
+                if not ray.get(ref, timeout=timeout + 5):
+                    late.append(i)
+            except (GetTimeoutError, RayActorError):
+                late.append(i)
+        return late
 
     def checkpoints_written(self) -> int:
         return sum(ray.get([s.checkpoints_written.remote() for s in self.servers]))
@@ -245,7 +257,7 @@ class RayBackend(Backend):
                 self._log(f"server{i}", self.servers[i].where.remote())
         return events
 
-    def close(self, grace_s: float = 10.0) -> None:
+    def close(self, grace_s: float = 10.0) -> None:  # (the actors are killed at once)
         """Kill every actor and wait until Ray reports each dead; free the placement group;
         shut Ray down if this backend started it."""
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from ps.client import PSClient
@@ -21,6 +22,7 @@ from tinyps.cli.flags import settings_from
 from tinyps.config import LaunchConfig
 from tinyps.launcher import launch as run_launch
 from tinyps.launcher import model_placement
+from tinyps.outcome import EXIT_INTERRUPTED, EXIT_OK, LaunchInterrupted, outcome
 from tinyps.progress import StepBar
 from tinyps.status import status_table
 from tinyps.summary import format_summary
@@ -40,11 +42,20 @@ def launch(args: argparse.Namespace) -> int:
     data = load_dataset(config.train.dataset, seed=config.train.seed)
     print(model_placement(config, data).table(), flush=True)
     with StepBar(config.mode) as bar:
-        summary, run_dir = run_launch(config, progress=bar)
+        try:
+            summary, run_dir = run_launch(config, progress=bar, on_event=bar.note)
+        except LaunchInterrupted as stop:
+            bar.close()
+            print(format_summary(stop.summary, stop.run_dir), flush=True)
+            print(f"tinyps launch: {stop.message}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
     print(format_summary(summary, run_dir))
     if args.json:
         print(json.dumps(summary))
-    return 0
+    code, message = outcome(summary)
+    if code != EXIT_OK:
+        print(f"tinyps launch: {message} (exit code {code})", file=sys.stderr)
+    return code
 
 
 def status(args: argparse.Namespace) -> int:
