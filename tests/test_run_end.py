@@ -388,3 +388,34 @@ def test_a_run_directory_that_fills_up_is_named_and_the_launcher_exits_1(tiny_di
         done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     np.testing.assert_equal(list(run_dir.glob("*.address")), [])
+
+
+def test_status_shows_a_frozen_server_as_not_answering_and_the_others(tmp_path, capsys):
+    from tinyps.cli import main
+
+    ready = tmp_path / "server.address"
+    frozen = subprocess.Popen([sys.executable, "-m", "tinyps", "server", "--ready-file",
+                               str(ready)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    live = serve()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert frozen.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)  # polling the ready file, with a deadline
+        address = ready.read_text().strip()
+        os.kill(frozen.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        code = main(["status", "--once", live.address, address])
+        took = time.monotonic() - started
+    finally:
+        frozen.kill()
+        frozen.wait(10)
+        live.stop(0)
+    out = capsys.readouterr().out
+    assert code == 1
+    rows = out.splitlines()
+    assert rows[2].startswith(f"0       {live.address}") and "sync" in rows[2]
+    assert rows[3].startswith(f"1       {address}  NOT ANSWERING: ")
+    assert rows[3].endswith("within 3 s (frozen, overloaded or down?)")
+    assert took < 20  # a deadline, not a hang
