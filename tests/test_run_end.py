@@ -3,6 +3,7 @@ frozen server found and restarted, a run directory that cannot be written, a ser
 stop. Cheap checks of the parts first; real launches (marked slow) after them.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -297,8 +298,8 @@ def test_ctrl_c_writes_what_the_run_has_and_says_how_to_resume(tmp_path, presses
         assert len(children) >= 4  # 2 servers, 2 workers
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole group
         if presses == 2:  # pressed again while it cleans up: cut short, never a hang
-            _wait_for(lambda: not (run_dir / "server0.address").exists()
-                      or (run_dir / "summary.json").exists(), proc, "cleanup began", 30)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.2)  # the salvage has begun (it takes seconds): press again
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(60)

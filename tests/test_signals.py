@@ -121,3 +121,23 @@ def test_a_worker_signalled_three_times_at_a_barrier_exits(tmp_path, sig):
         _end(server)
     assert code == 130, log
     assert "Traceback" not in log, log
+
+
+def test_a_stop_whose_final_checkpoint_fails_still_stops_and_a_second_stop_returns(tmp_path):
+    from ps.server import serve
+
+    running = serve(checkpoint_dir=str(tmp_path / "ck"))
+    with PSClient([running.address]) as client:
+        client.init({"w": np.ones(4, np.float32)}, "sgd", lr=0.1)
+
+    def full_disk() -> int:
+        raise OSError(28, "No space left on device")
+
+    running._checkpointer.write = full_disk  # the final write fails, as on a full disk
+    first = in_thread(running.stop)
+    wait_until(lambda: running._claimed, "the first stop began")
+    assert running.stop(timeout=20) is True  # a second stop waits for the first, then returns
+    with pytest.raises(OSError, match="No space left"):
+        first()
+    assert running.wait(0)  # stopped all the same: `tinyps server` exits, nothing hangs
+    assert running.stop(timeout=0) is True  # and again: at once

@@ -103,7 +103,11 @@ class HealthWatch:
                   for a in self.addresses]
         answered = []
         for i, check in enumerate(checks):
-            if not check.result():  # no address left unhealthy: it answered
+            try:  # wait_healthy keeps to its deadline; this one only guards against a bug
+                answered_now = not check.result(timeout=self.deadline_s + 5)
+            except TimeoutError:
+                answered_now = False
+            if answered_now:  # no address left unhealthy: it answered
                 answered.append(i)
                 with self._lock:
                     self._last_ok[i] = time.monotonic()
