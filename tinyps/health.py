@@ -51,15 +51,17 @@ class HealthWatch:
             self._thread.join(self.deadline_s * 2 + self.every_s + 5)
 
     def silent_for(self) -> list[float]:
-        """Seconds since each server last answered its health check."""
+        """Seconds since each server last answered its health check (or since its grace
+        after a restart ended)."""
         now = time.monotonic()
         with self._lock:
-            return [now - t for t in self._last_ok]
+            return [max(0.0, now - t) for t in self._last_ok]
 
-    def reset(self, index: int) -> None:
-        """Server `index` was started again: its silence starts over."""
+    def reset(self, index: int, grace_s: float = 0.0) -> None:
+        """Server `index` was started again: its silence starts over, `grace_s` from now (a
+        server that a backend restarts by itself needs time to come back)."""
         with self._lock:
-            self._last_ok[index] = time.monotonic()
+            self._last_ok[index] = time.monotonic() + grace_s
 
     def take_events(self) -> list[str]:
         """Fault events found since the last call (failed checkpoint writes)."""
@@ -99,8 +101,12 @@ class HealthWatch:
     def _round(self, pool: ThreadPoolExecutor) -> list[int]:
         """Ask every server at once (a fresh channel each: one that saw the server die would
         wait out gRPC's reconnect backoff); the ones that answered SERVING in time."""
-        checks = [pool.submit(wait_healthy, [a], self.deadline_s, self.tls)
-                  for a in self.addresses]
+        try:
+            checks = [pool.submit(wait_healthy, [a], self.deadline_s, self.tls)
+                      for a in self.addresses]
+        except RuntimeError:  # the interpreter is exiting: its pools take no more work
+            self._stop.set()
+            return []
         answered = []
         for i, check in enumerate(checks):
             try:  # wait_healthy keeps to its deadline; this one only guards against a bug
@@ -110,7 +116,7 @@ class HealthWatch:
             if answered_now:  # no address left unhealthy: it answered
                 answered.append(i)
                 with self._lock:
-                    self._last_ok[i] = time.monotonic()
+                    self._last_ok[i] = time.monotonic()  # also ends a restart's grace
         return answered
 
     def _stats(self, index: int, client: PSClient) -> None:

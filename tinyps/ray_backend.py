@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import tempfile
 import time
 import uuid
@@ -76,6 +78,7 @@ class RayBackend(Backend):
         self.servers: list[ActorHandle] = []
         self.addresses: list[str] = []
         self.workers: list[ActorHandle | None] = [None] * config.workers
+        self._pids: list[int | None] = [None] * config.servers  # each server actor's process
 
     def _reserve(self) -> None:
         """One bundle per actor, spread over the nodes: the whole run fits before anything
@@ -166,7 +169,10 @@ class RayBackend(Backend):
     def _log(self, name: str, where: ray.ObjectRef) -> None:
         """A line in logs/NAME.log: where the actor runs (its own output is in Ray's logs)."""
         try:
-            line = json.dumps(ray.get(where, timeout=self.config.startup_timeout_s))
+            info = ray.get(where, timeout=self.config.startup_timeout_s)
+            line = json.dumps(info)
+            if name.startswith("server"):
+                self._pids[int(name[len("server"):])] = info["pid"]
         except (GetTimeoutError, RayActorError) as err:
             line = f"not placed: {err}"
         with (self.plan.run_dir / "logs" / f"{name}.log").open("a") as f:
@@ -231,8 +237,19 @@ class RayBackend(Backend):
         ray.kill(self.workers[index], no_restart=True)
 
     def end_frozen_server(self, index: int) -> None:
-        # As a crash would: Ray restarts it from its checkpoint, on its node and port.
-        kill_server_actor(self.servers[index])
+        """As a crash would: Ray restarts it from its checkpoint, on its node and port. On
+        this machine, SIGKILL to its process: ray.kill first asks the actor's own process to
+        exit, which a stopped process never does."""
+        pid = self._pids[index]
+        if pid is None:  # restarted since: ask where it runs now (a frozen one cannot say)
+            with contextlib.suppress(GetTimeoutError, RayActorError):
+                pid = ray.get(self.servers[index].where.remote(), timeout=1.0)["pid"]
+        self._pids[index] = None
+        if self.local and pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        else:
+            kill_server_actor(self.servers[index])
 
     def wait_servers_stopped(self, timeout: float) -> list[int]:
         refs = [s.wait_stopped.remote(timeout) for s in self.servers]

@@ -253,8 +253,10 @@ class Supervisor:
                                   f"are used up")
             self.backend.end_frozen_server(index)
             if index in self.backend.dead_servers():
-                self.backend.restart_server(index)
-            self._watch.reset(index)
+                self.backend.restart_server(index)  # back and healthy when it returns
+            # A backend that restarts it by itself has a start-up's time to bring it back.
+            self._watch.reset(index, self.config.startup_timeout_s
+                              if self.backend.restarts_servers_itself else 0.0)
             self._event(f"server{index} did not answer its health check for {quiet:.0f} s: "
                         f"frozen; killed and restarted from its checkpoint")
 
