@@ -115,7 +115,12 @@ def server(args: argparse.Namespace) -> int:
         tmp.write_text(running.address + "\n")
         tmp.replace(args.ready_file)
     stopping.wait()  # for a signal, or the Shutdown call (which also stops the server)
-    if not running.wait(_STOP_DEADLINE_S):
+    stopped = running.wait(_STOP_DEADLINE_S)
+    # From here the process only exits: a signal pressed again now must not kill it by its
+    # default action (the interpreter's exit restores it), which would turn exit 0 into -2.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if not stopped:
         print(f"tinyps server: did not stop within {_STOP_DEADLINE_S:.0f} s of being told "
               f"to; exiting without its final checkpoint", file=sys.stderr, flush=True)
         return 1
