@@ -119,8 +119,9 @@ def kernel_comparisons() -> list[Comparison]:
             compare("aggregate_trimmed_mean (W=8, 25%)",
                     ("kernel", lambda: K.aggregate_trimmed_mean(stacks[8], 0.25)),
                     ("sort + mean", lambda: _numpy_trimmed_mean(stacks[8], 2))),
-            compare("global_norm (4 arrays)", ("kernel", lambda: K.global_norm(grads)),
-                    ("sqrt(sum(vdot))",
+            # The kernel sums in float64 (~1e-13 relative), BLAS's sdot in float32 (~1e-6).
+            compare("global_norm (4 arrays, f64 sums)", ("kernel", lambda: K.global_norm(grads)),
+                    ("sqrt(sum(vdot)), f32 sums",
                      lambda: np.sqrt(sum(float(np.vdot(t, t)) for t in grads)))),
             compare("all_finite", ("kernel", lambda: K.all_finite(x)),
                     ("np.isfinite(x).all()", lambda: bool(np.isfinite(x).all()))),

@@ -70,27 +70,24 @@ def all_finite(x: np.ndarray) -> bool:
 # global_norm
 
 
-@njit(cache=True, nogil=True)
+# reassoc lets LLVM split the sum over vector lanes (the only way this loop vectorises: eight
+# hand-written partial sums did not, and ran at a quarter of BLAS's sdot); contract lets it
+# fuse v * v + s. Neither assumes finite values (no nnan/ninf): an inf still gives inf, a NaN
+# NaN.
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _sum_squares(x):
     """Sum of x[i]**2 over a flat float32 array, in float64.
 
     Twin: twins.norms.global_norm (which sums pairwise: equal to ~1e-12 relative, not bit for
     bit). Tricks: each square is exact in float64 (24+24 bits), so the only error is in the
-    sum; eight independent partial sums (element i goes to sum i % 8) let the loop vectorise
-    without reassociation flags, and also shorten the rounding-error chains eightfold.
+    sum; the sum is reassociated over vector lanes, which also shortens its rounding-error
+    chains. As fast as NumPy's float32 np.vdot (BLAS sdot), and a million times more accurate
+    (sdot sums in float32: ~1e-6 relative against ~1e-13 here).
     """
-    acc = np.zeros(8, np.float64)
-    n8 = x.size - x.size % 8
-    for i in range(0, n8, 8):
-        for k in range(8):
-            v = np.float64(x[i + k])
-            acc[k] += v * v
     total = 0.0
-    for i in range(n8, x.size):
+    for i in range(x.size):
         v = np.float64(x[i])
         total += v * v
-    for k in range(8):
-        total += acc[k]
     return total
 
 

@@ -13,6 +13,7 @@ import re
 import tempfile
 import zipfile
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import asdict
 from itertools import pairwise
 from pathlib import Path
@@ -26,6 +27,7 @@ from ps.snapshot import KeyState, Snapshot
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "checkpoint_path",
     "latest_checkpoint",
     "latest_set",
     "list_checkpoints",
@@ -42,7 +44,8 @@ _SERVER = re.compile(r"server(\d+)")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, of another format, or cannot be assembled."""
+    """A checkpoint is missing, unreadable, of another format, holds a non-finite value, or
+    cannot be assembled."""
 
 
 # ---- one file -----------------------------------------------------------------------------
@@ -60,7 +63,18 @@ def _plain_counter(name: str, value: object) -> int | list[int]:
         ) from None
 
 
-def _pack(snapshot: Snapshot) -> dict[str, np.ndarray]:
+def _check_finite(what: str, arr: np.ndarray) -> None:
+    """A checkpoint never holds inf or NaN: a store restored from it could not train on, and
+    the file would take the place of a good one (see write_checkpoint)."""
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise CheckpointError(f"{what} holds {bad.size} non-finite value(s) (first at element "
+                              f"{bad[0]}: {arr.flat[bad[0]]}): a checkpoint never stores inf "
+                              f"or NaN")
+
+
+def _pack(snapshot: Snapshot, round_step: int | None = None,
+          final: bool = False) -> dict[str, np.ndarray]:
     """Snapshot -> the arrays of the .npz: "meta" (JSON) and value_i, clocks_i, opt_i_NAME."""
     arrays: dict[str, np.ndarray] = {}
     keys = []
@@ -74,12 +88,14 @@ def _pack(snapshot: Snapshot) -> dict[str, np.ndarray]:
             raise ValueError(
                 f"key {key}: clocks have shape {clocks.shape}, expected ({snapshot.workers},)"
             )
+        _check_finite(f"key {key}: the value", value)
         arrays[f"value_{i}"] = value
         arrays[f"clocks_{i}"] = clocks
         opt_arrays, opt_ints = [], {}
         for name, state in ks.optimizer.items():
             if isinstance(state, np.ndarray):
                 arrays[f"opt_{i}_{name}"] = np.ascontiguousarray(state, dtype=np.float32)
+                _check_finite(f"key {key}: optimizer state {name!r}", arrays[f"opt_{i}_{name}"])
                 opt_arrays.append(name)
             else:
                 opt_ints[name] = operator.index(state)  # adam's "step"
@@ -94,6 +110,10 @@ def _pack(snapshot: Snapshot) -> dict[str, np.ndarray]:
         "workers": snapshot.workers,
         "optimizer": asdict(snapshot.optimizer),
         "seq": snapshot.seq,
+        # The run-wide round this file stands for, and whether the server wrote it as it
+        # stopped (ps/checkpoint_set.py groups the servers' files by them).
+        "round": round_step,
+        "final": final,
         "counters": {k: _plain_counter(k, v) for k, v in snapshot.counters.items()},
         "keys": keys,
     }
@@ -131,9 +151,14 @@ def _unpack(npz: np.lib.npyio.NpzFile) -> Snapshot:
             for name in k["opt_arrays"]
         }
         optimizer.update({name: int(n) for name, n in k["opt_ints"].items()})
+        value = _array(npz, f"value_{i}", np.float32, (key.size,))
+        for what, arr in (("the value", value), *(
+                (f"optimizer state {n!r}", a) for n, a in optimizer.items()
+                if isinstance(a, np.ndarray))):
+            _check_finite(f"key {key}: {what}", arr)
         keys.append(KeyState(
             key=key,
-            value=_array(npz, f"value_{i}", np.float32, (key.size,)),
+            value=value,
             version=int(k["version"]),
             clocks=_array(npz, f"clocks_{i}", np.int64, (workers,)),
             optimizer=optimizer,
@@ -188,21 +213,32 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(directory: Path | str, snapshot: Snapshot, keep: int = 3) -> Path:
+def checkpoint_path(directory: Path | str, seq: int) -> Path:
+    """The file of the checkpoint at `seq` in directory: ckpt-0000000042.npz."""
+    return Path(directory) / f"ckpt-{seq:010d}.npz"
+
+
+def write_checkpoint(directory: Path | str, snapshot: Snapshot, keep: int = 3, *,
+                     round_step: int | None = None, final: bool = False,
+                     protect: Iterable[Path] = ()) -> Path:
     """Write directory/ckpt-{seq:010d}.npz atomically, then keep only the newest `keep`.
 
-    The bytes go to a .tmp file first, are fsynced, and renamed onto the final name: a crash at
-    any moment leaves every earlier checkpoint whole, and at worst a stale .tmp that the next
-    write deletes. One writer per directory (a server writes its own).
+    The snapshot is checked first (shapes, and no inf or NaN anywhere: CheckpointError names
+    the key): a refused one touches no file, so it never takes a good one's place. The bytes
+    go to a .tmp file, are fsynced, and renamed onto the final name: a crash at any moment
+    leaves every earlier checkpoint whole, and at worst a stale .tmp that the next write
+    deletes. Only then are old files pruned, never one in `protect` (the newest round that
+    is complete on every server). `round_step` and `final` go into the file's meta (see
+    ps/checkpoint_set.py). One writer per directory (a server writes its own).
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if snapshot.seq < 0:  # the file name orders checkpoints by seq: ckpt-0000000042.npz
         raise ValueError(f"snapshot seq must be >= 0, got {snapshot.seq}")
-    arrays = _pack(snapshot)  # checks the snapshot before any file is touched
+    arrays = _pack(snapshot, round_step, final)  # checks it before any file is touched
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"ckpt-{snapshot.seq:010d}.npz"
+    path = checkpoint_path(directory, snapshot.seq)
 
     # Same directory as the target, so that os.replace is a rename within one file system.
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f"{path.name}.", suffix=".tmp")
@@ -220,8 +256,9 @@ def write_checkpoint(directory: Path | str, snapshot: Snapshot, keep: int = 3) -
 
     # The file just written is never pruned, even if newer seqs exist (say, a corrupt one left
     # by the run this one restarted from): deleting it could leave no readable checkpoint.
+    kept = {path, *(Path(p) for p in protect)}
     for old in list_checkpoints(directory)[:-keep]:
-        if old != path:
+        if old not in kept:
             old.unlink(missing_ok=True)
     for stale in directory.glob("ckpt-*.tmp"):  # left by a writer killed mid-write
         stale.unlink(missing_ok=True)

@@ -100,9 +100,11 @@ class PSClient:
         addresses = list(addresses)
         if not addresses:
             raise ValueError("PSClient needs at least one server address")
-        if deadline_s <= 0 or wait_s <= 0:
-            raise ValueError(f"deadlines must be > 0, got deadline_s={deadline_s}, "
-                             f"wait_s={wait_s}")
+        # Every wait has a deadline: infinity (or NaN) is not one.
+        for name, value in (("deadline_s", deadline_s), ("wait_s", wait_s),
+                            ("retry_s", retry_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
         if not 4 <= chunk_bytes <= MAX_MESSAGE_BYTES // 2:
             raise ValueError(f"chunk_bytes must be in [4, {MAX_MESSAGE_BYTES // 2}], "
                              f"got {chunk_bytes}")

@@ -140,6 +140,20 @@ def _reason(err: grpc.RpcError) -> str:
     return ""
 
 
+def _hint(code: grpc.StatusCode, details: str, tls: TLSFiles | None) -> str:
+    """What a bare "Socket closed" most likely means, for someone who has not seen it before."""
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if tls is None and "Socket closed" in details:
+        # A TLS server drops a plaintext client's first bytes without a word.
+        return (" (the server closed the connection at once: if it speaks TLS, give this "
+                "client its CA, e.g. --tls-ca ca.pem)")
+    if tls is not None and ("handshake" in details.lower() or "ssl" in details.lower()):
+        return (" (the TLS handshake failed: does the server speak TLS, and was its "
+                "certificate signed by this client's CA for this address?)")
+    return ""
+
+
 class GrpcLink(Link):
     """The plain link: every call through gRPC, tensors in the messages, as worker `worker`."""
 
@@ -149,6 +163,7 @@ class GrpcLink(Link):
         self.worker = worker
         self.retry_s = retry_s  # how long to keep retrying an unavailable server
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._tls = tls
         self._channel = open_channel(address, tls, _OPTIONS)
         self.methods = _methods(self._channel)  # name -> callable, looked up on every call
 
@@ -163,7 +178,9 @@ class GrpcLink(Link):
                     time.sleep(delay)  # backoff before a retry, not synchronisation
                     delay = min(2 * delay, 1.0)
                     continue
-                raise PSError(self.address, err.code(), err.details(), _reason(err)) from None
+                details = (err.details() or "") + _hint(err.code(), err.details() or "",
+                                                        self._tls)
+                raise PSError(self.address, err.code(), details, _reason(err)) from None
 
     def pull(self, keys, step, dtype, timeout, out):
         request = pull_request(self.worker, keys, step, dtype)

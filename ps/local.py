@@ -9,21 +9,28 @@ per connection calls the same servicer methods and sends back the same reply byt
 (TensorPipe, under PyTorch RPC, likewise moves peers on one host off TCP.) Everything else,
 and every worker on another host, stays on gRPC.
 
-Only a process of the server's own user (checked with SO_PEERCRED) that shows the channel's
-key may call: the key comes in the reply to Attach, which gRPC's token check guards.
+Only a process of the server's own user that shows the channel's key may call: the key comes
+in the reply to Attach, which gRPC's token check guards. Admission checks before it spends:
+  - the peer's user (SO_PEERCRED, known at accept without a read) is checked in the accept
+    loop, and another user's connection is closed there, before it takes a slot or a thread;
+  - a connection then has HELLO_S seconds, in all, to show the key; a wrong hello is closed
+    at once, a silent or slow one at the deadline;
+  - connections still in their hello have slots of their own (MAX_HELLOS), apart from those
+    that showed the key (MAX_CONNECTIONS): a flood of silent connections of our own user holds
+    at most MAX_HELLOS threads, for HELLO_S seconds each, and never a worker's slot. A
+    connection past either bound is told RESOURCE_EXHAUSTED and closed: its worker calls
+    through gRPC this once and tries the channel again on its next call.
 
-A frame is a little-endian header and a body:
-  request  <IBd  body length, method (METHODS), seconds the caller waits   then the body
-  reply    <IBB  body length, status (0: OK; else a grpc.StatusCode's number), length r of a
-               reason   then the reply's bytes; for an error, r bytes of UTF-8 reason (what
-               gRPC carries as trailing metadata, see ps.mailbox.REASON_KEY) and the details
-The first request of a connection is a hello (method 0) whose body is the key.
+The frames are in ps/local_frames.py; the first of a connection is a hello with the key. A
+frame that no request is (a method out of range, a body over MAX_MESSAGE_BYTES, a wait that is
+not a finite number of seconds >= 0) is answered INVALID_ARGUMENT and its connection closed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import math
 import os
 import secrets
 import socket
@@ -32,87 +39,48 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from ps.codec import MAX_MESSAGE_BYTES
-from ps.mailbox import REASON_KEY
+from ps.local_frames import (
+    HELLO,
+    METHODS,
+    REPLY,
+    REQUEST,
+    STATUS,
+    Handler,
+    LocalBusy,
+    LocalContext,
+    LocalError,
+    LocalUnavailable,
+    read_reply,
+    recv_before,
+    recv_exactly,
+    send_reply,
+    send_request,
+    timeval,
+)
 
-__all__ = ["METHODS", "LocalChannel", "LocalContext", "LocalError", "LocalServer",
-           "LocalUnavailable"]
+__all__ = ["HELLO_S", "MAX_CONNECTIONS", "MAX_HELLOS", "METHODS", "LocalBusy", "LocalChannel",
+           "LocalContext", "LocalError", "LocalServer", "LocalUnavailable"]
 
-METHODS = ("Pull", "Push", "PushPull")  # numbered from 1; 0 is the hello
-_HELLO = 0
-_REQUEST = struct.Struct("<IBd")
-_REPLY = struct.Struct("<IBB")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
-_MAX_CONNECTIONS = 256  # per server: a bound on threads, far above W workers' chunks in flight
-_STATUS = {code.value[0]: code for code in grpc.StatusCode}
-
-
-class LocalError(Exception):
-    """A call the server answered with an error status: the servicer's code and details, and
-    its machine-readable reason ("" if none)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "") -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-        self.reason = reason
-
-
-class LocalUnavailable(Exception):
-    """The channel is gone (the server stopped or restarted): call through gRPC instead."""
-
-
-class LocalContext:
-    """What a servicer method needs of a call's context: its deadline, trailing metadata (only
-    the reason travels), and abort."""
-
-    def __init__(self, timeout: float) -> None:
-        self._deadline = time.monotonic() + timeout
-        self._reason = ""
-
-    def time_remaining(self) -> float:
-        return max(0.0, self._deadline - time.monotonic())
-
-    def set_trailing_metadata(self, metadata) -> None:
-        self._reason = dict(metadata).get(REASON_KEY, "")
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise LocalError(code, details, self._reason)
-
-
-Handler = Callable[[bytes, LocalContext], bytes]
-
-
-def _recv_exactly(conn: socket.socket, size: int) -> bytes | None:
-    """`size` bytes from the socket; None if it closes first."""
-    data = conn.recv(size, socket.MSG_WAITALL)
-    if len(data) == size:
-        return data
-    parts, got = [data], len(data)
-    while got < size:  # a signal, or a body larger than the socket's buffer
-        if not data:
-            return None
-        data = conn.recv(size - got, socket.MSG_WAITALL)
-        parts.append(data)
-        got += len(data)
-    return b"".join(parts)
-
-
-def _send(conn: socket.socket, header: bytes, body: bytes) -> None:
-    if len(body) < 65536:
-        conn.sendall(header + body)
-    else:  # one copy fewer than joining a large body to its header
-        conn.sendall(header)
-        conn.sendall(body)
-
-
-def _reply(conn: socket.socket, status: int, body: bytes, reason: bytes = b"") -> None:
-    _send(conn, _REPLY.pack(len(reason) + len(body), status, len(reason)), reason + body)
+# Connections that showed the key, per server: a bound on threads, far above what workers use
+# (one connection per chunk in flight: 4 per server for each worker on this host, by default).
+MAX_CONNECTIONS = 256
+# Connections still in their hello, per server. A worker's hello takes well under a
+# millisecond, so even 8 workers on this host opening their 4 connections at one instant fit;
+# a same-user flood of silent connections holds no more than these, and no worker's slot.
+MAX_HELLOS = 32
+# Seconds a connection has, in all, to send its hello. A worker sends it right after connect,
+# so it arrives in microseconds; 3 s leaves room for a loaded machine (a worker descheduled or
+# paging) and frees a silent connection's slot and thread soon.
+HELLO_S = 3.0
+# The client's bound on connect (waiting in the listen queue, under a flood) and the hello's
+# answer: above HELLO_S, so that a slow but honest hello meets the server's deadline first.
+_CONNECT_S = 10.0
 
 
 # -- the server side ------------------------------------------------------------------------
@@ -121,20 +89,43 @@ def _reply(conn: socket.socket, status: int, body: bytes, reason: bytes = b"") -
 @dataclass
 class LocalServer:
     """A server's local channel: a Unix socket in the abstract namespace, a thread per
-    connection. `handlers` maps a name of METHODS to the servicer's method."""
+    connection. `handlers` maps a name of METHODS to the servicer's method; `hello_s`,
+    `max_hellos` and `max_connections` are HELLO_S, MAX_HELLOS and MAX_CONNECTIONS (tests
+    shorten them)."""
 
     handlers: dict[str, Handler]
     name: str = ""  # the socket's abstract address, without the leading NUL
     key: bytes = b""
     calls: int = 0  # calls answered, errors included: tests and the curious read it
+    strangers: int = 0  # connections of another user, closed at accept
+    hello_s: float = HELLO_S
+    max_hellos: int = MAX_HELLOS
+    max_connections: int = MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
+        if not self.hello_s > 0 or self.max_hellos < 1 or self.max_connections < 1:
+            raise ValueError(f"LocalServer: hello_s must be > 0 and the bounds >= 1, got "
+                             f"hello_s={self.hello_s}, max_hellos={self.max_hellos}, "
+                             f"max_connections={self.max_connections}")
         self.name = f"tinyps-{secrets.token_hex(16)}"
         self.key = secrets.token_bytes(32)
+        self._uid = os.geteuid()  # SO_PEERCRED gives the peer's effective user
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
+        self._hellos = 0  # connections in their hello
+        self._admitted = 0  # connections that showed the key
         self._lock = threading.Lock()
         self._closed = False
+
+    @property
+    def hellos(self) -> int:
+        """Connections still in their hello."""
+        return self._hellos
+
+    @property
+    def admitted(self) -> int:
+        """Connections that showed the key and are served."""
+        return self._admitted
 
     def start(self) -> bool:
         """Listen; False where the platform has no abstract Unix sockets (then gRPC only)."""
@@ -143,7 +134,8 @@ class LocalServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind("\0" + self.name)
-            listener.listen(64)
+            # room for workers' connects while the accept loop closes a stranger's flood
+            listener.listen(128)
         except OSError:
             listener.close()
             return False
@@ -164,60 +156,118 @@ class LocalServer:
             self._listener.close()
 
     def _accept(self) -> None:
+        """Take connections: another user's is closed here, before any read, slot or
+        thread; one past the bounds is told so and closed; the rest get a thread."""
         while True:
             try:
                 conn, _ = self._listener.accept()
             except OSError:
-                return  # stopped
+                with self._lock:
+                    if self._closed:
+                        return
+                # a passing failure (no file descriptor left, a peer gone before accept):
+                # the channel stays; a pause keeps the loop from spinning on it
+                threading.Event().wait(0.01)
+                continue
+            try:
+                _, uid, _ = _PEERCRED.unpack(
+                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            except OSError:
+                uid = -1
+            if uid != self._uid:
+                conn.close()
+                with self._lock:
+                    self.strangers += 1
+                continue
             with self._lock:
-                if self._closed or len(self._connections) >= _MAX_CONNECTIONS:
-                    conn.close()  # the caller's hello fails: it calls through gRPC
-                    continue
-                self._connections.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="local-conn",
-                             daemon=True).start()
+                closed = self._closed
+                full = (self._hellos >= self.max_hellos
+                        or self._admitted >= self.max_connections)
+                if not (closed or full):
+                    self._hellos += 1
+                    self._connections.add(conn)
+            if closed or full:
+                if full and not closed:
+                    self._refuse_busy(conn)
+                conn.close()
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="local-conn",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread to be had: as if the slots were full
+                with self._lock:
+                    self._hellos -= 1
+                    self._connections.discard(conn)
+                self._refuse_busy(conn)
+                conn.close()
+
+    def _refuse_busy(self, conn: socket.socket) -> None:
+        """Tell a connection there is no slot for it (best effort, never blocking)."""
+        details = (f"local channel {self.name} is full: {self._hellos} connections in their "
+                   f"hello (at most {self.max_hellos}), {self._admitted} served (at most "
+                   f"{self.max_connections})").encode()
+        header = REPLY.pack(len(details), grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 0)
+        with contextlib.suppress(OSError):
+            conn.send(header + details, socket.MSG_DONTWAIT)
 
     def _serve(self, conn: socket.socket) -> None:
+        admitted = False
         try:
-            if self._admit(conn):
+            admitted = self._admit(conn)
+            if admitted:
+                conn.settimeout(None)  # blocking again: no poll() on each call's reads
+                send_reply(conn, 0, b"")
                 while self._answer(conn):
                     pass
         except OSError:
-            pass  # the worker went away, or stop() shut the socket
+            pass  # the worker went away, the hello's deadline passed, or stop() shut it
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                self._admitted -= admitted
             conn.close()
 
     def _admit(self, conn: socket.socket) -> bool:
-        """The peer runs as our user and its first frame is a hello with the key."""
-        _, uid, _ = _PEERCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        header = _recv_exactly(conn, _REQUEST.size)
+        """The first frame, within hello_s, is a hello with the key; then the connection
+        leaves the hello slots for the served ones (if one is free)."""
+        shown = False
+        try:
+            shown = self._hello(conn)
+        finally:
+            with self._lock:
+                self._hellos -= 1
+                admitted = shown and self._admitted < self.max_connections
+                self._admitted += admitted
+        if shown and not admitted:
+            self._refuse_busy(conn)
+        return admitted
+
+    def _hello(self, conn: socket.socket) -> bool:
+        """The hello came whole before the deadline and shows the key."""
+        deadline = time.monotonic() + self.hello_s
+        header = recv_before(conn, REQUEST.size, deadline)
         if header is None:
             return False
-        size, method, _ = _REQUEST.unpack(header)
-        if uid != os.getuid() or method != _HELLO or size != len(self.key):
-            return False
-        body = _recv_exactly(conn, size)
-        if body is None or not hmac.compare_digest(body, self.key):
-            return False
-        _reply(conn, 0, b"")
-        return True
+        size, method, _ = REQUEST.unpack(header)
+        if method != HELLO or size != len(self.key):
+            return False  # closed at once: no wait for a body that cannot be the key
+        body = recv_before(conn, size, deadline)
+        return body is not None and hmac.compare_digest(body, self.key)
 
     def _answer(self, conn: socket.socket) -> bool:
         """Read one request, call its handler, send the reply; False when the peer is gone
         or sent a frame that no request is (the stream cannot be trusted after it)."""
-        header = _recv_exactly(conn, _REQUEST.size)
+        header = recv_exactly(conn, REQUEST.size)
         if header is None:
             return False
-        size, method, timeout = _REQUEST.unpack(header)
-        if not 1 <= method <= len(METHODS) or size > MAX_MESSAGE_BYTES or not timeout >= 0:
-            _reply(conn, grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                   f"malformed local frame: method {method}, {size} bytes, timeout "
-                   f"{timeout}".encode())
+        size, method, timeout = REQUEST.unpack(header)
+        if not 1 <= method <= len(METHODS) or size > MAX_MESSAGE_BYTES or \
+                not 0.0 <= timeout < math.inf:
+            send_reply(conn, grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                       f"malformed local frame: method {method}, {size} bytes, timeout "
+                       f"{timeout}".encode())
             return False
-        body = _recv_exactly(conn, size)
+        body = recv_exactly(conn, size)
         if body is None:
             return False
         handler = self.handlers[METHODS[method - 1]]
@@ -225,15 +275,15 @@ class LocalServer:
         try:
             reply, status = handler(body, LocalContext(timeout)), 0
         except LocalError as err:
-            reply, status = err.details.encode(), err.code.value[0]
-            reason = err.reason.encode()[:255]
+            reply, status = err.details.encode(errors="backslashreplace"), err.code.value[0]
+            reason = err.reason.encode(errors="backslashreplace")[:255]
         except Exception as err:  # a bug: answer as gRPC would (UNKNOWN), and say where
             traceback.print_exc()
-            reply = f"{type(err).__name__}: {err}".encode()
+            reply = f"{type(err).__name__}: {err}".encode(errors="backslashreplace")
             status = grpc.StatusCode.UNKNOWN.value[0]
         with self._lock:
             self.calls += 1
-        _reply(conn, status, reply, reason)
+        send_reply(conn, status, reply, reason)
         return True
 
 
@@ -253,7 +303,7 @@ class LocalChannel:
     def __init__(self, name: str, key: bytes, guard_s: float = 600.0) -> None:
         self.name = name
         self._key = key
-        self._guard = struct.pack("ll", int(guard_s), int(guard_s % 1 * 1e6))
+        self._guard = timeval(guard_s)
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -262,8 +312,8 @@ class LocalChannel:
         status, LocalUnavailable if the channel is gone (the caller then uses gRPC)."""
         conn = self._take()
         try:
-            _send_request(conn, METHODS.index(method) + 1, timeout, request)
-            status, reason, body = _read_reply(conn)
+            send_request(conn, METHODS.index(method) + 1, timeout, request)
+            status, reason, body = read_reply(conn)
         except BlockingIOError:  # the guard's timeout
             conn.close()
             raise LocalError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -274,7 +324,7 @@ class LocalChannel:
         with self._lock:
             self._idle.append(conn)
         if status:
-            code = _STATUS.get(status, grpc.StatusCode.UNKNOWN)
+            code = STATUS.get(status, grpc.StatusCode.UNKNOWN)
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise LocalUnavailable(body.decode(errors="replace"))
             raise LocalError(code, body.decode(errors="replace"), reason)
@@ -286,17 +336,25 @@ class LocalChannel:
                 return self._idle.pop()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            conn.settimeout(10.0)
+            # Blocking, with the kernel's timeouts: under a flood a connect waits its turn in
+            # the listen queue, where a non-blocking one (Python's settimeout) fails at once.
+            connect = timeval(_CONNECT_S)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, connect)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, connect)
             conn.connect("\0" + self.name)
-            _send_request(conn, _HELLO, 0.0, self._key)
-            status, _, _ = _read_reply(conn)
-            conn.settimeout(None)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # a full server answers before it reads, and may have closed: read its answer
+                send_request(conn, HELLO, 0.0, self._key)
+            status, _, details = read_reply(conn)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._guard)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._guard)
         except (OSError, LocalUnavailable):
             conn.close()
             raise LocalUnavailable(f"cannot connect to local channel {self.name}") from None
         if status:
             conn.close()
+            if status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:
+                raise LocalBusy(details.decode(errors="replace"))
             raise LocalUnavailable(f"local channel {self.name} refused the key")
         return conn
 
@@ -305,24 +363,3 @@ class LocalChannel:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-
-
-def _send_request(conn: socket.socket, method: int, timeout: float, body: bytes) -> None:
-    _send(conn, _REQUEST.pack(len(body), method, timeout), body)
-
-
-def _read_reply(conn: socket.socket) -> tuple[int, str, bytes]:
-    """(status, reason, body) of one reply frame."""
-    header = _recv_exactly(conn, _REPLY.size)
-    if header is None:
-        raise LocalUnavailable("the server closed the channel")
-    size, status, reason_size = _REPLY.unpack(header)
-    body = _recv_exactly(conn, size) if size else b""
-    if body is None:
-        raise LocalUnavailable("the server closed the channel")
-    if reason_size > len(body):
-        raise LocalUnavailable(f"malformed reply frame: a reason of {reason_size} bytes in a "
-                               f"body of {len(body)}")
-    if reason_size:
-        return status, body[:reason_size].decode(errors="replace"), body[reason_size:]
-    return status, "", body

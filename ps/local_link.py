@@ -18,7 +18,7 @@ from ps import ps_pb2
 from ps.codec import WIRE_DTYPES, pack
 from ps.keys import Key, KeyId
 from ps.link import Gradients, GrpcLink, Link, PSError, encode_push, pull_request, read_reply
-from ps.local import LocalChannel, LocalError, LocalUnavailable
+from ps.local import LocalBusy, LocalChannel, LocalError, LocalUnavailable
 from ps.mailbox import MAILBOX_LOST, Mailbox
 
 __all__ = ["LocalLink"]
@@ -117,11 +117,14 @@ class LocalLink(Link):
 
     def _send(self, method: str, request, timeout: float, channel: LocalChannel | None):
         """Over the local channel if there is one, else through gRPC. A channel that is gone
-        (the server stopped or restarted) is dropped, and gRPC retries until it is back."""
+        (the server stopped or restarted) is dropped, and gRPC retries until it is back; one
+        that is full (ps.local's admission) is kept, and this call goes through gRPC."""
         if channel is not None:
             payload = request if isinstance(request, bytes) else request.SerializeToString()
             try:
                 reply = channel.call(method, payload, timeout)
+            except LocalBusy:
+                pass  # no slot for a new connection now: gRPC this once, the channel stays
             except LocalUnavailable:
                 with self._lock:
                     if self.channel is channel:

@@ -190,7 +190,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version", "skipped_steps", "rejected_pushes", "dropped_gradients", "live_workers", "restored_from", "checkpoints_written", "suspect_workers", "grad_cosine", "grad_norm_ratio")
+    __slots__ = ("mode", "workers", "staleness_bound", "tensors", "keys", "params", "bytes_held", "pushes", "pulls", "updates", "bytes_in", "bytes_out", "staleness_count", "staleness_sum", "staleness_max", "staleness_histogram", "dropped_stale", "waiting", "clocks", "min_version", "max_version", "skipped_steps", "rejected_pushes", "dropped_gradients", "live_workers", "restored_from", "checkpoints_written", "suspect_workers", "grad_cosine", "grad_norm_ratio", "checkpoint_failures", "checkpoint_error")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,8 @@ class StatsReply(_message.Message):
     SUSPECT_WORKERS_FIELD_NUMBER: _ClassVar[int]
     GRAD_COSINE_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
     mode: str
     workers: int
     staleness_bound: int
@@ -272,7 +274,9 @@ class StatsReply(_message.Message):
     suspect_workers: _containers.RepeatedScalarFieldContainer[int]
     grad_cosine: _containers.ScalarMap[int, float]
     grad_norm_ratio: _containers.ScalarMap[int, float]
-    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., rejected_pushes: _Optional[int] = ..., dropped_gradients: _Optional[int] = ..., live_workers: _Optional[_Iterable[int]] = ..., restored_from: _Optional[int] = ..., checkpoints_written: _Optional[int] = ..., suspect_workers: _Optional[_Iterable[int]] = ..., grad_cosine: _Optional[_Mapping[int, float]] = ..., grad_norm_ratio: _Optional[_Mapping[int, float]] = ...) -> None: ...
+    checkpoint_failures: int
+    checkpoint_error: str
+    def __init__(self, mode: _Optional[str] = ..., workers: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., keys: _Optional[int] = ..., params: _Optional[int] = ..., bytes_held: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., staleness_count: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., staleness_histogram: _Optional[_Iterable[int]] = ..., dropped_stale: _Optional[int] = ..., waiting: _Optional[int] = ..., clocks: _Optional[_Mapping[int, int]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., rejected_pushes: _Optional[int] = ..., dropped_gradients: _Optional[int] = ..., live_workers: _Optional[_Iterable[int]] = ..., restored_from: _Optional[int] = ..., checkpoints_written: _Optional[int] = ..., suspect_workers: _Optional[_Iterable[int]] = ..., grad_cosine: _Optional[_Mapping[int, float]] = ..., grad_norm_ratio: _Optional[_Mapping[int, float]] = ..., checkpoint_failures: _Optional[int] = ..., checkpoint_error: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("worker", "name", "size")

@@ -8,6 +8,8 @@ start from the newest checkpoint: a restarted server picks up where its shard wa
 
 from __future__ import annotations
 
+import errno
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ps.checkpoint import latest_checkpoint, write_checkpoint
+from ps.checkpoint import CheckpointError, checkpoint_path, latest_checkpoint, write_checkpoint
+from ps.checkpoint_set import protected_files
 from ps.codec import MAX_MESSAGE_BYTES
 from ps.local import LocalServer
 from ps.security import SecurityConfig, TokenInterceptor, server_credentials
@@ -27,6 +30,8 @@ from ps.store import Store
 from ps.store_config import StoreConfig
 
 __all__ = ["CheckpointConfig", "RunningServer", "SERVICE_NAME", "ServerConfig", "serve"]
+
+_log = logging.getLogger(__name__)  # unconfigured, a warning goes to stderr: the server's log
 
 
 @dataclass(frozen=True)
@@ -76,33 +81,76 @@ class ServerConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
+def _failure(path: Path, err: Exception) -> str:
+    """A failed checkpoint write in one line: the file, and the errno's text and name."""
+    if isinstance(err, OSError) and err.errno is not None:
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != path else ""
+        name = errno.errorcode.get(err.errno, str(err.errno))
+        return f"cannot write checkpoint {path}: {err.strerror} [{name}]{where}"
+    if isinstance(err, CheckpointError):  # a refused snapshot: it says why
+        return f"refused checkpoint {path}: {err}"
+    return f"cannot write checkpoint {path}: {type(err).__name__}: {err}"
+
+
 @dataclass
 class _Checkpointer:
     """A thread that writes the store's snapshot each time its versions pass a multiple of
-    `every` (the first right after initialisation, so that a restart always finds one)."""
+    `every` (the first right after initialisation, so that a restart always finds one).
+
+    A write that fails (a full or broken disk, a refused snapshot) is counted and reported
+    (Stats: checkpoint_failures, checkpoint_error) and never ends the thread: the next
+    multiple, or the final write, tries again."""
 
     store: Store
     policy: CheckpointConfig
     written: int = 0
+    failures: int = 0  # write attempts that failed, in all (carried across a restart)
+    error: str = ""  # the latest failure, "" if none
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _tried: int = 0  # the seq of the latest attempt, failed or not
 
     def run(self) -> None:
-        target = 0
+        every, target = self.policy.checkpoint_every, 0
         while not self.store.closed:
             if self.store.wait_version(target, timeout=1.0):
-                seq = self.write()
-                target = (seq // self.policy.checkpoint_every + 1) * self.policy.checkpoint_every
+                self.write()
+                # After a failure too: the next multiple tries again, not a busy loop.
+                target = (max(self._tried, target) // every + 1) * every
 
-    def write(self) -> int:
-        """Write a checkpoint now; returns its seq (the shard's min version)."""
+    def write(self) -> int | None:
+        """Write a checkpoint now; its seq (the shard's min version), or None if it failed
+        (counted, logged, and no .tmp left: the disk keeps every earlier checkpoint)."""
         with self.lock:
-            snapshot = self.store.snapshot()
-            # The count travels in the checkpoint, so that a restarted server goes on from it.
-            snapshot.counters["checkpoints_written"] = self.written + 1
-            write_checkpoint(self.policy.directory, snapshot, self.policy.keep_checkpoints)
+            directory = self.policy.directory
+            path = directory
+            try:
+                snapshot = self.store.snapshot()
+                self._tried = snapshot.seq
+                path = checkpoint_path(directory, snapshot.seq)
+                # The counts travel in the checkpoint, so that a restarted server goes on.
+                snapshot.counters["checkpoints_written"] = self.written + 1
+                snapshot.counters["checkpoint_failures"] = self.failures
+                every = self.policy.checkpoint_every
+                write_checkpoint(directory, snapshot, self.policy.keep_checkpoints,
+                                 round_step=snapshot.seq // every * every,
+                                 final=self.store.closed,
+                                 protect=protected_files(directory))
+            # Whatever the disk or the snapshot does, this thread must live on: a dead
+            # checkpointer would leave the run without checkpoints and say nothing.
+            except Exception as err:
+                self.failures += 1
+                self.error = _failure(path, err)
+                _log.warning("%s (%d failed so far; the next checkpoint tries again)",
+                             self.error, self.failures)
+                return None
             self.written += 1
             return snapshot.seq
 
+    def stats(self) -> dict:
+        """For the Stats reply (see StatsReply in proto/ps.proto). Without the lock: a Stats
+        call must not wait for a write to finish, and each field is read whole."""
+        return {"checkpoints_written": self.written, "checkpoint_failures": self.failures,
+                "checkpoint_error": self.error}
 
 
 @dataclass
@@ -186,6 +234,7 @@ def serve(config: ServerConfig | None = None, **settings) -> RunningServer:
         if checkpointing.restore and (snapshot := latest_checkpoint(checkpointing.directory)):
             store.restore(snapshot)
             checkpointer.written = int(snapshot.counters.get("checkpoints_written", 0))
+            checkpointer.failures = int(snapshot.counters.get("checkpoint_failures", 0))
     # Pulls that wait on a barrier hold a thread each; the pool leaves room for every worker's
     # waiting pulls (a few chunks each) and their pushes, so waiting can never starve the
     # pushes that would end the wait.
@@ -204,7 +253,7 @@ def serve(config: ServerConfig | None = None, **settings) -> RunningServer:
         threading.Thread(target=lambda: running.stop(), daemon=True).start()
 
     def extra_stats() -> dict:
-        return {"checkpoints_written": running.checkpoints_written if running else 0}
+        return {} if checkpointer is None else checkpointer.stats()
 
     servicer = ParameterServerServicer(store, shutdown_soon, extra_stats)
     add_to_server(servicer, server)

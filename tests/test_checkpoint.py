@@ -1,5 +1,6 @@
 """Checkpoints: bit-exact round trips, atomic writes under SIGKILL, resplit over new servers."""
 
+import json
 import math
 import os
 import select
@@ -31,8 +32,9 @@ from ps.placement import TensorSpec, place
 from ps.snapshot import KeyState, Snapshot
 
 REPO = os.fspath(Path(__file__).resolve().parents[1])  # the subprocess imports ps
-AWKWARD = np.array([0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 3.4e38],
-                   np.float32)  # ±0, ±inf, NaN, subnormals, near-max
+# ±0, subnormals, near-max: a checkpoint keeps their bits (inf and NaN it refuses, below).
+AWKWARD = np.array([0.0, -0.0, 1.0, -1.5, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.2e-38, 2.5],
+                   np.float32)
 
 
 def _optimizer_state(name: str, size: int, rng, step: int = 7) -> dict:
@@ -151,6 +153,85 @@ def test_a_value_of_the_wrong_size_is_refused_before_any_file_is_written(tmp_pat
     with pytest.raises(ValueError, match=r"dense0.weight\[23:40\]"):
         write_checkpoint(tmp_path, snapshot)
     assert not tmp_path.joinpath("ckpt-0000000005.npz").exists()
+
+
+# ---- non-finite values: refused, never in the place of a good checkpoint -------------------
+
+
+def _poison(snapshot: Snapshot, where: str, bad: float) -> str:
+    """Put `bad` in one array of key 1 (dense0.weight[23:40]); the name the error must say."""
+    state = snapshot.keys[1]
+    if where == "value":
+        state.value[5] = bad
+    else:
+        state.optimizer[where][16] = bad
+    return r"dense0.weight\[23:40\]"
+
+
+@pytest.mark.parametrize("optimizer, where", [
+    ("sgd", "value"), ("momentum", "buf"), ("adam", "m"), ("adam", "v"), ("adam", "value")])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_snapshot_holding_inf_or_nan_is_refused_and_the_good_ones_stay(tmp_path, optimizer,
+                                                                        where, bad):
+    good = [_snapshot(optimizer, seq=seq) for seq in (1, 2, 3)]
+    for snapshot in good:
+        write_checkpoint(tmp_path, snapshot, keep=3)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    poisoned = _snapshot(optimizer, seq=4)
+    key = _poison(poisoned, where, bad)
+    with pytest.raises(CheckpointError, match=f"{key}.*non-finite") as err:
+        write_checkpoint(tmp_path, poisoned, keep=3)
+    assert (where == "value") == ("the value" in str(err.value))  # names the array too
+    # Refused before any file was touched: nothing pruned, nothing left half-written.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    _assert_same(latest_checkpoint(tmp_path), good[-1])
+
+
+def test_a_file_holding_inf_is_unreadable_and_the_one_before_it_is_taken(tmp_path):
+    previous = _snapshot(seq=1)
+    write_checkpoint(tmp_path, previous)
+    arrays = ckpt._pack(_snapshot(seq=2))  # a file an older tinyps could have written
+    arrays["opt_2_v"][3] = np.inf
+    with open(tmp_path / "ckpt-0000000002.npz", "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=r"dense0.bias\[0:10\]: optimizer state 'v' "
+                                              r"holds 1 non-finite"):
+        read_checkpoint(tmp_path / "ckpt-0000000002.npz")
+    # A restarted server takes the newest file it can restore, not one it would refuse.
+    _assert_same(latest_checkpoint(tmp_path), previous)
+
+
+def test_old_files_are_pruned_only_after_the_new_one_is_on_disk(tmp_path, monkeypatch):
+    previous = _snapshot(seq=1)
+    write_checkpoint(tmp_path, previous, keep=1)
+
+    def full_disk(f, **arrays):
+        f.write(b"PK\x03\x04 a few bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.np, "savez", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(tmp_path, _snapshot(seq=2), keep=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000000001.npz"]  # no .tmp
+    _assert_same(latest_checkpoint(tmp_path), previous)
+
+
+def test_a_protected_file_is_never_pruned(tmp_path):
+    kept = write_checkpoint(tmp_path, _snapshot(seq=1), keep=2)
+    for seq in range(2, 6):
+        write_checkpoint(tmp_path, _snapshot(seq=seq), keep=2, protect=[kept])
+    assert _seqs(tmp_path) == [1, 4, 5]
+    write_checkpoint(tmp_path, _snapshot(seq=6), keep=2)
+    assert _seqs(tmp_path) == [5, 6]
+
+
+def test_the_round_and_final_flag_go_into_the_meta(tmp_path):
+    path = write_checkpoint(tmp_path, _snapshot(seq=7), round_step=5, final=True)
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"][()]))
+    assert (meta["round"], meta["final"], meta["seq"]) == (5, True, 7)
+    assert read_checkpoint(path).seq == 7
 
 
 # ---- crashes ------------------------------------------------------------------------------
@@ -364,7 +445,7 @@ def _old_run(optimizer: str, rng):
     the reference the minimums of resplit are checked against.
     """
     full = {s.name: rng.standard_normal(math.prod(s.shape)).astype(np.float32) for s in SPECS}
-    full["dense0.bias"][:3] = [-0.0, np.nan, 1e-45]
+    full["dense0.bias"][:3] = [-0.0, 3.4e38, 1e-45]  # bits kept (inf and NaN are refused)
     opt = {s.name: _optimizer_state(optimizer, math.prod(s.shape), rng) for s in SPECS}
     per_element = {s.name: {"version": np.zeros(math.prod(s.shape), np.int64),
                             "step": np.zeros(math.prod(s.shape), np.int64),

@@ -22,3 +22,17 @@ def test_every_command_and_flag_is_documented():
                 assert flag in text, f"{name} {flag} missing from docs/cli.md"
             if action.option_strings and action.dest != "help":
                 assert action.help, f"tinyps {name} {action.option_strings[0]} has no help"
+
+
+def test_abbreviated_flags_are_refused_in_every_command(capsys):
+    parser = build_parser()
+    for argv in (["launch", "--worker", "2"], ["launch", "--epoch", "1"],
+                 ["placement", "--server", "3"], ["train", "--epoch", "1"]):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exit:
+            assert exit.code == 2
+        else:
+            raise AssertionError(f"{argv} parsed: an abbreviation was accepted")
+        assert f"unrecognized arguments: {' '.join(argv[1:])}" in capsys.readouterr().err
+    assert parser.parse_args(["launch", "--workers", "2"]).workers == 2  # the full name works

@@ -190,11 +190,17 @@ def test_drawing_a_report_leaves_the_plotting_backend_alone(tmp_path):
                "test_accuracy": 0.5, "staleness_histogram": [3], "staleness_mean": 0.0,
                "staleness_max": 0, "per_server": [{"index": 0, "bytes_in": 10, "bytes_out": 20,
                                                    "updates": 3}]}
-    records = [{"worker": 0, "step": s, "time": s + 1.0, "loss": 1.0 / (s + 1), "wait_s": 0.1,
-                "compute_s": 0.2} for s in range(3)]
+    records = [{"worker": 0, "step": s, "time": s + 6.0, "pulled": s + 5.5, "loss": 1.0 / (s + 1),
+                "wait_s": 0.1, "compute_s": 0.2} for s in range(3)]
     try:
         path = write_report(records, summary, tmp_path / "report.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+    # The loss axis starts at the launch, with the start-up before the first step shaded.
+    from tinyps.report import draw_report
+
+    loss = draw_report(records, summary).axes[0]
+    assert loss.get_xlim()[0] == 0
+    assert [t.get_text() for t in loss.get_legend().get_texts()][0] == "start-up (5.5 s)"

@@ -2,6 +2,7 @@
 answers to the same calls; a lost mailbox is known by its reason, never by the words of the
 details; and the servicer sees one request shape whichever way the tensors came (ps/inbox.py)."""
 
+import math
 import sys
 
 import grpc
@@ -314,3 +315,10 @@ def test_the_local_frame_carries_a_reason_beside_the_status():
     finally:
         channel.close()
         server.stop()
+
+
+@pytest.mark.parametrize("name", ["deadline_s", "wait_s", "retry_s"])
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan])
+def test_a_client_refuses_a_deadline_that_is_not_one(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number of seconds > 0"):
+        PSClient(["127.0.0.1:1"], **{name: value})

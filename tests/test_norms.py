@@ -222,8 +222,12 @@ def test_python_bodies_match_under_disable_jit():
         "t = clip_by_global_norm([x], 3.0)\n"
         "print(all_finite(x), all_finite(y), global_norm([y[:4000]]), t, x.view(np.uint32).sum())\n"
     )
-    outs = outputs_with_and_without_jit(code)
-    assert outs[0] == outs[1]
+    jit, plain = (out.split() for out in outputs_with_and_without_jit(code))
+    # The kernel's sum of squares is reassociated over vector lanes (fastmath reassoc), so
+    # its last bits differ from the Python loop's left-to-right sum; everything else is exact.
+    assert jit[:2] == plain[:2] and jit[4] == plain[4]
+    for a, b in zip(jit[2:4], plain[2:4], strict=True):
+        assert math.isclose(float(a), float(b), rel_tol=1e-13)
 
 
 # ---------------------------------------------------------------------------------------------

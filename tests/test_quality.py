@@ -109,6 +109,8 @@ def test_duplicates_and_conflicts_are_counted_exactly(toy_report):
     assert dup.conflicting_groups == 1  # B
     assert dup.conflicting_rows == 2
     assert dup.test_in_train == 1  # the test copy of A
+    whole = toy_report.whole_duplicates  # before the split: the test copy is a fourth repeat
+    assert (whole.rows, whole.groups, whole.conflicting_groups, whole.test_in_train) == (4, 2, 1, 0)
 
 
 def test_negative_zero_counts_as_a_duplicate_of_zero():
@@ -144,8 +146,10 @@ def test_flags_name_each_planted_fault(toy_report):
     assert "5 rows dropped" in flags
     assert "class 2 is rare: 1 training rows (2.3%)" in flags
     assert "class 0 is rare" not in flags and "class 1 is rare" not in flags
-    assert "3 training rows repeat an earlier row" in flags
-    assert "1 groups of identical training rows carry conflicting labels (2 rows)" in flags
+    # The test copy of A makes the data set's fourth repeat; three fall within training.
+    assert ("4 rows of the data set repeat an earlier row exactly (2 distinct rows occur more "
+            "than once): 3 of the repeats fall within the training split") in flags
+    assert "1 groups of identical rows carry conflicting labels (2 rows)" in flags
     assert "1 test rows also occur in the training split" in flags
     assert "1 constant features carry no information: 2" in flags
 
@@ -321,3 +325,30 @@ def test_plot_shards_writes_a_png(tmp_path):
     path = plot_shards(report, tmp_path / "shards.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    # The tallest stack is drawn whole (autoscaling stopped at a lower layer of it).
+    from tinyps.report import draw_shards
+
+    top = draw_shards(report).axes[0].get_ylim()[1]
+    assert max(report.shard_sizes) < top < 1.1 * max(report.shard_sizes)
+
+
+def test_duplicates_are_counted_in_the_whole_file_before_the_split(tmp_path):
+    # 200 rows of a CSV: 195 distinct ones, then 5 rows that repeat 5 of them, labels and all.
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((195, 3)).round(6)
+    y = rng.integers(0, 3, 195)
+    rows = [(x, c) for x, c in zip(X, y, strict=True)] + [(X[i], y[i]) for i in (3, 50, 90, 120,
+                                                                               194)]
+    path = tmp_path / "repeats.csv"
+    path.write_text("a,b,c,label\n" + "".join(f"{a},{b},{c},{label}\n"
+                                              for (a, b, c), label in rows))
+    report = data_report(f"csv:{path}", workers=2)
+    whole, train = report.whole_duplicates, report.duplicates
+    assert (whole.rows, whole.groups, whole.conflicting_groups) == (5, 5, 0)
+    # Whatever the split, each repeat lands as a training repeat or a test row seen in
+    # training, or both copies land in the test split (then it is neither).
+    assert train.rows + train.test_in_train <= 5 and train.rows + train.test_in_train >= 1
+    assert any(flag.startswith("5 rows of the data set repeat an earlier row exactly")
+               for flag in report.flags)
+    text = format_report(report)
+    assert "rows repeating an earlier row              5" in text

@@ -15,11 +15,15 @@ import pytest
 from bits import assert_same_arrays
 from deadline import DEADLINE_S, in_thread, wait_until
 
+import tinyps
 from ps import ps_pb2
-from ps.checkpoint import latest_checkpoint, list_checkpoints
+from ps.checkpoint import latest_checkpoint, list_checkpoints, server_directory
+from ps.checkpoint_set import read_manifest
 from ps.client import PSClient, PSError
 from ps.codec import write_slice
 from ps.server import serve
+from tinyps.config import LaunchConfig
+from tinyps.plan import prepare_launch
 from tinyps.status import status_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,3 +229,27 @@ def test_a_server_started_with_restore_and_no_checkpoint_starts_empty(tmp_path):
     finally:
         running.stop(0)
     assert not os.path.exists(tmp_path / "none") or not list_checkpoints(tmp_path / "none")
+
+
+@pytest.mark.slow  # a launch of two servers: about 15-25 s on 2 busy cores
+def test_a_launched_run_resumes_from_the_newest_round_that_every_server_holds(tmp_path):
+    first = tmp_path / "first"
+    tinyps.launch(run_dir=str(first), servers=2, workers=1, mode="sync", seed=0, steps=40,
+                  checkpoint_every=10)
+    rounds = read_manifest(first / "checkpoints")
+    assert (rounds[-1].step, rounds[-1].seqs) == (40, {0: 40, 1: 40})  # the final one
+    assert rounds[-2].step == 30
+    newest = first / "checkpoints" / rounds[-1].files[1]
+    newest.write_bytes(newest.read_bytes()[:100])  # server1's newest, truncated
+    plan = prepare_launch(LaunchConfig.from_flat({
+        "servers": 2, "workers": 1, "mode": "sync", "seed": 0, "steps": 60,
+        "resume": str(first), "run_dir": str(tmp_path / "second")}))
+    assert plan.resume_round == 30
+    assert [s.seq for s in plan.resumed] == [30, 30]  # not 30 on one server and 40 on the other
+    [note] = plan.resume_notes
+    assert "server1/ckpt-0000000040.npz: unreadable" in note
+    assert note.endswith("resuming from round 30 on every server (server0 at update 30, "
+                         "server1 at update 30)")
+    # This run's servers start from it: round 30, re-split over this run's placement.
+    assert [latest_checkpoint(server_directory(plan.checkpoints, i)).seq
+            for i in range(2)] == [30, 30]

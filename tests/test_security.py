@@ -58,8 +58,20 @@ def test_tls_serves_clients_that_trust_the_ca(certs):
         assert running.local is None  # nor a local channel beside the encrypted one
         assert wait_healthy([running.address], timeout=10, tls=trusting) == []
         with PSClient([running.address], retry_s=0.5, deadline_s=5) as plain, \
-                pytest.raises(PSError, match="UNAVAILABLE"):
+                pytest.raises(PSError, match="UNAVAILABLE") as refused:
             plain.pull()
+        assert "if it speaks TLS, give this client its CA, e.g. --tls-ca" in str(refused.value)
+    finally:
+        running.stop(0)
+
+
+def test_a_tls_client_of_a_plaintext_server_is_told_what_failed(certs):
+    running = serve(mode="async", workers=1)
+    try:
+        with PSClient([running.address], tls=TLSFiles(ca=certs / "ca.pem"), retry_s=0.5,
+                      deadline_s=5) as client, pytest.raises(PSError, match="UNAVAILABLE") as err:
+            client.stats()
+        assert "the TLS handshake failed: does the server speak TLS" in str(err.value)
     finally:
         running.stop(0)
 

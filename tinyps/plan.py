@@ -7,12 +7,14 @@ run's servers, and warms Numba's cache for the processes that follow.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ps.checkpoint import latest_set, list_checkpoints, resplit, server_directory, write_checkpoint
+from ps.checkpoint import list_checkpoints, resplit, server_directory, write_checkpoint
+from ps.checkpoint_set import MANIFEST, ResumePoint, resume_point
 from ps.keys import cut
 from ps.placement import Placement, TensorSpec
 from ps.snapshot import Snapshot
@@ -24,7 +26,8 @@ from worker.model import MLP
 from worker.process import steps_for
 from worker.shards import partition
 
-__all__ = ["LaunchError", "LaunchPlan", "checkpoint_root", "model_placement", "prepare_launch",
+__all__ = ["LaunchError", "LaunchPlan", "check_every_server_holds_something", "checkpoint_root",
+           "launch_warnings", "model_placement", "prepare_launch", "read_resume_point",
            "read_resumed", "resume_into", "warm_numba_cache"]
 
 
@@ -37,6 +40,38 @@ def model_placement(config: LaunchConfig, data: Dataset) -> Placement:
     model = MLP((data.n_features, *config.train.hidden, data.n_classes))
     specs = [TensorSpec(name, shape) for name, shape in model.param_shapes().items()]
     return config.placement.place(specs, config.servers)
+
+
+def check_every_server_holds_something(config: LaunchConfig, placement: Placement) -> None:
+    """A server that holds no tensor costs a process, a port and every worker's calls for
+    nothing: refuse the run, and say how many servers this model can use."""
+    empty = [i for i, load in enumerate(placement.bytes_per_server()) if load == 0]
+    if not empty:
+        return
+    parts = len(placement.parts)
+    shown = ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more"
+                                               if len(empty) > 5 else "")
+    raise ValueError(
+        f"--servers {config.servers}: the model has {parts} parts to place (tensors, or row "
+        f"ranges of those over --split-bytes), so servers {shown} would hold nothing; use at "
+        f"most {parts} servers, or a smaller --split-bytes to cut big tensors into row ranges")
+
+
+def launch_warnings(config: LaunchConfig, data: Dataset) -> tuple[str, ...]:
+    """What a user should hear before the run starts, though it may go on."""
+    warnings = []
+    if data.dropped_rows:
+        warnings.append(f"{config.train.dataset}: {data.dropped_rows} rows dropped for NaN or "
+                        f"±inf values (`tinyps data-report {config.train.dataset}` lists the "
+                        f"data set's problems)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    processes = config.servers + config.workers
+    if config.backend == "local" and cores and processes > 2 * cores:
+        warnings.append(f"{processes} processes ({config.servers} servers, {config.workers} "
+                        f"workers) on {cores} cores: they take turns on the cores, so this run "
+                        f"measures the scheduler more than training, and runs slower than "
+                        f"fewer processes would")
+    return tuple(warnings)
 
 
 def warm_numba_cache() -> None:
@@ -54,18 +89,27 @@ def checkpoint_root(config: LaunchConfig, run_dir: Path) -> Path:
     for folder in root.glob("server*"):
         for path in list_checkpoints(folder):
             path.unlink()
+    (root / MANIFEST).unlink(missing_ok=True)
     return root
 
 
-def read_resumed(config: LaunchConfig) -> list[Snapshot]:
-    """The newest checkpoint of every server of the run resumed, checked against this run
-    before anything is written."""
-    old = latest_set(config.resume_checkpoints())
+def read_resume_point(config: LaunchConfig) -> ResumePoint:
+    """The newest round of checkpoints of the run resumed that every one of its servers holds
+    readable (ps/checkpoint_set.py), with a note for each newer round passed over; checked
+    against this run before anything is written."""
+    point = resume_point(config.resume_checkpoints())
+    old = point.snapshots
     if (old[0].mode, old[0].workers) != (config.mode, config.workers):
         raise ValueError(f"resume: {config.resume} is a {old[0].mode} run of {old[0].workers} "
                          f"workers; this run must be the same (got {config.mode}, "
                          f"{config.workers} workers)")
-    return old
+    return point
+
+
+def read_resumed(config: LaunchConfig) -> list[Snapshot]:
+    """The checkpoints of every server of the run resumed, all of one round (see
+    read_resume_point)."""
+    return read_resume_point(config).snapshots
 
 
 def resume_into(config: LaunchConfig, old: list[Snapshot], placement: Placement,
@@ -93,6 +137,11 @@ class LaunchPlan:
     checkpoints: Path  # absolute: a Ray actor's working directory may be another
     resumed: list[Snapshot] | None  # the resumed run's newest checkpoints, or None
     started: float  # time.time() when the launch began
+    # A resume: the round resumed from, and what a user must hear about it (each newer round
+    # passed over: its file and why), for the terminal and summary.json.
+    resume_round: int | None = None
+    resume_notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # for the terminal before the run starts (launch_warnings)
 
 
 def prepare_launch(config: LaunchConfig) -> LaunchPlan:
@@ -102,10 +151,12 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
     started = time.time()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir) if config.run_dir else config.default_run_dir(stamp)
-    resumed = read_resumed(config) if config.resume else None
+    point = read_resume_point(config) if config.resume else None
+    resumed = point.snapshots if point is not None else None
     train = config.train
     data = load_dataset(train.dataset, seed=train.seed)
     placement = model_placement(config, data)
+    check_every_server_holds_something(config, placement)
     steps = train.steps or steps_for(len(data.X_train), config.workers, train.batch_size,
                                      train.epochs)
     shard_sizes = [len(s) for s in partition(data, config.workers, config.split.partition,
@@ -120,4 +171,6 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
         resume_into(config, resumed, placement, checkpoints)
     warm_numba_cache()  # for the processes on this machine; other hosts compile their own
     return LaunchPlan(config, run_dir, data, placement, steps, shard_sizes, checkpoints,
-                      resumed, started)
+                      resumed, started, None if point is None else point.step,
+                      () if point is None else tuple(point.notes),
+                      launch_warnings(config, data))

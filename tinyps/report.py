@@ -17,6 +17,12 @@ __all__ = ["plot_shards", "write_report"]
 
 def write_report(records: list[dict], summary: dict, path: Path) -> Path:
     """Draw the report of a run into `path` (PNG) and return the path."""
+    draw_report(records, summary).savefig(path, dpi=90)
+    return path
+
+
+def draw_report(records: list[dict], summary: dict):
+    """The report of a run as a matplotlib Figure."""
     # A Figure of its own, not pyplot's: files only, and the process's backend (a
     # notebook's inline plots) stays as it was.
     from matplotlib.figure import Figure
@@ -34,6 +40,12 @@ def write_report(records: list[dict], summary: dict, path: Path) -> Path:
     fig.suptitle(title)
 
     ax = axes[0][0]
+    # The first step starts seconds after the launch (processes, data, compiled kernels):
+    # shade that time, so that the axis starting at 0 does not look like a slow first step.
+    started = min((r["pulled"] for r in records), default=0.0)
+    if started > 0:
+        ax.axvspan(0, started, color="0.9", label=f"start-up ({started:.1f} s)")
+    ax.set_xlim(left=0)
     for w in sorted(per_worker):
         rs = sorted(per_worker[w], key=lambda r: r["step"])
         ax.plot([r["time"] for r in rs], [r["loss"] for r in rs], lw=0.8, label=f"worker {w}")
@@ -75,16 +87,23 @@ def write_report(records: list[dict], summary: dict, path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower left")
 
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return path
+    return fig
 
 
 def plot_shards(report: QualityReport, path: str | Path) -> Path:
     """Draw each worker's shard as a bar stacked by class into `path` (PNG); return the path."""
+    path = Path(path)
+    fig = draw_shards(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def draw_shards(report: QualityReport):
+    """Each worker's shard as a bar stacked by class, as a matplotlib Figure."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # not pyplot: see write_report
 
-    path = Path(path)
     classes, workers = report.classes, report.workers
     # tab10/tab20 keep neighbouring classes apart; beyond 20 classes a gradient must do.
     cmap = colormaps["tab10" if classes <= 10 else "tab20" if classes <= 20 else "viridis"]
@@ -98,6 +117,9 @@ def plot_shards(report: QualityReport, path: str | Path) -> Path:
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_xticks(range(workers),
                   [f"worker {w}\nskew {s:.2f}" for w, s in enumerate(report.shard_skew)])
+    # Stacked bars: autoscaling may stop at a lower layer's top, so the tallest stack is
+    # set as the limit, with room above it.
+    ax.set_ylim(0, max(max(bottom, default=0), 1) * 1.05)
     ax.set_ylabel("training examples")
     scheme = report.partition if report.alpha is None else \
         f"{report.partition} (alpha {report.alpha:g})"
@@ -106,6 +128,4 @@ def plot_shards(report: QualityReport, path: str | Path) -> Path:
     if classes <= 20:  # a legend of more entries hides the bars
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ps.checkpoint_set import RoundRecorder
 from ps.client import PSClient, PSError
 from ps.placement import Placement
 from ps.snapshot import Snapshot
@@ -141,6 +142,7 @@ class Supervisor:
     lost_workers: list[int] = field(default_factory=list)  # died or hung, not restarted
     events: list[str] = field(default_factory=list)  # faults seen and what was done
     records: list[dict] = field(default_factory=list)  # the workers' steps, this launch
+    rounds: RoundRecorder | None = None  # the run's checkpoint manifest (_record_checkpoints)
     _watch: HealthWatch | None = None
 
     @property
@@ -217,6 +219,7 @@ class Supervisor:
             for event in self._watch.take_events():
                 self._event(event)
             self._end_hung(running, seen)
+            self._record_checkpoints()
             if running:
                 time.sleep(self.backend.poll_s)  # a monitoring interval, not synchronisation
         return records
@@ -288,6 +291,15 @@ class Supervisor:
             self._event(f"worker{index} silent for {quiet:.0f} s after the others "
                         f"finished: ended as hung")
 
+    def _record_checkpoints(self, final: bool = False) -> None:
+        """Note in the run's manifest the rounds of checkpoints now on every server's disk (a
+        resume takes the newest); final: after the servers stopped, their final ones. The
+        recorder looks at the files at most once a second, and reports each problem once."""
+        if self.rounds is None:
+            self.rounds = RoundRecorder(self.plan.checkpoints, self.config.servers)
+        for event in self.rounds.record(final=final):
+            self._event(event)
+
     def _stop_servers(self, client: PSClient, timeout: float) -> None:
         """Shutdown, and wait for the servers' final checkpoints; a server that does not
         stop in time is a fault event (close() ends it), not a failed run."""
@@ -295,6 +307,7 @@ class Supervisor:
         for index in self.backend.wait_servers_stopped(timeout):
             self._event(f"server{index} did not stop within {timeout:.0f} s of the Shutdown "
                         f"call: ended (its final checkpoint may be missing)")
+        self._record_checkpoints(final=True)
 
     def finish(self, records: list[dict] | None = None) -> tuple[dict, dict]:
         """The model and the counters from the servers, evaluated here; then stop the servers

@@ -151,6 +151,9 @@ class QualityReport:
     # Rows load_dataset removed because a feature (or a CSV label) was NaN or ±inf, counted
     # over the whole pool before the train/test split (MNIST: always 0). As the Dataset says.
     dropped_rows: int
+    # On the whole data set as loaded, training and test rows together, before the split
+    # (its test_in_train is 0: there is no split yet); then on the training split.
+    whole_duplicates: Duplicates
     duplicates: Duplicates  # on the training features as loaded (see raw_values)
     constant_features: list[int]  # indices with max == min over the training rows
     standardised: bool  # whether the loaded features were standardised (what workers see)
@@ -233,13 +236,14 @@ def _flags(report: QualityReport) -> list[str]:
         if share < report.min_class_share:
             flags.append(f"class {c} is rare: {count} training rows ({share:.1%}), below "
                          f"{report.min_class_share:.1%}")
-    dup = report.duplicates
-    if dup.rows:
-        flags.append(f"{dup.rows} training rows repeat an earlier row exactly "
-                     f"({dup.groups} distinct rows occur more than once)")
-    if dup.conflicting_groups:
-        flags.append(f"{dup.conflicting_groups} groups of identical training rows carry "
-                     f"conflicting labels ({dup.conflicting_rows} rows): no model fits them all")
+    whole, dup = report.whole_duplicates, report.duplicates
+    if whole.rows:
+        flags.append(f"{whole.rows} rows of the data set repeat an earlier row exactly "
+                     f"({whole.groups} distinct rows occur more than once): {dup.rows} of "
+                     f"the repeats fall within the training split")
+    if whole.conflicting_groups:
+        flags.append(f"{whole.conflicting_groups} groups of identical rows carry conflicting "
+                     f"labels ({whole.conflicting_rows} rows): no model fits them all")
     if dup.test_in_train:
         flags.append(f"{dup.test_in_train} test rows also occur in the training split: test "
                      "accuracy overstates generalisation")
@@ -295,6 +299,9 @@ def data_report_of(
         test_class_counts=np.bincount(data.y_test, minlength=data.n_classes).tolist(),
         min_class_share=share_floor,
         dropped_rows=int(data.dropped_rows),
+        whole_duplicates=count_duplicates(np.concatenate([X, data.X_test]),
+                                          np.concatenate([data.y_train, data.y_test]),
+                                          X[:0]),
         duplicates=count_duplicates(X, data.y_train, data.X_test),
         constant_features=np.flatnonzero(X.max(axis=0) == X.min(axis=0)).tolist(),
         standardised=standardised,
@@ -359,15 +366,17 @@ def format_report(report: QualityReport) -> str:
     for c in range(r.classes):
         lines.append(f"  {c:>5} {r.class_counts[c]:>7} {r.class_shares[c]:>7.1%} "
                      f"{r.test_class_counts[c]:>6}")
-    d = r.duplicates
+    w, d = r.whole_duplicates, r.duplicates
     lines += [
         "",
-        "Duplicates (exact, training features)",
-        f"  rows repeating an earlier row      {d.rows:>6}",
-        f"  distinct rows occurring 2+ times   {d.groups:>6}",
-        f"  of them with conflicting labels    {d.conflicting_groups:>6} "
-        f"({d.conflicting_rows} rows)",
-        f"  test rows also in training         {d.test_in_train:>6}",
+        "Duplicates (exact, on the features)   data set   training split",
+        f"  rows repeating an earlier row      {w.rows:>9} {d.rows:>16}",
+        f"  distinct rows occurring 2+ times   {w.groups:>9} {d.groups:>16}",
+        f"  of them with conflicting labels    {w.conflicting_groups:>9} "
+        f"{d.conflicting_groups:>16}",
+        f"  rows in those conflicting groups   {w.conflicting_rows:>9} "
+        f"{d.conflicting_rows:>16}",
+        f"  test rows also in training         {'':>9} {d.test_in_train:>16}",
         "",
         f"Features (raw values: {r.raw_values})",
         f"  {'':<13} {'low':>9} {'high':>9} {'narrowest':>10} {'widest':>9} "

@@ -12,7 +12,7 @@ def all_finite(x):
 
 
 def global_norm(arrays):
-    # float64 squares and sums (NumPy sums pairwise; the kernel in eight strided partial sums)
+    # float64 squares and sums (NumPy sums pairwise; the kernel over vector lanes)
     return math.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in arrays))
 
 

@@ -7,6 +7,7 @@ settings of a run but of one command (where a ready file goes, print JSON, ...).
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from importlib import import_module
 from pathlib import Path
@@ -64,9 +65,14 @@ def _spec_flags(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: `--worker 2` for `--workers 2` must be an error, not a guess, and a
+    # flag added later must not silently change what an old abbreviation meant.
     parser = argparse.ArgumentParser(
-        prog="tinyps", description="A parameter-server training system for teaching.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        prog="tinyps", description="A parameter-server training system for teaching.",
+        allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser,
+                                                               allow_abbrev=False))
 
     launch = sub.add_parser(
         "launch", help="start a cluster on this machine and train",
