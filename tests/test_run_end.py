@@ -320,6 +320,30 @@ def test_ctrl_c_writes_what_the_run_has_and_says_how_to_resume(tmp_path, presses
         assert f"To go on from the servers' checkpoints: {command}" in err, err
         assert summary["resume_command"] == command
         assert "INTERRUPTED after" in out
+        _resume_goes_on_from(run_dir, tmp_path)
+
+
+def _resume_goes_on_from(source: Path, tmp_path: Path) -> None:
+    """The printed command's run resumes where the Ctrl-C left it: asked for too few steps it
+    says how many the checkpoints hold; asked for 10 more it makes exactly those."""
+    def resume(steps: int, run_dir: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tinyps", "launch", "--resume",
+                               str(source), "--hidden", "16", "--steps", str(steps),
+                               "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=240)
+
+    refused = resume(1, tmp_path / "never")
+    assert refused.returncode == 2, refused.stderr
+    assert not (tmp_path / "never").exists()
+    held = int(refused.stderr.split(" holds ")[1].split()[0])
+    assert "asks for 1 (--steps 1): nothing left to train" in refused.stderr
+    assert held >= 20  # the final checkpoints written at the Ctrl-C
+    done = resume(held + 10, tmp_path / "resumed")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["resumed_from"] == {"run": str(source), "step": held}
+    assert summary["steps_this_launch"] == 10 and summary["steps_done"] == 20
+    assert summary["updates_applied"] == held + 10
 
 
 @pytest.mark.slow
@@ -440,3 +464,30 @@ def test_checkpoints_on_a_full_disk_are_fault_events_and_the_results_are_written
     assert "No space left on device" in failed[0]
     assert failed[0] in done.stderr  # told as it happened
     assert (run_dir / "model.npz").exists() and summary["updates_applied"] == 300
+
+
+@pytest.mark.slow
+def test_the_python_api_raises_launch_interrupted_after_writing_what_it_had(tmp_path):
+    import threading
+
+    import tinyps
+
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics" / "worker0.jsonl"
+
+    def press_ctrl_c() -> None:  # as Jupyter's interrupt does: SIGINT to this process
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.stat().st_size > 2000):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)  # polling the run's file, with a deadline
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(tinyps.LaunchInterrupted) as stop:
+        tinyps.launch(run_dir=str(run_dir), steps=100000, hidden=(16,))
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert stop.value.run_dir == run_dir and stop.value.summary["interrupted"] is True
+    assert "To go on from the servers' checkpoints: tinyps launch --resume" in str(stop.value)
+    assert json.loads((run_dir / "summary.json").read_text())["interrupted"] is True
+    assert (run_dir / "model.npz").exists() and not list(run_dir.glob("*.address"))
