@@ -491,3 +491,18 @@ def test_the_python_api_raises_launch_interrupted_after_writing_what_it_had(tmp_
     assert "To go on from the servers' checkpoints: tinyps launch --resume" in str(stop.value)
     assert json.loads((run_dir / "summary.json").read_text())["interrupted"] is True
     assert (run_dir / "model.npz").exists() and not list(run_dir.glob("*.address"))
+
+
+def test_a_read_only_run_directory_is_named_before_anything_starts(tiny_disk):
+    done = subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
+    run_dir = tiny_disk / "run"
+    done = subprocess.run([sys.executable, "-m", "tinyps", "launch", "--run-dir",
+                           str(run_dir), "--steps", "5"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert (f"\ntinyps launch: cannot write the run directory {run_dir}: Read-only file "
+            f"system ({run_dir}); choose another --run-dir\n") in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

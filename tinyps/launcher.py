@@ -91,13 +91,27 @@ def _interrupted(plan: LaunchPlan, summary: dict) -> LaunchInterrupted:
     return LaunchInterrupted(summary, plan.run_dir, message)
 
 
+def _prepare(config: LaunchConfig) -> LaunchPlan:
+    """prepare_launch, with a run directory that cannot be written said as such."""
+    try:
+        return prepare_launch(config)
+    except OSError as err:
+        where = Path(config.run_dir) if config.run_dir else Path("runs")
+        target = Path(err.filename).resolve() if err.filename else None
+        if target is None or (target != where.resolve()
+                              and where.resolve() not in target.parents):
+            raise
+        raise LaunchError(f"cannot write the run directory {where}: {err.strerror or err} "
+                          f"({err.filename}); choose another --run-dir") from None
+
+
 def launch(config: LaunchConfig, progress: Progress | None = None,
            on_event: Events | None = None) -> tuple[dict, Path]:
     """Run a cluster to the end; return (summary, run directory). `on_event` is told each
     fault event as it happens. Raises LaunchInterrupted (a KeyboardInterrupt) after a Ctrl-C,
     once what the run had is written."""
     check_left_to_train(config)
-    plan = prepare_launch(config)
+    plan = _prepare(config)
     backend = _backend(plan)
     supervisor = Supervisor(plan, backend, on_event=on_event)
     interrupted = finished = False
