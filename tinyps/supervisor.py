@@ -212,6 +212,10 @@ class Supervisor:
                 if len(records) >= after:
                     if (event := self.backend.kill(kind, index, len(records))) is not None:
                         self._event(event)
+                        if kind == "server" and self.backend.restarts_servers_itself:
+                            # Its backend brings it back: a start-up's time before the
+                            # health watch may call it frozen.
+                            self._watch.reset(index, config.startup_timeout_s)
                     pending.remove((kind, (index, after)))
             for index in self.backend.dead_servers():
                 self._restart_server(index)
