@@ -170,18 +170,27 @@ class RunningServer:
     _checkpointer: _Checkpointer | None = None
     _thread: threading.Thread | None = None
     local: LocalServer | None = None  # the local channel, for workers on this host
-    _stopping: threading.Lock = field(default_factory=threading.Lock)
+    # Held only to claim the stop, never across it: a second stop (a second Ctrl-C, a
+    # Shutdown call during SIGTERM) must never wait on the first one's lock.
+    _claim: threading.Lock = field(default_factory=threading.Lock)
+    _claimed: bool = False
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def stop(self, grace: float = 1.0) -> None:
+    def stop(self, grace: float = 1.0, timeout: float | None = None) -> bool:
         """Refuse new calls, wake waiting ones (they answer UNAVAILABLE, so that clients
-        retry), let calls in flight finish for `grace` s, then write a final checkpoint."""
-        with self._stopping:
-            if self._stopped.is_set():
-                return
+        retry), let calls in flight finish for `grace` s, then write a final checkpoint.
+
+        Safe to call again, from any thread, while a stop is under way: a later call does not
+        stop anything twice, it waits for the first at most `timeout` s (default: what the
+        first may take) and returns whether the server has stopped."""
+        with self._claim:
+            first, self._claimed = not self._claimed, True
+        if not first:
+            return self._stopped.wait(grace + 30 if timeout is None else timeout)
+        try:
             self.store.close()
             # The calls woken by the close answer UNAVAILABLE (so clients retry) once their
             # threads run: wait for that, not for a guess at how long a busy machine takes.
@@ -190,10 +199,12 @@ class RunningServer:
             if self.local is not None:
                 self.local.stop()  # after the calls in flight: they answered through it
             if self._checkpointer is not None:
-                self._thread.join()
+                self._thread.join(grace + 10)  # it wakes each second to see the store closed
                 if self.store.stats()["initialised"]:
                     self._checkpointer.write()
+        finally:
             self._stopped.set()
+        return True
 
     @property
     def checkpoints_written(self) -> int:

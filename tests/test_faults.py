@@ -123,6 +123,14 @@ def test_with_no_restarts_left_the_run_goes_on_without_the_killed_worker(run):
     assert summary["test_accuracy"] >= 0.9
 
 
+def test_a_run_that_lost_a_worker_says_so_in_its_exit_code(run):
+    result = run("worker_lost")
+    assert result.exit_code == 3 and not result.ok
+    assert result.outcome.startswith("lost worker1 for good")
+    assert run("worker_restarted").exit_code == 0  # restarted: trained as asked
+    assert run("worker_restarted").outcome == "trained as asked"
+
+
 # -- resume ------------------------------------------------------------------------------
 
 def test_a_run_resumes_on_another_number_of_servers(run):
@@ -134,6 +142,34 @@ def test_a_run_resumes_on_another_number_of_servers(run):
     uninterrupted = run("sync")[0]["test_accuracy"]
     assert abs(summary["test_accuracy"] - uninterrupted) <= 0.01, (
         summary["test_accuracy"], uninterrupted)
+
+
+def test_a_resumed_run_counts_the_steps_of_this_launch_and_says_what_it_resumed(run):
+    source = run("first_half")[1]
+    summary, _ = run("resumed")
+    assert summary["resumed_from"] == {"run": str(source), "step": STEPS // 2}
+    assert summary["steps_per_worker"] == STEPS
+    assert summary["steps_this_launch"] == STEPS - STEPS // 2
+    assert summary["steps_done"] == 2 * (STEPS - STEPS // 2)
+    assert summary["interrupted"] is False
+    assert run("first_half")[0]["resumed_from"] is None
+    assert run("first_half")[0]["steps_this_launch"] == STEPS // 2
+
+
+@pytest.mark.parametrize(("asked", "flag"), [({"steps": STEPS // 2}, "--steps 80"),
+                                             ({"steps": 10}, "--steps 10"),
+                                             ({"steps": None, "epochs": 1}, "--epochs 1")])
+def test_a_resume_with_nothing_left_to_train_is_refused_before_anything(run, tmp_path, asked,
+                                                                        flag):
+    source = run("first_half")[1]  # holds 80 steps per worker
+    run_dir = tmp_path / "nothing"
+    with pytest.raises(ValueError) as err:
+        tinyps.launch(run_dir=str(run_dir), **{**COMMON, **asked, "resume": str(source)})
+    message = str(err.value)
+    assert f"holds {STEPS // 2} steps per worker already" in message, message
+    assert "nothing left to train" in message and flag in message, message
+    assert "Raise --epochs or --steps" in message
+    assert not run_dir.exists()  # refused before the run directory was made
 
 
 def test_a_resume_with_another_number_of_workers_is_refused_before_any_process(run, tmp_path):
@@ -189,13 +225,17 @@ def test_one_byzantine_worker_ruins_the_mean(run):
     assert summary["diverged"]
     assert summary["test_accuracy"] < 0.5
     assert summary["updates_applied"] == BYZANTINE["steps"]
+    assert run("mean").exit_code == 4
+    assert run("mean").outcome.startswith("the model diverged: ")
+    assert summary["diverged_reason"] in run("mean").outcome
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean:0.2"])
 def test_robust_aggregation_ignores_one_byzantine_worker(run, rule):
     summary, _ = run(rule)
     assert summary["aggregate"] == rule and summary["byzantine_workers"] == 1
-    assert not summary["diverged"]
+    assert not summary["diverged"] and summary["diverged_reason"] is None
+    assert run(rule).exit_code == 0
     assert summary["test_accuracy"] >= 0.90
     assert summary["test_accuracy"] > run("mean")[0]["test_accuracy"] + 0.5
 

@@ -192,6 +192,36 @@ def test_a_killed_worker_actor_is_reported_to_the_servers_and_started_again(run)
     assert steps == sorted(set(steps)) and len(steps) < STEPS
 
 
+@pytest.mark.slow
+def test_a_frozen_server_actor_is_killed_and_restarted_by_ray(ray_instance, tmp_path):
+    """SIGSTOP on a server actor's process: its health check goes silent, the supervisor
+    kills the actor after freeze_timeout_s, and Ray restarts it from its checkpoint."""
+    import os
+    import signal
+
+    from tests.deadline import in_thread, wait_until
+
+    config = LaunchConfig.from_flat({**COMMON, "mode": "sync", "steps": 400,
+                                     "freeze_timeout_s": 3.0, "run_dir": str(tmp_path),
+                                     "backend": "ray"})
+    events: list[str] = []
+    join = in_thread(lambda: launch(config, on_event=events.append), deadline_s=240)
+    metrics = tmp_path / "metrics" / "worker0.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.stat().st_size > 0, "training went on",
+               deadline_s=120)
+    name = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("tinyps-") and a["name"].endswith("-server1"))
+    actor = ray.get_actor(name["name"], namespace=name["namespace"])
+    pid = ray.get(actor.where.remote(), timeout=30)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    summary, run_dir = join()
+    frozen = [e for e in summary["fault_events"] if e.startswith("server1 did not answer")]
+    assert len(frozen) == 1 and "frozen; killed and restarted" in frozen[0], events
+    assert frozen[0] in events  # told as it happened
+    assert summary["restarts"] >= 1 and summary["updates_applied"] == 400
+    _assert_nothing_left(run_dir)
+
+
 def test_every_setting_reaches_a_server_and_a_worker_actor_unchanged(ray_instance, tmp_path):
     """The dataclasses themselves travel to the actors, the token in their environment."""
     config = LaunchConfig.from_flat({

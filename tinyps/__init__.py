@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what the table below loads, for readers, editors and tests/
     from ps.placement import Placement, TensorSpec, place
     from tinyps.api import Cluster, RunResult, cluster, launch
     from tinyps.config import LaunchConfig
+    from tinyps.outcome import LaunchInterrupted
     from tinyps.report import plot_shards
     from tinyps.rundir import load_model
     from worker.data import load_dataset
@@ -27,6 +28,7 @@ __all__ = [
     "Cluster",
     "Dataset",
     "LaunchConfig",
+    "LaunchInterrupted",
     "PSClient",
     "PSError",
     "Placement",
@@ -46,6 +48,7 @@ _WHERE = {
     "Cluster": "tinyps.api",
     "Dataset": "worker.dataset",
     "LaunchConfig": "tinyps.config",
+    "LaunchInterrupted": "tinyps.outcome",
     "PSClient": "ps.client",
     "PSError": "ps.client",
     "Placement": "ps.placement",

@@ -20,6 +20,7 @@ from ps.client import PSClient
 from tinyps.config import LaunchConfig
 from tinyps.launcher import launch as _launch
 from tinyps.local_backend import start_servers
+from tinyps.outcome import outcome
 from tinyps.processes import Child, end_all
 from tinyps.progress import StepBar
 from tinyps.rundir import prepare_run_dir, write_config
@@ -29,10 +30,25 @@ __all__ = ["Cluster", "RunResult", "cluster", "launch"]
 
 
 class RunResult(NamedTuple):
-    """What a finished run gives back: `summary, run_dir = tinyps.launch(...)`."""
+    """What a finished run gives back: `summary, run_dir = tinyps.launch(...)`; and what
+    happened, as `tinyps launch` would exit: `exit_code` (0: trained as asked; see
+    tinyps.outcome) and `outcome` (one line)."""
 
     summary: dict  # summary.json
     run_dir: Path
+
+    @property
+    def exit_code(self) -> int:
+        return outcome(self.summary)[0]
+
+    @property
+    def outcome(self) -> str:
+        return outcome(self.summary)[1]
+
+    @property
+    def ok(self) -> bool:
+        """Trained as asked: no worker lost, no divergence."""
+        return self.exit_code == 0
 
 
 def _config(config: LaunchConfig | None, settings: dict) -> LaunchConfig:
@@ -44,7 +60,10 @@ def _config(config: LaunchConfig | None, settings: dict) -> LaunchConfig:
 
 def launch(config: LaunchConfig | None = None, *, progress: bool = False,
            **settings) -> RunResult:
-    """Run a cluster to the end, as `tinyps launch` does; return (summary, run directory).
+    """Run a cluster to the end, as `tinyps launch` does; return (summary, run directory),
+    whose exit_code and outcome say whether it trained as asked (a worker lost for good, a
+    model that diverged). After a Ctrl-C: raises tinyps.LaunchInterrupted (a
+    KeyboardInterrupt), having written summary.json (interrupted: true) and model.npz.
 
     Settings are those of `tinyps launch` by name (mode="async", epochs=5, ...), given as a
     config, as keywords, or both (keywords win). progress=True shows a progress bar (tqdm's,
@@ -54,7 +73,7 @@ def launch(config: LaunchConfig | None = None, *, progress: bool = False,
     if not progress:
         return RunResult(*_launch(config))
     with StepBar(config.mode, notebook=True, rate=False) as bar:
-        return RunResult(*_launch(config, progress=bar))
+        return RunResult(*_launch(config, progress=bar, on_event=bar.note))
 
 
 class Cluster:

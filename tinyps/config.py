@@ -65,6 +65,10 @@ class FaultConfig:
         None, "injected fault: SIGKILL worker J after STEPS steps in all", metavar="J:STEPS",
         parse=parse_index_after)
     max_restarts: int = setting(3, "dead servers and killed workers restarted, in all")
+    freeze_timeout_s: float = setting(
+        15.0, "a server whose health check has not answered for this many seconds is frozen "
+              "(stopped, deadlocked): it is killed and restarted from its checkpoint, as a dead "
+              "one is")
     byzantine: int = setting(
         0, "injected fault: workers 0..N-1 push their gradient times -10", metavar="N")
     poison_workers: int = setting(
@@ -85,6 +89,9 @@ class FaultConfig:
                     raise ValueError(f"{name}: the step count must be >= 1, got {value[1]}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if not 0 < self.freeze_timeout_s < float("inf"):
+            raise ValueError(f"freeze_timeout_s must be a number of seconds > 0, got "
+                             f"{self.freeze_timeout_s}")
         if self.byzantine < 0 or self.poison_workers < 0:
             raise ValueError(f"byzantine and poison_workers must be >= 0, got "
                              f"{self.byzantine}, {self.poison_workers}")

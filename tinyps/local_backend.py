@@ -7,8 +7,10 @@ its address to a ready file once it listens; a worker appends its steps to metri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -154,6 +156,12 @@ class LocalBackend(Backend):
     def server_restarts(self) -> int:
         return self._restarted
 
+    def end_frozen_server(self, index: int) -> None:
+        child = self.servers[index]
+        if child.alive():
+            child.proc.kill()  # SIGKILL: a stopped process takes no other signal
+            child.proc.wait(10.0)
+
     def kill(self, kind: str, index: int, done: int) -> str | None:
         child = (self.servers if kind == "server" else self.workers)[index]
         if child is None or not child.alive():
@@ -166,9 +174,12 @@ class LocalBackend(Backend):
         self.workers[index].proc.kill()
         self.workers[index].proc.wait()
 
-    def wait_servers_stopped(self, timeout: float) -> None:
+    def wait_servers_stopped(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
         for child in self.servers:
-            child.proc.wait(timeout)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+        return [i for i, child in enumerate(self.servers) if child.alive()]
 
     def checkpoints_written(self) -> int:
         # A server's newest checkpoint holds its total, restarts and the final one included.
@@ -178,5 +189,5 @@ class LocalBackend(Backend):
             total += int(snapshot.counters.get("checkpoints_written", 0)) if snapshot else 0
         return total
 
-    def close(self) -> None:
-        end_all(self.servers + [w for w in self.workers if w is not None])
+    def close(self, grace_s: float = 5.0) -> None:
+        end_all(self.servers + [w for w in self.workers if w is not None], grace_s)

@@ -7,6 +7,7 @@ to end it if the launcher dies, so that not even a SIGKILLed launcher leaves it 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -57,10 +58,12 @@ def start_child(name: str, args: list[str], log: Path, env: dict[str, str],
     log.parent.mkdir(parents=True, exist_ok=True)
     child_env = dict(os.environ, **env, **{PARENT_ENV: str(os.getpid())})
     with log.open("ab") as out:
+        # A process group of its own: a Ctrl-C at the terminal reaches the launcher alone,
+        # which then takes the model from the servers before it ends them (end_all).
         proc = subprocess.Popen([sys.executable, "-m", "tinyps", *args], stdout=out,
                                 stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL if settings is None else subprocess.PIPE,
-                                env=child_env)
+                                env=child_env, process_group=0)
     if settings is not None:
         # A few KiB, less than a pipe holds: the write never waits for the child. A child
         # that died at once shows as a dead child, not as an error here.
@@ -83,7 +86,8 @@ def end_all(children: list[Child], grace_s: float = 5.0) -> None:
             child.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.proc.kill()
-            child.proc.wait(5.0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(5.0)  # SIGKILL cannot be refused: only a dead kernel is slower
 
 
 def die_with_parent() -> None:

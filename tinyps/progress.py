@@ -25,6 +25,11 @@ class StepBar:
             self._bar = tqdm(total=None, unit="step", desc=desc, file=sys.stderr,
                              dynamic_ncols=True)
         self._rate = rate
+        self._file = None if notebook else sys.stderr
+
+    def note(self, text: str) -> None:
+        """A line above the bar (a fault event as it happens), the bar redrawn below it."""
+        self._bar.write(text, file=self._file)
 
     def __call__(self, done: int, total: int, losses: dict[int, float],
                  samples_per_s: float) -> None:

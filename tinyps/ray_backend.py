@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import tempfile
 import time
 import uuid
@@ -61,6 +63,7 @@ class RayBackend(Backend):
     else ray.init(config.ray_address) (None: a new local instance, shut down at the end)."""
 
     poll_s = 0.1  # each poll asks every worker actor for its new step records
+    restarts_servers_itself = True  # each server actor, up to max_restarts times
 
     def __init__(self, plan: LaunchPlan) -> None:
         self.plan = plan
@@ -75,6 +78,7 @@ class RayBackend(Backend):
         self.servers: list[ActorHandle] = []
         self.addresses: list[str] = []
         self.workers: list[ActorHandle | None] = [None] * config.workers
+        self._pids: list[int | None] = [None] * config.servers  # each server actor's process
 
     def _reserve(self) -> None:
         """One bundle per actor, spread over the nodes: the whole run fits before anything
@@ -165,7 +169,10 @@ class RayBackend(Backend):
     def _log(self, name: str, where: ray.ObjectRef) -> None:
         """A line in logs/NAME.log: where the actor runs (its own output is in Ray's logs)."""
         try:
-            line = json.dumps(ray.get(where, timeout=self.config.startup_timeout_s))
+            info = ray.get(where, timeout=self.config.startup_timeout_s)
+            line = json.dumps(info)
+            if name.startswith("server"):
+                self._pids[int(name[len("server"):])] = info["pid"]
         except (GetTimeoutError, RayActorError) as err:
             line = f"not placed: {err}"
         with (self.plan.run_dir / "logs" / f"{name}.log").open("a") as f:
@@ -229,9 +236,31 @@ class RayBackend(Backend):
     def end_worker(self, index: int) -> None:
         ray.kill(self.workers[index], no_restart=True)
 
-    def wait_servers_stopped(self, timeout: float) -> None:
-        if not all(ray.get([s.wait_stopped.remote(timeout) for s in self.servers])):
-            raise LaunchError(f"servers did not stop within {timeout:.0f} s")
+    def end_frozen_server(self, index: int) -> None:
+        """As a crash would: Ray restarts it from its checkpoint, on its node and port. On
+        this machine, SIGKILL to its process: ray.kill first asks the actor's own process to
+        exit, which a stopped process never does."""
+        pid = self._pids[index]
+        if pid is None:  # restarted since: ask where it runs now (a frozen one cannot say)
+            with contextlib.suppress(GetTimeoutError, RayActorError):
+                pid = ray.get(self.servers[index].where.remote(), timeout=1.0)["pid"]
+        self._pids[index] = None
+        if self.local and pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        else:
+            kill_server_actor(self.servers[index])
+
+    def wait_servers_stopped(self, timeout: float) -> list[int]:
+        refs = [s.wait_stopped.remote(timeout) for s in self.servers]
+        late = []
+        for i, ref in enumerate(refs):
+            try:
+                if not ray.get(ref, timeout=timeout + 5):
+                    late.append(i)
+            except (GetTimeoutError, RayActorError):
+                late.append(i)
+        return late
 
     def checkpoints_written(self) -> int:
         return sum(ray.get([s.checkpoints_written.remote() for s in self.servers]))
@@ -245,7 +274,7 @@ class RayBackend(Backend):
                 self._log(f"server{i}", self.servers[i].where.remote())
         return events
 
-    def close(self, grace_s: float = 10.0) -> None:
+    def close(self, grace_s: float = 10.0) -> None:  # (the actors are killed at once)
         """Kill every actor and wait until Ray reports each dead; free the placement group;
         shut Ray down if this backend started it."""
         try:

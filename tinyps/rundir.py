@@ -8,6 +8,7 @@ layer sizes and placement: `load_model`), report.png and logs/.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from tinyps.report import write_report
 from worker.data import Dataset
 from worker.model import MLP
 
-__all__ = ["Follower", "load_model", "prepare_run_dir", "save_model", "write_config",
-           "write_results"]
+__all__ = ["Follower", "load_model", "prepare_run_dir", "remove_addresses", "save_model",
+           "unwritable", "write_config", "write_results"]
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.png", "model.npz",
               "*.address", "logs/*.log", "metrics/*.jsonl")
@@ -70,17 +71,43 @@ class Follower:
         return new
 
 
-def write_results(run_dir: Path, records: list[dict], summary: dict, params: dict,
+def write_results(run_dir: Path, records: list[dict], summary: dict, params: dict | None,
                   config: LaunchConfig, data: Dataset, placement: Placement) -> None:
-    """What a finished run leaves: metrics.jsonl (in time order), summary.json, model.npz
-    and report.png. Every backend writes them here, so that their run directories agree."""
+    """What a finished run leaves: summary.json, model.npz (unless there is no model: an
+    interrupted run whose servers did not answer), metrics.jsonl (in time order) and
+    report.png. Every backend writes them here, so that their run directories agree. The
+    small files that matter most go first, should the disk fill up."""
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if params is not None:
+        save_model(run_dir / "model.npz", params, config.train.hidden, data, placement)
     records.sort(key=lambda r: (r["time"], r["worker"]))
     with (run_dir / "metrics.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    save_model(run_dir / "model.npz", params, config.train.hidden, data, placement)
-    write_report(records, summary, run_dir / "report.png")
+    if summary.get("test_accuracy") is not None:  # the report's title shows it
+        write_report(records, summary, run_dir / "report.png")
+
+
+def remove_addresses(run_dir: Path) -> None:
+    """The servers' address files: stale once the servers are gone."""
+    for path in run_dir.glob("server*.address"):
+        path.unlink(missing_ok=True)
+
+
+def unwritable(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot take a file now (read-only, full, gone), or None if it can."""
+    probe = run_dir / ".write-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"x" * 4096)  # a page: a full filesystem refuses it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def save_model(path: Path, params: dict, hidden: tuple[int, ...], data: Dataset,

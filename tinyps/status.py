@@ -1,7 +1,8 @@
 """`tinyps status`: a running cluster as a table, from the servers' own counters.
 
 One row per server (what it holds, how busy it is, how stale the gradients it applies are)
-and one line of worker clocks: load that other parameter servers hide, shown.
+and one line of worker clocks: load that other parameter servers hide, shown. A server that
+did not answer within its deadline (frozen, overloaded, gone) is a row that says so.
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ def _size(n: int) -> str:
 
 def status_table(stats: list[dict], previous: list[dict] | None = None,
                  interval_s: float = 0.0) -> str:
-    """The table for one snapshot of `PSClient.stats()`; rates need the previous snapshot."""
+    """The table for one snapshot of `PSClient.stats()` (a server that did not answer: a
+    dict of its index, address and "error"); rates need the previous snapshot."""
     header = ("server", "address", "mode", "tensors", "held", "push/s", "pull/s", "waiting",
               "staleness mean/max", "versions")
     rows = [header]
-    for i, s in enumerate(stats):
-        if previous and interval_s > 0:
-            push_rate = f"{(s['pushes'] - previous[i]['pushes']) / interval_s:.1f}"
-            pull_rate = f"{(s['pulls'] - previous[i]['pulls']) / interval_s:.1f}"
+    before = {p["index"]: p for p in previous or [] if "error" not in p}
+    for s in stats:
+        if "error" in s:  # the long cell runs over the empty ones after it
+            rows.append((str(s["index"]), s["address"], f"NOT ANSWERING: {s['error']}",
+                         *[""] * 7))
+            continue
+        if s["index"] in before and interval_s > 0:
+            push_rate = f"{(s['pushes'] - before[s['index']]['pushes']) / interval_s:.1f}"
+            pull_rate = f"{(s['pulls'] - before[s['index']]['pulls']) / interval_s:.1f}"
         else:
             push_rate = pull_rate = "-"
         mean = s["staleness_sum"] / s["staleness_count"] if s["staleness_count"] else 0.0
@@ -35,7 +42,9 @@ def status_table(stats: list[dict], previous: list[dict] | None = None,
             _size(s["bytes_held"]), push_rate, pull_rate, str(s["waiting"]),
             f"{mean:.2f} / {s['staleness_max']}", f"{s['min_version']}..{s['max_version']}",
         ))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    stats = [s for s in stats if "error" not in s]  # what follows is the answering servers'
+    widths = [max(len(r[c]) for r in rows if c != 2 or not r[2].startswith("NOT ANSWERING"))
+              for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

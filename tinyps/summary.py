@@ -24,8 +24,8 @@ def build_summary(
     config: LaunchConfig,
     records: list[dict],
     stats: list[dict],
-    test_loss: float,
-    test_accuracy: float,
+    test_loss: float | None,
+    test_accuracy: float | None,
     placement: Placement,
     wall_s: float,
     steps_per_worker: int,
@@ -51,6 +51,7 @@ def build_summary(
         computed = sum(r["compute_s"] for r in per_worker.get(w, []))
         wait_fraction.append(waited / (waited + computed) if waited + computed else 0.0)
     faults = faults or {}
+    diverged = _diverged(test_loss, per_worker)
     return {
         "mode": config.mode,
         "servers": config.servers,
@@ -91,7 +92,8 @@ def build_summary(
         "fault_events": faults.get("fault_events", []),
         "aggregate": config.store.aggregate,
         "byzantine_workers": config.faults.byzantine,
-        "diverged": _diverged(test_loss, per_worker),
+        "diverged": diverged is not None,
+        "diverged_reason": diverged,
         # sync: workers whose gradients stood apart (flagged by any server; ps/watch.py),
         # and what the servers saw of each worker, weighted by the parameters they hold.
         "suspect_workers": sorted({w for s in stats for w in s.get("suspect_workers", [])}),
@@ -124,20 +126,33 @@ def _per_worker(stats: list[dict], key: str) -> dict[int, float]:
     return {w: v / n for w, (v, n) in sorted(totals.items()) if n}
 
 
-def _diverged(test_loss: float, per_worker: dict[int, list[dict]]) -> bool:
-    """The model got worse instead of better: a non-finite test loss, or the workers' last
-    losses above their first ones (the run still finishes, and says so)."""
-    if not math.isfinite(test_loss):
-        return True
+def _diverged(test_loss: float | None, per_worker: dict[int, list[dict]]) -> str | None:
+    """Why the model diverged, or None if it did not. Diverged means one of: the final
+    model's test loss is not finite; a worker's training loss was not finite in one of its
+    last 10 steps (a passing overflow earlier, skipped by loss scaling, is not); the mean of
+    the workers' last 10 losses is above the mean of their first 10 (it got worse instead of
+    better). The run still finishes, and says so."""
+    if test_loss is not None and not math.isfinite(test_loss):
+        return f"the final model's test loss is {test_loss}"
     firsts, lasts = [], []
-    for rs in per_worker.values():
+    for w, rs in sorted(per_worker.items()):
         rs = sorted(rs, key=lambda r: r["step"])
+        bad = next((r for r in rs[-_LAST_STEPS:] if not math.isfinite(r["loss"])), None)
+        if bad is not None:
+            return f"worker{w}'s training loss was {bad['loss']} at step {bad['step']}"
         firsts += [r["loss"] for r in rs[:_LAST_STEPS]]
         lasts += [r["loss"] for r in rs[-_LAST_STEPS:]]
     if not firsts:
-        return False
+        return None
     first, last = sum(firsts) / len(firsts), sum(lasts) / len(lasts)
-    return not math.isfinite(last) or last > first
+    if last > first:
+        return (f"the training loss grew from {first:.4f} (mean of the first {_LAST_STEPS} "
+                f"steps) to {last:.4f} (the last {_LAST_STEPS})")
+    return None
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def format_summary(summary: dict, run_dir) -> str:
@@ -145,11 +160,20 @@ def format_summary(summary: dict, run_dir) -> str:
     bound = summary["staleness_bound"]
     mode = summary["mode"] + ("" if bound in (None, 0) else f" (K={bound})")
     waits = ", ".join(f"{w:.0%}" for w in summary["wait_fraction"])
+    resumed = summary.get("resumed_from")
+    this_launch = summary.get("steps_this_launch", summary["steps_per_worker"])
     return "\n".join([
         f"{mode}: {summary['servers']} servers, {summary['workers']} workers, "
         f"{summary['steps_per_worker']} steps each, {summary['dataset']}",
-        f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}, "
-        f"final train loss {summary['final_train_loss']:.4f}",
+        *([f"resumed from {resumed['run']} at step {resumed['step']}: {this_launch} steps "
+           f"each in this launch"] if resumed else []),
+        *([f"resume: {note}" for note in summary.get("resume_notes", [])]),
+        *([f"INTERRUPTED after {summary.get('steps_done', 0)} of {this_launch} x "
+           f"{summary['workers']} steps: {'; '.join(summary.get('interrupt_notes', []))}"]
+          if summary.get("interrupted") else []),
+        f"test accuracy {_figure(summary['test_accuracy'], '.2%')}, test loss "
+        f"{_figure(summary['test_loss'], '.4f')}, final train loss "
+        f"{_figure(summary['final_train_loss'], '.4f')}",
         f"{summary['samples_per_s']:,.0f} samples/s over {summary['train_s']:.1f} s of "
         f"training ({summary['wall_s']:.1f} s in all); time waiting on servers: {waits}",
         f"staleness mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}; "
@@ -157,8 +181,8 @@ def format_summary(summary: dict, run_dir) -> str:
         f"pushed, {summary['bytes_pulled'] / 2**20:.1f} MiB pulled",
         *([f"faults: {'; '.join(summary['fault_events'])}"] if summary["fault_events"]
           else []),
-        *(["the model DIVERGED: its loss grew instead of falling"] if summary["diverged"]
-          else []),
+        *([f"the model DIVERGED: {summary.get('diverged_reason') or 'its loss grew'}"]
+          if summary["diverged"] else []),
         *([f"suspect workers (gradients unlike the others'): {summary['suspect_workers']}"]
           if summary["suspect_workers"] else []),
         *([f"DP-SGD: epsilon {summary['dp_epsilon']:.3f} at delta {summary['dp_delta']:g} "

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from ps.client import PSClient
+from ps.client import PSClient, PSError
 from ps.memory import keep_freed_buffers
 from ps.placement import TensorSpec
 from ps.security import SecurityConfig
@@ -21,6 +23,7 @@ from tinyps.cli.flags import settings_from
 from tinyps.config import LaunchConfig
 from tinyps.launcher import launch as run_launch
 from tinyps.launcher import model_placement
+from tinyps.outcome import EXIT_INTERRUPTED, EXIT_OK, LaunchInterrupted, outcome
 from tinyps.progress import StepBar
 from tinyps.status import status_table
 from tinyps.summary import format_summary
@@ -40,28 +43,60 @@ def launch(args: argparse.Namespace) -> int:
     data = load_dataset(config.train.dataset, seed=config.train.seed)
     print(model_placement(config, data).table(), flush=True)
     with StepBar(config.mode) as bar:
-        summary, run_dir = run_launch(config, progress=bar)
+        try:
+            summary, run_dir = run_launch(config, progress=bar, on_event=bar.note)
+        except LaunchInterrupted as stop:
+            bar.close()
+            print(format_summary(stop.summary, stop.run_dir), flush=True)
+            print(f"tinyps launch: {stop.message}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
     print(format_summary(summary, run_dir))
     if args.json:
         print(json.dumps(summary))
-    return 0
+    code, message = outcome(summary)
+    if code != EXIT_OK:
+        print(f"tinyps launch: {message} (exit code {code})", file=sys.stderr)
+    return code
+
+
+_STATUS_DEADLINE_S = 3.0  # a server that has not answered by then is shown as not answering
+
+
+def _server_stats(clients: list[PSClient]) -> list[dict]:
+    """Each server's counters, asked of all at once; one that does not answer within the
+    deadline (frozen, overloaded, down) is a row that says so, not a hang."""
+    def ask(i: int) -> dict:
+        try:
+            return dict(clients[i].stats()[0], index=i)
+        except PSError as err:
+            return {"index": i, "address": clients[i].addresses[0],
+                    "error": f"{err.code.name} within {_STATUS_DEADLINE_S:g} s (frozen, "
+                             f"overloaded or down?)"}
+
+    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+        return list(pool.map(ask, range(len(clients))))
 
 
 def status(args: argparse.Namespace) -> int:
     security = from_flat(SecurityConfig, settings_from(args, SecurityConfig))
-    with PSClient(list(args.addresses), token=security.token, tls=security.tls(client=True),
-                  deadline_s=5.0, retry_s=2.0) as client:
+    clients = [PSClient([address], token=security.token, tls=security.tls(client=True),
+                        deadline_s=_STATUS_DEADLINE_S, retry_s=_STATUS_DEADLINE_S / 2)
+               for address in args.addresses]
+    try:
         previous, before = None, time.monotonic()
         while True:
-            stats = client.stats()
+            stats = _server_stats(clients)
             now = time.monotonic()
             table = status_table(stats, previous, now - before)
             if args.once:
                 print(table)
-                return 0
+                return 1 if any("error" in s for s in stats) else 0
             print("\x1b[2J\x1b[H" + table, flush=True)  # clear the screen, then draw
             previous, before = stats, now
             time.sleep(args.interval)  # the refresh interval of a live view
+    finally:
+        for client in clients:
+            client.close()
 
 
 def placement(args: argparse.Namespace) -> int:

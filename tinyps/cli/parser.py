@@ -74,7 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=functools.partial(argparse.ArgumentParser,
                                                                allow_abbrev=False))
 
-    launch = sub.add_parser("launch", help="start a cluster on this machine and train")
+    launch = sub.add_parser(
+        "launch", help="start a cluster on this machine and train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes:\n"
+               "  0    trained as asked\n"
+               "  1    failed: a process failed or could not start, or the run directory\n"
+               "       cannot be written\n"
+               "  2    refused before anything started: a bad setting, or --resume with\n"
+               "       nothing left to train\n"
+               "  3    finished without a worker that died with no restarts left\n"
+               "  4    finished, but the model diverged (non-finite test loss, non-finite\n"
+               "       training loss in the last 10 steps, or a training loss that grew)\n"
+               "  130  interrupted (Ctrl-C, SIGTERM): summary.json (interrupted: true) and\n"
+               "       model.npz written; the command to resume is printed")
     add_settings(launch, LaunchConfig)
     launch.add_argument("--json", action="store_true",
                         help="print summary.json as the last line of standard output")
