@@ -38,7 +38,9 @@ def test_train_command_prints_json_and_writes_a_run_directory(capsys, tmp_path):
     run_dir = tmp_path / "train"
     assert main(["train", "--epochs", "2", "--json", "--seed", "3", "--run-dir",
                  str(run_dir)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr()
+    summary = json.loads(out.out)  # --json: standard output is one JSON document
+    assert "test accuracy" in out.err
     assert summary["steps"] == 2 * 45  # 1,437 training images in batches of 32
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     saved = json.loads((run_dir / "summary.json").read_text())
@@ -52,7 +54,7 @@ def test_train_command_prints_json_and_writes_a_run_directory(capsys, tmp_path):
 
 def test_steps_override_epochs_as_in_a_launch(capsys, tmp_path):
     assert main(["train", "--steps", "7", "--json", "--run-dir", str(tmp_path)]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 7
+    assert json.loads(capsys.readouterr().out)["steps"] == 7
 
 
 @pytest.mark.parametrize(

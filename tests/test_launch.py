@@ -57,7 +57,7 @@ def test_launch_as_a_user_runs_it(tmp_path):
                    "--staleness", "2", "--steps", "40", "--hidden", "32,16",
                    "--split-bytes", "4000", "--run-dir", str(run_dir), "--json")
     assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads(done.stdout)  # --json: standard output is one JSON document
     assert set(summary) >= SUMMARY_KEYS
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert (summary["mode"], summary["servers"], summary["workers"]) == ("ssp", 2, 2)
@@ -75,8 +75,9 @@ def test_launch_as_a_user_runs_it(tmp_path):
     assert all(isinstance(s["tensors"], list) for s in servers)
     assert sum(s["params"] for s in servers) == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
     assert summary["bytes_pushed"] == sum(s["bytes_in"] for s in servers) > 0
-    # the printed placement table and summary
-    assert "dense0.weight" in done.stdout and "test accuracy" in done.stdout
+    # the printed placement table and summary, beside the JSON: on standard error
+    assert "dense0.weight" in done.stderr and "test accuracy" in done.stderr
+    assert "0step" not in done.stderr  # no empty progress bar before the real one
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 40

@@ -50,3 +50,16 @@ def test_far_more_processes_than_cores_is_warned_of(digits):
                             f"{cores} cores") for w in launch_warnings(many, digits))
     few = LaunchConfig.from_flat({"servers": 1, "workers": 1})
     assert launch_warnings(few, digits) == ()
+
+
+@pytest.mark.parametrize("argv", [["--servers", "100"], ["--resume", "EMPTY"]])
+def test_a_refused_launch_prints_only_its_error(capsys, tmp_path, argv):
+    from tinyps.cli import main
+
+    (tmp_path / "empty").mkdir()
+    argv = [str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    assert main(["launch", *argv, "--run-dir", str(tmp_path / "run")]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""  # no placement table before the error, no summary
+    assert out.err.startswith("tinyps launch: error: ") and out.err.count("\n") == 1, out.err
+    assert not (tmp_path / "run").exists()  # nothing written

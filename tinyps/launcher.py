@@ -11,6 +11,7 @@ answer) and raises LaunchInterrupted, which says how to resume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tinyps.config import LaunchConfig
@@ -106,12 +107,16 @@ def _prepare(config: LaunchConfig) -> LaunchPlan:
 
 
 def launch(config: LaunchConfig, progress: Progress | None = None,
-           on_event: Events | None = None) -> tuple[dict, Path]:
-    """Run a cluster to the end; return (summary, run directory). `on_event` is told each
-    fault event as it happens. Raises LaunchInterrupted (a KeyboardInterrupt) after a Ctrl-C,
-    once what the run had is written."""
+           on_event: Events | None = None,
+           on_plan: Callable[[LaunchPlan], None] | None = None) -> tuple[dict, Path]:
+    """Run a cluster to the end; return (summary, run directory). `on_plan` is shown the run
+    once it is settled and checked, before any process starts (the placement, the warnings);
+    `on_event` is told each fault event as it happens. Raises LaunchInterrupted (a
+    KeyboardInterrupt) after a Ctrl-C, once what the run had is written."""
     check_left_to_train(config)
     plan = _prepare(config)
+    if on_plan is not None:
+        on_plan(plan)
     backend = _backend(plan)
     supervisor = Supervisor(plan, backend, on_event=on_event)
     interrupted = finished = False

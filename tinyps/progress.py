@@ -17,23 +17,34 @@ class StepBar:
     use it as a context manager)."""
 
     def __init__(self, desc: str, *, notebook: bool = False, rate: bool = True) -> None:
-        if notebook:
-            from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
-            self._bar = tqdm(unit="step", desc=desc)
-        else:
-            from tqdm import tqdm
-            self._bar = tqdm(total=None, unit="step", desc=desc, file=sys.stderr,
-                             dynamic_ncols=True)
-        self._rate = rate
+        self._desc, self._notebook = desc, notebook
+        self._made = None  # the tqdm bar, made at the first step: a run refused before it
+        self._rate = rate  # starts leaves no empty "0step" bar behind
         self._file = None if notebook else sys.stderr
+
+    def _bar(self, total: int):
+        """The bar, made with its total at the first step (made without one, tqdm draws an
+        empty "0step" bar that stays on the terminal above the real one)."""
+        if self._made is None:
+            if self._notebook:
+                from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
+                self._made = tqdm(total=total, unit="step", desc=self._desc)
+            else:
+                from tqdm import tqdm
+                self._made = tqdm(total=total, unit="step", desc=self._desc, file=sys.stderr,
+                                  dynamic_ncols=True)
+        return self._made
 
     def note(self, text: str) -> None:
         """A line above the bar (a fault event as it happens), the bar redrawn below it."""
-        self._bar.write(text, file=self._file)
+        if self._made is None:  # no bar yet: a plain line
+            print(text, file=self._file or sys.stdout, flush=True)
+            return
+        self._made.write(text, file=self._file)
 
     def __call__(self, done: int, total: int, losses: dict[int, float],
                  samples_per_s: float) -> None:
-        bar = self._bar
+        bar = self._bar(total)
         if bar.total != total:
             bar.reset(total=total)
         loss = sum(losses.values()) / len(losses)
@@ -47,15 +58,14 @@ class StepBar:
 
     def step(self, step: int, total: int, loss: float) -> None:
         """One step of a single-process run (tinyps train)."""
-        bar = self._bar
-        if bar.total is None:
-            bar.reset(total=total)
+        bar = self._bar(total)
         bar.update(1)
         if step % 20 == 0 or step == total:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._made is not None:
+            self._made.close()
 
     def __enter__(self) -> StepBar:
         return self

@@ -22,8 +22,8 @@ from tinyps.baseline import run_baseline
 from tinyps.cli.flags import settings_from
 from tinyps.config import LaunchConfig
 from tinyps.launcher import launch as run_launch
-from tinyps.launcher import model_placement
 from tinyps.outcome import EXIT_INTERRUPTED, EXIT_OK, LaunchInterrupted, outcome
+from tinyps.plan import LaunchPlan
 from tinyps.progress import StepBar
 from tinyps.status import status_table
 from tinyps.summary import format_summary
@@ -40,17 +40,25 @@ def launch(args: argparse.Namespace) -> int:
 
     config = LaunchConfig.from_flat(settings_from(args, LaunchConfig))
     keep_freed_buffers()  # this process pulls the final model: see ps/memory.py
-    data = load_dataset(config.train.dataset, seed=config.train.seed)
-    print(model_placement(config, data).table(), flush=True)
+    # With --json, standard output holds the JSON document alone (for jq and scripts); what
+    # a person reads goes to standard error.
+    human = sys.stderr if args.json else sys.stdout
+
+    def show_plan(plan: LaunchPlan) -> None:
+        print(plan.placement.table(), file=human, flush=True)
+        for note in (*plan.resume_notes, *plan.warnings):
+            print(f"tinyps launch: {note}", file=sys.stderr, flush=True)
+
     with StepBar(config.mode) as bar:
         try:
-            summary, run_dir = run_launch(config, progress=bar, on_event=bar.note)
+            summary, run_dir = run_launch(config, progress=bar, on_event=bar.note,
+                                          on_plan=show_plan)
         except LaunchInterrupted as stop:
             bar.close()
-            print(format_summary(stop.summary, stop.run_dir), flush=True)
+            print(format_summary(stop.summary, stop.run_dir), file=human, flush=True)
             print(f"tinyps launch: {stop.message}", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-    print(format_summary(summary, run_dir))
+    print(format_summary(summary, run_dir), file=human, flush=True)
     if args.json:
         print(json.dumps(summary))
     code, message = outcome(summary)
@@ -130,7 +138,8 @@ def train(args: argparse.Namespace) -> int:
         result, run_dir = run_baseline(config, run_dir=args.run_dir, on_step=bar.step)
     print(f"{config.dataset}: test accuracy {result.test_accuracy:.2%}, test loss "
           f"{result.test_loss:.4f}, {result.steps} steps in {result.wall_s:.1f} s "
-          f"({result.samples_per_s:,.0f} samples/s); written to {run_dir}")
+          f"({result.samples_per_s:,.0f} samples/s); written to {run_dir}",
+          file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON alone
     if args.json:
         print(json.dumps(result.summary()))
     return 0

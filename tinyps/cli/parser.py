@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                "       model.npz written; the command to resume is printed")
     add_settings(launch, LaunchConfig)
     launch.add_argument("--json", action="store_true",
-                        help="print summary.json as the last line of standard output")
+                        help="print summary.json alone on standard output (the rest goes to "
+                             "standard error)")
     launch.set_defaults(run=_command("cluster", "launch"))
 
     server = sub.add_parser("server", help="run one parameter server")
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", default=None,
                        help="where the run's files go (default: runs/<time>-train)")
     train.add_argument("--json", action="store_true",
-                       help="print the result as JSON on the last line of standard output")
+                       help="print the result as JSON alone on standard output (the rest goes to "
+                            "standard error)")
     train.set_defaults(run=_command("cluster", "train"))
     parser.commands = dict(sub.choices)  # name -> its parser, for docs/cli.md
     return parser
