@@ -63,3 +63,15 @@ def test_a_refused_launch_prints_only_its_error(capsys, tmp_path, argv):
     assert out.out == ""  # no placement table before the error, no summary
     assert out.err.startswith("tinyps launch: error: ") and out.err.count("\n") == 1, out.err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_the_python_api_turns_the_plans_notes_into_warnings():
+    from types import SimpleNamespace
+
+    from tinyps.api import _warn
+
+    plan = SimpleNamespace(resume_notes=("resume: round 40 is not usable",),
+                           warnings=("csv:x.csv: 2 rows dropped for NaN or ±inf values",))
+    with pytest.warns(UserWarning) as caught:
+        _warn(plan)
+    assert [str(w.message) for w in caught] == [*plan.resume_notes, *plan.warnings]

@@ -12,6 +12,7 @@ Both take the settings of `tinyps launch` (LaunchConfig) and always stop their p
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +22,7 @@ from tinyps.config import LaunchConfig
 from tinyps.launcher import launch as _launch
 from tinyps.local_backend import start_servers
 from tinyps.outcome import outcome
+from tinyps.plan import LaunchPlan
 from tinyps.processes import Child, end_all
 from tinyps.progress import StepBar
 from tinyps.rundir import prepare_run_dir, write_config
@@ -71,9 +73,16 @@ def launch(config: LaunchConfig | None = None, *, progress: bool = False,
     """
     config = _config(config, settings)
     if not progress:
-        return RunResult(*_launch(config))
+        return RunResult(*_launch(config, on_plan=_warn))
     with StepBar(config.mode, notebook=True, rate=False) as bar:
-        return RunResult(*_launch(config, progress=bar, on_event=bar.note))
+        return RunResult(*_launch(config, progress=bar, on_event=bar.note, on_plan=_warn))
+
+
+def _warn(plan: LaunchPlan) -> None:
+    """What the terminal would print before a run (rows dropped, a resume's fallback, too
+    many processes), as Python warnings: a notebook shows them above the cell's output."""
+    for note in (*plan.resume_notes, *plan.warnings):
+        warnings.warn(note, UserWarning, stacklevel=4)
 
 
 class Cluster:
