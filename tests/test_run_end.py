@@ -503,6 +503,8 @@ def test_a_read_only_run_directory_is_named_before_anything_starts(tiny_disk):
                            str(run_dir), "--steps", "5"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1, done.stderr
-    assert (f"\ntinyps launch: cannot write the run directory {run_dir}: Read-only file "
-            f"system ({run_dir}); choose another --run-dir\n") in done.stderr, done.stderr
+    # The message alone: no placement table, no empty progress bar before it.
+    assert done.stderr == (f"tinyps launch: cannot write the run directory {run_dir}: Read-only "
+                           f"file system ({run_dir}); choose another --run-dir\n"), done.stderr
+    assert done.stdout == ""
     assert "Traceback" not in done.stderr

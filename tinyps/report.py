@@ -55,11 +55,23 @@ def draw_report(records: list[dict], summary: dict):
 
     ax = axes[0][1]
     hist = summary["staleness_histogram"]
+    limit = summary.get("staleness_limit")
     ax.bar(range(len(hist)), hist, width=0.8, color="tab:orange")
-    ax.set_xlim(-0.6, max(len(hist), 4) - 0.4)
+    right = max(len(hist), 4, (limit or 0) + 2) - 0.4
+    ax.set_xlim(-0.6, right)
+    if limit is not None and summary["mode"] == "ssp":
+        # What ssp(K) guarantees, beside what happened: 2K+1 updates of each other worker.
+        ax.axvline(limit, color="k", ls="--", lw=1,
+                   label=f"bound (W-1)(2K+1) = {limit}")
+        ax.legend(fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="staleness (updates missed)", ylabel="applied gradients",
-           title=f"staleness: mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}")
+    # The servers count staleness per key: a gradient that updates four keys counts four
+    # times, so the bars count key updates, not gradients.
+    title = f"staleness: mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}"
+    if limit is not None and summary["mode"] == "ssp":
+        title += f" (bound {limit})"
+    ax.set(xlabel="staleness (updates missed)", ylabel="key updates (one per key a gradient "
+           "updated)", title=title)
 
     ax = axes[1][0]
     workers = sorted(per_worker)

@@ -13,7 +13,7 @@ from collections import defaultdict
 from ps.placement import Placement
 from tinyps.config import LaunchConfig
 
-__all__ = ["build_summary", "format_summary"]
+__all__ = ["build_summary", "format_summary", "staleness_limit"]
 
 # final_train_loss: the mean of each worker's last steps, so that one noisy batch does not
 # decide it.
@@ -74,7 +74,11 @@ def build_summary(
         "final_train_loss": sum(last_losses) / len(last_losses) if last_losses else None,
         "staleness_mean": sum(s * n for s, n in enumerate(hist)) / applied if applied else 0.0,
         "staleness_max": max((s for s, n in enumerate(hist) if n), default=0),
-        "staleness_histogram": hist,
+        "staleness_histogram": hist,  # one count per key an applied gradient updated
+        # The most a gradient can have missed, as the mode guarantees: sync none; ssp(K) at
+        # most 2K+1 updates by each other worker (docs/architecture.md); async no bound.
+        "staleness_limit": staleness_limit(config.mode, config.staleness_bound,
+                                           config.workers),
         "wait_fraction": wait_fraction,
         "dropped_stale": sum(s["dropped_stale"] for s in stats),
         "rejected_pushes": sum(s["rejected_pushes"] for s in stats),
@@ -91,6 +95,7 @@ def build_summary(
         "workers_lost": faults.get("workers_lost", []),
         "fault_events": faults.get("fault_events", []),
         "aggregate": config.store.aggregate,
+        "backup_workers": config.store.backup_workers,
         "byzantine_workers": config.faults.byzantine,
         "diverged": diverged is not None,
         "diverged_reason": diverged,
@@ -101,6 +106,7 @@ def build_summary(
         "grad_norm_ratio": _per_worker(stats, "grad_norm_ratio"),
         # Mixed precision: the scale at the end (worker 0's), the steps skipped for inf/NaN
         # gradients, and the share of non-zero fp32 gradient values that became 0 in 16 bits.
+        "loss_scale": config.precision.loss_scale,  # as asked: none, dynamic or a number
         "loss_scale_final": (sorted(per_worker[0], key=lambda r: r["step"])[-1]["loss_scale"]
                              if per_worker.get(0) else None),
         "skipped_steps": max((s["skipped_steps"] for s in stats), default=0),
@@ -115,6 +121,50 @@ def build_summary(
         ],
         "placement": placement.as_summary(),
     }
+
+
+def staleness_limit(mode: str, bound: int | None, workers: int) -> int | None:
+    """The largest staleness the mode allows: 0 in sync, (W-1)(2K+1) in ssp(K), None (no
+    bound) in async."""
+    if mode == "sync":
+        return 0
+    if mode == "ssp":
+        return (workers - 1) * (2 * (bound or 0) + 1)
+    return None
+
+
+def _staleness_line(summary: dict) -> str:
+    limit = summary.get("staleness_limit")
+    text = f"staleness mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}"
+    if summary["mode"] == "ssp" and limit is not None:
+        k, others = summary["staleness_bound"], summary["workers"] - 1
+        text += (f" (ssp K={k} allows {limit}: up to 2K+1 = {2 * k + 1} updates by each of the "
+                 f"{others} other workers)")
+    elif summary["mode"] == "async":
+        text += " (async: no bound)"
+    return text
+
+
+def _features_line(summary: dict) -> str | None:
+    """The features a run turned on, echoed so that its output shows what it shows."""
+    parts = []
+    if summary.get("precision", "fp32") != "fp32":
+        scale = summary.get("loss_scale")
+        final = summary.get("loss_scale_final")
+        parts.append(f"precision {summary['precision']} with fp32 master weights, loss scale "
+                     f"{scale}" + (f" (final {final:g})" if scale == "dynamic" and final
+                                   else "")
+                     + f", {summary.get('skipped_steps', 0)} steps skipped for inf/NaN, "
+                       f"{summary.get('grad_underflow_fraction', 0.0):.2%} of gradient values "
+                       f"underflowed to 0")
+    if summary.get("aggregate", "mean") != "mean":
+        parts.append(f"aggregate {summary['aggregate']}")
+    if summary.get("backup_workers"):
+        parts.append(f"{summary['backup_workers']} backup workers: "
+                     f"{summary['dropped_gradients']} late gradients dropped")
+    elif summary.get("dropped_gradients"):
+        parts.append(f"{summary['dropped_gradients']} late gradients dropped")
+    return "; ".join(parts) if parts else None
 
 
 def _per_worker(stats: list[dict], key: str) -> dict[int, float]:
@@ -176,9 +226,10 @@ def format_summary(summary: dict, run_dir) -> str:
         f"{_figure(summary['final_train_loss'], '.4f')}",
         f"{summary['samples_per_s']:,.0f} samples/s over {summary['train_s']:.1f} s of "
         f"training ({summary['wall_s']:.1f} s in all); time waiting on servers: {waits}",
-        f"staleness mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']}; "
-        f"{summary['updates_applied']} updates; {summary['bytes_pushed'] / 2**20:.1f} MiB "
-        f"pushed, {summary['bytes_pulled'] / 2**20:.1f} MiB pulled",
+        *([line] if (line := _features_line(summary)) else []),
+        f"{_staleness_line(summary)}; {summary['updates_applied']} updates; "
+        f"{summary['bytes_pushed'] / 2**20:.1f} MiB pushed, "
+        f"{summary['bytes_pulled'] / 2**20:.1f} MiB pulled",
         *([f"faults: {'; '.join(summary['fault_events'])}"] if summary["fault_events"]
           else []),
         *([f"the model DIVERGED: {summary.get('diverged_reason') or 'its loss grew'}"]
