@@ -94,6 +94,16 @@ class SecurityConfig:
         make = client_tls if client else server_tls
         return make(self.tls_cert, self.tls_key, self.tls_ca)
 
+    def describe(self) -> str:
+        """How the servers are guarded, in a few words for a log line (never the token)."""
+        if self.tls_cert is None:
+            channel = "plaintext"
+        elif self.tls_ca is None:
+            channel = "TLS"
+        else:
+            channel = "mutual TLS (client certificates signed by its CA)"
+        return f"{channel}, {'token required' if self.token else 'no token'}"
+
     def __repr__(self) -> str:  # never shows the token
         return (f"SecurityConfig(token={'(set)' if self.token else None}, "
                 f"tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}, tls_ca={self.tls_ca!r})")

@@ -129,3 +129,25 @@ def test_a_launched_cluster_runs_on_mutual_tls_with_a_token(certs, tmp_path):
     assert "launch-s3cret" not in saved and json.loads(saved)["tls_ca"].endswith("ca.pem")
     for log in (run_dir / "logs").iterdir():
         assert "launch-s3cret" not in log.read_text()
+    assert ("tinyps server: sync for 2 workers on 127.0.0.1:" in
+            (line := (run_dir / "logs" / "server0.log").read_text().splitlines()[0]))
+    assert line.endswith(", mutual TLS (client certificates signed by its CA), token required")
+
+
+@pytest.mark.parametrize("settings, guarded", [
+    ({}, "plaintext, no token"),
+    ({"token": "s3cret"}, "plaintext, token required"),
+    ({"tls_cert": "server.pem", "tls_key": "server.key"}, "TLS, no token"),
+    ({"tls_cert": "server.pem", "tls_key": "server.key", "tls_ca": "ca.pem", "token": "s3cret"},
+     "mutual TLS (client certificates signed by its CA), token required"),
+])
+def test_a_servers_log_line_says_how_it_is_guarded(certs, settings, guarded):
+    from ps.server import ServerConfig
+    from ps.settings import from_flat
+    from tinyps.cli.process import serving_line
+
+    files = {k: (str(certs / v) if k.startswith("tls") else v) for k, v in settings.items()}
+    config = from_flat(ServerConfig, {"workers": 1, **files}, where="test")
+    line = serving_line(config, "127.0.0.1:5")
+    assert line == f"tinyps server: sync for 1 worker on 127.0.0.1:5, {guarded}"
+    assert "s3cret" not in line

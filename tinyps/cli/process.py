@@ -22,7 +22,7 @@ from tinyps.cli.flags import settings_from
 from tinyps.processes import die_with_parent
 from worker.process import WorkerSettings, run_worker_process
 
-__all__ = ["server", "worker"]
+__all__ = ["server", "serving_line", "worker"]
 
 # After a stop begins: how long a server may take to end its calls and write its final
 # checkpoint (RunningServer.stop's own waits add up to less) before the process exits anyway.
@@ -95,6 +95,14 @@ def _interrupt_once() -> None:
         signal.signal(sig, handle)
 
 
+def serving_line(config: ServerConfig, address: str) -> str:
+    """The line a server logs once it listens: its rule, its workers, its address and how it
+    is guarded, so that a log says whether TLS and the token were on."""
+    workers = config.store.workers
+    return (f"tinyps server: {config.store.mode} for {workers} worker{'s' * (workers != 1)} on "
+            f"{address}, {config.security.describe()}")
+
+
 def server(args: argparse.Namespace) -> int:
     def from_spec(token: str | None) -> ServerConfig:
         from tinyps.spec import ClusterSpec  # only a spec's processes read one
@@ -108,8 +116,7 @@ def server(args: argparse.Namespace) -> int:
     keep_freed_buffers()
     running = serve(config)
     stopping = _stop_on_signals(running)
-    print(f"tinyps server: {config.store.mode} for {config.store.workers} workers on "
-          f"{running.address}", file=sys.stderr, flush=True)
+    print(serving_line(config, running.address), file=sys.stderr, flush=True)
     if args.ready_file is not None:  # written whole, then renamed: a reader never sees half
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(running.address + "\n")
