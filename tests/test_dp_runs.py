@@ -108,7 +108,8 @@ def test_a_resumed_dp_run_counts_the_steps_before_it_and_keeps_its_settings(run,
     steps = first["steps_per_worker"]
     with pytest.raises(ValueError, match="must keep the resumed run's settings.*dp_noise"):
         tinyps.launch(run_dir=str(tmp_path / "louder"),
-                      **{**RUNS["sigma_1"], "dp_noise": 2.0, "resume": str(first_dir)})
+                      **{**RUNS["sigma_1"], "dp_noise": 2.0, "steps": steps + 20,
+                         "resume": str(first_dir)})
     assert not (tmp_path / "louder").exists()
     more, _ = tinyps.launch(run_dir=str(tmp_path / "more"),
                             **{**RUNS["sigma_1"], "steps": steps + 20,

@@ -127,7 +127,14 @@ def test_a_stopped_launcher_leaves_no_process_behind(tmp_path, sig):
         children = _children(launcher.pid)
         assert len(children) == 4  # 2 servers, 2 workers
         launcher.send_signal(sig)
-        assert launcher.wait(60) == 130
+        try:
+            code = launcher.wait(60)
+        except subprocess.TimeoutExpired:  # say where it is stuck: every thread's stack
+            launcher.send_signal(signal.SIGUSR1)
+            launcher.kill()
+            raise AssertionError("the launcher did not end; its stderr ends:\n"
+                                 + launcher.communicate(timeout=10)[1][-20000:]) from None
+        assert code == 130
         assert not [pid for pid in children if _alive(pid)]
     finally:
         if launcher.poll() is None:

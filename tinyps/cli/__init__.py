@@ -12,6 +12,7 @@ user's tool (cluster.py).
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import sys
 from collections.abc import Sequence
@@ -31,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so that a launcher stops its children on the way out (a
     # server installs its own graceful handler).
     previous = signal.signal(signal.SIGTERM, _interrupt) if args.command != "server" else None
+    # `kill -USR1 PID` prints every thread's stack to standard error (the process goes on):
+    # how to see where a process that seems stuck is waiting.
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return args.run(args)
     except (ValueError, OSError) as err:
