@@ -12,7 +12,9 @@ user's tool (cluster.py).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import io
 import signal
 import sys
 from collections.abc import Sequence
@@ -26,16 +28,26 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _stacks_on_usr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to standard error and the process goes
+    on: how to see where a process that seems stuck is waiting."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    # A standard error without a file descriptor (a test's capture) gets no dump.
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so that a launcher stops its children on the way out (a
     # server installs its own graceful handler).
     previous = signal.signal(signal.SIGTERM, _interrupt) if args.command != "server" else None
-    # `kill -USR1 PID` prints every thread's stack to standard error (the process goes on):
-    # how to see where a process that seems stuck is waiting.
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # A process started in the background of a script inherits SIGINT ignored, and Python
+    # then leaves it so: `kill -INT` (what Ctrl-C sends) must still stop it cleanly.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stacks_on_usr1()
     try:
         return args.run(args)
     except (ValueError, OSError) as err:
@@ -58,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":
