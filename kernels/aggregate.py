@@ -35,6 +35,12 @@ def _check_stack(g: object) -> np.ndarray:
     return np.ascontiguousarray(g)
 
 
+# The mean's float64 accumulators for this many columns (32 KiB) stay in L1/L2 while the W
+# rows stream past in runs long enough for the prefetcher: measured against 512 columns (the
+# sorting networks' block at W=8), 1.2x faster on a 2-core EPYC.
+_MEAN_BLOCK = 4096
+
+
 def _block_columns(W: int) -> int:
     return max(16, _BLOCK_BYTES // (4 * W))
 
@@ -76,7 +82,7 @@ def aggregate_mean(g: np.ndarray) -> np.ndarray:
     """
     g = _check_stack(g)
     out = np.empty(g.shape[1], np.float32)
-    _mean_kernel(g, _block_columns(g.shape[0]), out)
+    _mean_kernel(g, _MEAN_BLOCK, out)
     return out
 
 
