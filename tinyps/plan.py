@@ -57,6 +57,13 @@ def check_every_server_holds_something(config: LaunchConfig, placement: Placemen
         f"most {parts} servers, or a smaller --split-bytes to cut big tensors into row ranges")
 
 
+_PROCESSES_PER_CORE = 4  # beyond this many processes per core, a launch is warned
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'s' * (n != 1)}"
+
+
 def launch_warnings(config: LaunchConfig, data: Dataset) -> tuple[str, ...]:
     """What a user should hear before the run starts, though it may go on."""
     warnings = []
@@ -65,12 +72,15 @@ def launch_warnings(config: LaunchConfig, data: Dataset) -> tuple[str, ...]:
                         f"±inf values (`tinyps data-report {config.train.dataset}` lists the "
                         f"data set's problems)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    processes = config.servers + config.workers
-    if config.backend == "local" and cores and processes > 2 * cores:
-        warnings.append(f"{processes} processes ({config.servers} servers, {config.workers} "
-                        f"workers) on {cores} cores: they take turns on the cores, so this run "
-                        f"measures the scheduler more than training, and runs slower than "
-                        f"fewer processes would")
+    servers, workers = config.servers, config.workers
+    processes = servers + workers
+    # A few processes per core is what a lab on a laptop looks like; far more only measures
+    # how the scheduler shares the cores out.
+    if config.backend == "local" and cores and processes > _PROCESSES_PER_CORE * cores:
+        warnings.append(f"{processes} processes ({_count(servers, 'server')}, "
+                        f"{_count(workers, 'worker')}) on {_count(cores, 'core')}: they take "
+                        f"turns on the cores, so this run measures the scheduler more than "
+                        f"training, and runs slower than fewer processes would")
     return tuple(warnings)
 
 
