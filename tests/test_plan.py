@@ -27,6 +27,15 @@ def test_more_servers_than_parts_is_refused_naming_how_many_fit(digits, servers,
         check_every_server_holds_something(config, placement)
 
 
+def test_a_placement_that_leaves_a_server_empty_by_choice_is_warned_of_not_refused(digits):
+    config = LaunchConfig.from_flat({"servers": 3, "placement": "dense0=0,dense1=0"})
+    placement = model_placement(config, digits)
+    check_every_server_holds_something(config, placement)  # 4 parts could fill 3 servers
+    assert launch_warnings(config, digits)[0] == (
+        "placement dense0=0,dense1=0: servers 1, 2 hold nothing: each is a process (and a "
+        "port) that does no work")
+
+
 def test_as_many_servers_as_parts_is_accepted(digits):
     config = LaunchConfig.from_flat({"servers": 4})  # dense0/1 weight and bias
     check_every_server_holds_something(config, model_placement(config, digits))

@@ -42,18 +42,26 @@ def model_placement(config: LaunchConfig, data: Dataset) -> Placement:
     return config.placement.place(specs, config.servers)
 
 
-def check_every_server_holds_something(config: LaunchConfig, placement: Placement) -> None:
-    """A server that holds no tensor costs a process, a port and every worker's calls for
-    nothing: refuse the run, and say how many servers this model can use."""
+def _empty_servers(placement: Placement) -> str | None:
+    """The servers a placement leaves without a tensor, as a short list; None if none."""
     empty = [i for i, load in enumerate(placement.bytes_per_server()) if load == 0]
     if not empty:
-        return
+        return None
+    return ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more"
+                                              if len(empty) > 5 else "")
+
+
+def check_every_server_holds_something(config: LaunchConfig, placement: Placement) -> None:
+    """More servers than the model has parts to place: some would hold nothing whatever the
+    placement, each costing a process, a port and every worker's calls. Refuse, and say how
+    many servers this model can use. (A placement that leaves a server empty by choice, say
+    every tensor on server 0 to compare with a spread, is warned of: launch_warnings.)"""
     parts = len(placement.parts)
-    shown = ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more"
-                                               if len(empty) > 5 else "")
+    if parts >= config.servers or (empty := _empty_servers(placement)) is None:
+        return
     raise ValueError(
         f"--servers {config.servers}: the model has {parts} parts to place (tensors, or row "
-        f"ranges of those over --split-bytes), so servers {shown} would hold nothing; use at "
+        f"ranges of those over --split-bytes), so servers {empty} would hold nothing; use at "
         f"most {parts} servers, or a smaller --split-bytes to cut big tensors into row ranges")
 
 
@@ -67,6 +75,9 @@ def _count(n: int, thing: str) -> str:
 def launch_warnings(config: LaunchConfig, data: Dataset) -> tuple[str, ...]:
     """What a user should hear before the run starts, though it may go on."""
     warnings = []
+    if (empty := _empty_servers(model_placement(config, data))) is not None:
+        warnings.append(f"placement {config.placement.placement}: servers {empty} hold "
+                        f"nothing: each is a process (and a port) that does no work")
     if data.dropped_rows:
         warnings.append(f"{config.train.dataset}: {data.dropped_rows} rows dropped for NaN or "
                         f"±inf values (`tinyps data-report {config.train.dataset}` lists the "
