@@ -483,9 +483,16 @@ def test_the_python_api_raises_launch_interrupted_after_writing_what_it_had(tmp_
             time.sleep(0.05)  # polling the run's file, with a deadline
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Jupyter handles SIGINT itself; a test run from a script's background inherits it
+    # ignored, and then the press would do nothing: install Python's own handler, as a kernel
+    # has one, for this test only.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=press_ctrl_c, daemon=True).start()
-    with pytest.raises(tinyps.LaunchInterrupted) as stop:
-        tinyps.launch(run_dir=str(run_dir), steps=100000, hidden=(16,))
+    try:
+        with pytest.raises(tinyps.LaunchInterrupted) as stop:
+            tinyps.launch(run_dir=str(run_dir), steps=20000, hidden=(16,))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert isinstance(stop.value, KeyboardInterrupt)
     assert stop.value.run_dir == run_dir and stop.value.summary["interrupted"] is True
     assert "To go on from the servers' checkpoints: tinyps launch --resume" in str(stop.value)
