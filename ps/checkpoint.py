@@ -13,10 +13,11 @@ import re
 import tempfile
 import zipfile
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from itertools import pairwise
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -34,6 +35,7 @@ __all__ = [
     "read_checkpoint",
     "resplit",
     "server_directory",
+    "write_atomically",
     "write_checkpoint",
 ]
 
@@ -218,6 +220,25 @@ def checkpoint_path(directory: Path | str, seq: int) -> Path:
     return Path(directory) / f"ckpt-{seq:010d}.npz"
 
 
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Give `write` a file whose bytes become `path` only whole: a .tmp beside it, fsynced,
+    renamed onto the name, the rename made durable. A crash at any moment leaves the old file
+    (or none) and at worst a stale .tmp."""
+    # Same directory as the target, so that os.replace is a rename within one file system.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
 def write_checkpoint(directory: Path | str, snapshot: Snapshot, keep: int = 3, *,
                      round_step: int | None = None, final: bool = False,
                      protect: Iterable[Path] = ()) -> Path:
@@ -240,19 +261,7 @@ def write_checkpoint(directory: Path | str, snapshot: Snapshot, keep: int = 3, *
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, snapshot.seq)
 
-    # Same directory as the target, so that os.replace is a rename within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f"{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
     # The file just written is never pruned, even if newer seqs exist (say, a corrupt one left
     # by the run this one restarted from): deleting it could leave no readable checkpoint.

@@ -8,8 +8,6 @@ for; the launcher notes here, now and then, the rounds that every server holds o
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -19,10 +17,10 @@ import numpy as np
 
 from ps.checkpoint import (
     CheckpointError,
-    _fsync_directory,
     list_checkpoints,
     read_checkpoint,
     server_directory,
+    write_atomically,
 )
 from ps.snapshot import Snapshot
 
@@ -63,18 +61,7 @@ def write_manifest(root: Path | str, servers: int, rounds: list[Round]) -> Path:
                    for r in rounds[-_KEEP_ROUNDS:]],
     }, indent=1)
     path = root / MANIFEST
-    fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f"{MANIFEST}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(root)
+    write_atomically(path, lambda f: f.write(text.encode()))
     return path
 
 
