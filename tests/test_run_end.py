@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ps.keys import Key
+from ps.optimizer import OptimizerConfig
 from ps.server import serve
+from ps.snapshot import KeyState, Snapshot
 from tinyps.cli import build_parser
 from tinyps.cli.flags import settings_from
 from tinyps.config import LaunchConfig
@@ -26,7 +29,7 @@ from tinyps.outcome import outcome, resume_command
 from tinyps.plan import LaunchError, LaunchPlan, model_placement
 from tinyps.processes import Child
 from tinyps.summary import _diverged, format_summary
-from tinyps.supervisor import Backend, Supervisor
+from tinyps.supervisor import Backend, Supervisor, resumed_step
 from worker.data import load_dataset
 from worker.model import MLP
 
@@ -104,6 +107,25 @@ def test_the_resume_command_repeats_the_settings_that_matter(settings, tmp_path)
     again = LaunchConfig.from_flat(settings_from(args, LaunchConfig))
     assert again.resume == str(tmp_path)
     assert again.replace(resume=None, kill_server=(0, 5), run_dir="runs/x") == config
+
+
+def _server_at(clocks: list[int], version: int) -> Snapshot:
+    """A one-key shard whose two workers have pushed `clocks` steps, at `version`."""
+    key = Key("w", (4,), 0, 4)
+    state = KeyState(key, np.zeros(4, np.float32), version, np.array(clocks, np.int64), {})
+    return Snapshot("sync", 2, OptimizerConfig(), [state], {}, seq=version)
+
+
+@pytest.mark.parametrize(("mode", "servers", "step"), [
+    ("async", [([34, 36], 70), ([35, 35], 70)], 35),  # the furthest server: the other skips
+    ("sync", [([34, 34], 35), ([34, 34], 34)], 35),   # a step applied without them counts
+    ("sync", [([3, 3], 3)], 3),
+    ("async", [], 0),
+])
+def test_a_resumed_run_counts_from_where_its_workers_start(mode, servers, step):
+    # As PSClient.start_step finds it: each server's start, the furthest of them. The
+    # launcher counting from the slowest server thought a Ctrl-C'd run 2 steps short.
+    assert resumed_step([_server_at(c, v) for c, v in servers], mode) == step
 
 
 # -- the parts that notice faults ----------------------------------------------------------

@@ -98,6 +98,19 @@ def test_a_server_told_to_stop_by_the_shutdown_call_and_a_signal_exits(tmp_path)
     assert code == 0, log
 
 
+def test_a_server_signalled_until_it_has_exited_exits_0(tmp_path):
+    """Signals go on landing after the stop and through the interpreter's exit: not one of
+    them may kill the process by its default action (exit -2 instead of 0)."""
+    proc, _ = _server(tmp_path)
+    deadline = time.monotonic() + DEADLINE_S
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.002)
+    log = _end(proc)
+    assert proc.returncode == 0, log
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_worker_signalled_three_times_at_a_barrier_exits(tmp_path, sig):
     server, address = _server(tmp_path, "--mode", "sync", "--workers", "2")

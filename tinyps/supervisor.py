@@ -9,6 +9,7 @@ its processes start, report and stop.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -121,14 +122,18 @@ class Backend(ABC):
 
 
 def resumed_step(snapshots: list[Snapshot], mode: str) -> int:
-    """The step a run resumed from these checkpoints starts its workers at: every worker has
-    pushed that many steps to every key (in sync, the updates applied to every key count too,
-    as the servers' start_step says)."""
-    step = min((int(k.clocks.min()) for s in snapshots for k in s.keys if k.clocks.size),
-               default=0)
-    if mode == "sync":
-        step = max(step, min((k.version for s in snapshots for k in s.keys), default=0))
-    return step
+    """The step a run resumed from these checkpoints starts its workers at, as the workers
+    find it (PSClient.start_step): each server's start (every worker has pushed that many
+    steps to each of its keys; in sync, the updates applied to every key count too), and the
+    furthest of the servers, because a server behind skips ahead to it. (Over the resumed
+    run's own layout; a re-split may start a step lower, never higher.)"""
+    def start(snapshot: Snapshot) -> int:
+        step = min((int(k.clocks.min()) for k in snapshot.keys if k.clocks.size), default=0)
+        if mode == "sync":
+            step = max(step, min((k.version for k in snapshot.keys), default=0))
+        return step
+
+    return max((start(s) for s in snapshots), default=0)
 
 
 @dataclass
@@ -355,6 +360,10 @@ class Supervisor:
                                      f"({str(err).splitlines()[0]})")
         except KeyboardInterrupt:
             notes.append("interrupted again while the servers were asked for the model")
+        # The steps the workers recorded since the loop last looked: the summary counts what
+        # is on disk, not what the 50 ms loop happened to have read when Ctrl-C came.
+        with contextlib.suppress(KeyboardInterrupt):
+            self.records += self.backend.poll(set())[0]
         if params is None:
             notes.append("model.npz not written: the model was not pulled from the servers")
         summary = self._summary(stats if params is not None else [], params)

@@ -68,9 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+        # A server that has stopped ignores both until it has exited (process.server): put
+        # back, SIGINT pressed again would kill it by its default and turn exit 0 into -2.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":
