@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bias_relu_forward", "relu_backward", "softmax_cross_entropy"]
+__all__ = ["bias_relu_forward", "relu_backward", "relu_forward", "softmax_cross_entropy"]
 
 
 @njit(cache=True, nogil=True)
@@ -23,6 +23,19 @@ def _bias_relu(z, bias, out):
         for j in range(cols):
             v = z[i, j] + bias[j]
             out[i, j] = v if v > 0.0 else 0.0
+
+
+@njit(cache=True, nogil=True)
+def _relu(x, out):
+    """out = x where x > 0, else +0.0 (any shape, flat).
+
+    Twin: twins.dense.relu_forward. Writes +0.0 for -0.0 and NaN too: the bits _bias_relu
+    gives, so that a Dense then a ReLU computes what the fused kernel computed.
+    """
+    v = x.ravel()
+    o = out.ravel()
+    for i in range(v.size):
+        o[i] = v[i] if v[i] > 0.0 else 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -86,6 +99,14 @@ def bias_relu_forward(z: np.ndarray, bias: np.ndarray) -> np.ndarray:
         raise ValueError(f"bias has {bias.shape[0]} values but z has {z.shape[1]} columns")
     out = np.empty_like(z, order="C")
     _bias_relu(z, bias, out)
+    return out
+
+
+def relu_forward(x: np.ndarray) -> np.ndarray:
+    """max(x, 0) of a float32 array of any shape; a new array."""
+    _check_float32("x", x)
+    out = np.empty(x.shape, dtype=np.float32)
+    _relu(np.ascontiguousarray(x), out)
     return out
 
 

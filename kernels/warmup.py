@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.aggregate import aggregate_mean, aggregate_median, aggregate_trimmed_mean
-from kernels.dense import bias_relu_forward, relu_backward, softmax_cross_entropy
+from kernels.conv import col2im, im2col, maxpool_backward, maxpool_forward
+from kernels.dense import bias_relu_forward, relu_backward, relu_forward, softmax_cross_entropy
 from kernels.norms import all_finite, clip_by_global_norm, global_norm
 from kernels.optim import adam_update, amax, sgd_update
 from kernels.optim_codes import sgd_update_codes
@@ -38,6 +39,11 @@ def warm_up() -> None:
     bf16_decode(bf16_encode(x))
     bias_relu_forward(x, v)
     relu_backward(x, x)
+    relu_forward(x)
+    image = np.ones((1, 1, 4, 4), np.float32)
+    col2im(im2col(image, 3, 1, 1), image.shape, 3, 1, 1)
+    pooled, argmax = maxpool_forward(image, 2)
+    maxpool_backward(pooled, argmax, image.shape)
     softmax_cross_entropy(x, np.zeros(2, np.int64))
     p, g = np.ones(3, np.float32), np.ones(3, np.float32)
     sgd_update(p, g, 0.1)

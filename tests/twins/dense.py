@@ -22,3 +22,7 @@ def softmax_cross_entropy(logits, labels):
     onehot[rows, labels] = 1.0
     dlogits = (np.exp(log_probs) - onehot) / len(labels)
     return float(loss), dlogits.astype(np.float32)
+
+
+def relu_forward(x):
+    return np.where(x > 0, x, np.float32(0)).astype(np.float32)
