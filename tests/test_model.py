@@ -78,3 +78,34 @@ def test_wrong_input_width_is_refused():
     model = MLP((5, 3))
     with pytest.raises(ValueError, match=r"X must have shape \(batch, 5\), got \(2, 4\)"):
         model.loss_and_grads(model.init_params(), np.zeros((2, 4), np.float32), [0, 1])
+
+
+@pytest.mark.parametrize("sizes", [(64, 128, 10), (5, 7, 4, 3), (6, 3)])
+def test_the_mlp_as_a_sequential_gives_the_old_mlps_bits(sizes):
+    """The same init draws, and the same bits of loss, gradients and underflow counts in every
+    precision and of DP-SGD's clipped sums, as the MLP before layers (twins/mlp_v1.py)."""
+    from twins.mlp_v1 import OldMLP
+
+    from worker.precision import Precision
+
+    old, new = OldMLP(sizes, seed=3), MLP(sizes, seed=3)
+    params = new.init_params()
+    old_params = old.init_params()
+    assert list(params) == list(old_params) and new.param_shapes() == old.param_shapes()
+    for name in params:
+        assert params[name].tobytes() == old_params[name].tobytes(), name
+    X, y = _batch(new, rows=33, seed=4)
+    for precision in ("fp32", "fp16", "bf16"):
+        counts, old_counts = {}, {}
+        loss, grads = new.loss_and_grads(params, X, y, Precision(precision), 1024.0, counts)
+        old_loss, old_grads = old.loss_and_grads(params, X, y, Precision(precision), 1024.0,
+                                                 old_counts)
+        assert (loss, counts) == (old_loss, old_counts)
+        for name in grads:
+            assert grads[name].tobytes() == old_grads[name].tobytes(), (precision, name)
+    loss, grads, norms = new.clipped_grad_sum(params, X, y, 0.5)
+    old_loss, old_grads, old_norms = old.clipped_grad_sum(params, X, y, 0.5)
+    assert loss == old_loss and norms.tobytes() == old_norms.tobytes()
+    for name in grads:
+        assert grads[name].tobytes() == old_grads[name].tobytes(), name
+    assert new.evaluate(params, X, y) == old.evaluate(params, X, y)
