@@ -49,6 +49,7 @@ def _runs(files) -> dict[str, dict]:
                 "host": "127.0.0.2", "startup_timeout_s": 30.0, "backend": "ray",
                 "ray_address": "auto", "run_dir": str(files / "run"), "token": TOKEN, **tls},
         "sync": {"workers": 3, "mode": "sync", "backup_workers": 1, "aggregate": "median",
+                 "model": "cnn:4/8",
                  "byzantine": 1, "precision": "fp16", "init_scale": 1024.0,
                  "growth_interval": 10, "memory_budget_mb": 512, "max_waiting": 8,
                  "freeze_timeout_s": 5.0},

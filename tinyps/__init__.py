@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # what the table below loads, for readers, editors and tests/
     from worker.data import load_dataset
     from worker.dataset import Dataset
     from worker.model import MLP
+    from worker.model_spec import build_model
+    from worker.sequential import Sequential
 
 __all__ = [
     "MLP",
@@ -33,7 +35,9 @@ __all__ = [
     "PSError",
     "Placement",
     "RunResult",
+    "Sequential",
     "TensorSpec",
+    "build_model",
     "cluster",
     "launch",
     "load_dataset",
@@ -53,7 +57,9 @@ _WHERE = {
     "PSError": "ps.client",
     "Placement": "ps.placement",
     "RunResult": "tinyps.api",
+    "Sequential": "worker.sequential",
     "TensorSpec": "ps.placement",
+    "build_model": "worker.model_spec",
     "cluster": "tinyps.api",
     "launch": "tinyps.api",
     "load_dataset": "worker.data",

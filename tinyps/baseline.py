@@ -16,6 +16,7 @@ from ps.settings import to_flat
 from tinyps.rundir import prepare_run_dir, save_model, write_config
 from worker.baseline import StepCallback, TrainResult, train_single_process
 from worker.data import load_dataset
+from worker.model_spec import build_model
 from worker.settings import TrainConfig
 
 __all__ = ["run_baseline"]
@@ -27,6 +28,7 @@ def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir) if run_dir else Path("runs") / f"{stamp}-train"
     data = load_dataset(config.dataset, seed=config.seed)  # a bad name fails before any file
+    build_model(config, data.n_features, data.image_shape, data.n_classes)  # and a bad model
     prepare_run_dir(run_dir)
     write_config(run_dir, {"command": "train", **to_flat(config)})
     started = time.monotonic()
@@ -42,5 +44,7 @@ def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
                "optimizer": config.optimizer, "batch_size": config.batch_size,
                "epochs": config.epochs, **result.summary()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    save_model(run_dir / "model.npz", result.params, config.hidden, data, None)
+    model = build_model(config, data.n_features, data.image_shape, data.n_classes,
+                        seed=config.seed)
+    save_model(run_dir / "model.npz", result.params, model, None)
     return result, run_dir

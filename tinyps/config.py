@@ -18,6 +18,7 @@ from ps.security import SecurityConfig, TLSFiles
 from ps.server import CheckpointConfig
 from ps.settings import from_flat, part, setting, to_flat
 from ps.store_config import StoreConfig
+from worker.model_spec import param_names, spec_of
 from worker.poison import BYZANTINE, parse_poison
 from worker.precision import PrecisionConfig
 from worker.privacy import DPConfig, PrivacyConfig
@@ -214,13 +215,10 @@ class LaunchConfig:
              f"poison_workers must be in 0..{workers} (workers 0..N-1 are poisoned), "
              f"got {faults.poison_workers}")
         self._check_resume(need)
-        # The placement names layers; check it against the model's layers now (the widths
-        # of input and output come from the data, but the names do not depend on them).
-        sizes = (1, *self.train.hidden, 1)
-        specs = [TensorSpec(f"dense{i}.{kind}", shape)
-                 for i in range(len(sizes) - 1)
-                 for kind, shape in (("weight", (sizes[i], sizes[i + 1])),
-                                     ("bias", (sizes[i + 1],)))]
+        # The placement names layers; check it against the model's layers now (the shapes
+        # come from the data, but the names do not depend on them).
+        specs = [TensorSpec(name, (1, 1) if name.endswith("weight") else (1,))
+                 for name in param_names(spec_of(self.train))]
         self.placement.place(specs, self.servers)
 
     def _check_dp(self) -> None:

@@ -22,7 +22,7 @@ from tinyps import privacy
 from tinyps.config import LaunchConfig
 from tinyps.rundir import prepare_run_dir, write_config
 from worker.data import Dataset, load_dataset
-from worker.model import MLP
+from worker.model_spec import build_model
 from worker.process import steps_for
 from worker.shards import partition
 
@@ -37,7 +37,7 @@ class LaunchError(RuntimeError):
 
 def model_placement(config: LaunchConfig, data: Dataset) -> Placement:
     """The placement every worker computes for this model (the same pure function)."""
-    model = MLP((data.n_features, *config.train.hidden, data.n_classes))
+    model = build_model(config.train, data.n_features, data.image_shape, data.n_classes)
     specs = [TensorSpec(name, shape) for name, shape in model.param_shapes().items()]
     return config.placement.place(specs, config.servers)
 
@@ -176,12 +176,14 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
     resumed = point.snapshots if point is not None else None
     train = config.train
     data = load_dataset(train.dataset, seed=train.seed)
-    placement = model_placement(config, data)
+    placement = model_placement(config, data)  # builds the model: a spec that does not fit fails
     check_every_server_holds_something(config, placement)
     steps = train.steps or steps_for(len(data.X_train), config.workers, train.batch_size,
                                      train.epochs)
     shard_sizes = [len(s) for s in partition(data, config.workers, config.split.partition,
                                              alpha=config.split.alpha, seed=train.seed)]
+    if config.privacy.on:
+        build_model(config.train, data.n_features, data.image_shape, data.n_classes).check_dp()
     config = privacy.plan(config, shard_sizes, steps)  # sigma settled before anything starts
     if resumed is not None:
         privacy.check_resume(config, Path(config.resume))

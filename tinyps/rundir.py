@@ -1,8 +1,9 @@
 """A run directory's files: made ready, followed while the run goes, written at its end.
 
 config.json (the settings), metrics/workerN.jsonl (each worker's steps as they happen),
-metrics.jsonl (all of them, in time order), summary.json, model.npz (the weights, their
-layer sizes and placement: `load_model`), report.png and logs/.
+metrics.jsonl (all of them, in time order), summary.json, model.npz (the weights, the model
+spec and data shape that rebuild the model, and the placement: `load_model`), report.png and
+logs/.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from tinyps.config import LaunchConfig
 from tinyps.report import write_report
 from worker.data import Dataset
 from worker.model import MLP
+from worker.model_spec import build_model
+from worker.sequential import Sequential
 
 __all__ = ["Follower", "load_model", "prepare_run_dir", "remove_addresses", "save_model",
            "unwritable", "write_config", "write_results"]
@@ -79,7 +82,9 @@ def write_results(run_dir: Path, records: list[dict], summary: dict, params: dic
     small files that matter most go first, should the disk fill up."""
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if params is not None:
-        save_model(run_dir / "model.npz", params, config.train.hidden, data, placement)
+        model = build_model(config.train, data.n_features, data.image_shape, data.n_classes,
+                            seed=config.train.seed)
+        save_model(run_dir / "model.npz", params, model, placement)
     records.sort(key=lambda r: (r["time"], r["worker"]))
     with (run_dir / "metrics.jsonl").open("w") as f:
         for r in records:
@@ -110,23 +115,40 @@ def unwritable(run_dir: Path) -> str | None:
     return None
 
 
-def save_model(path: Path, params: dict, hidden: tuple[int, ...], data: Dataset,
+def save_model(path: Path, params: dict, model: Sequential,
                placement: Placement | None) -> None:
-    """The trained weights, with the layer sizes and the placement they were trained under:
-    enough to evaluate the model, or see where its parts lived, without a cluster."""
-    sizes = np.array([data.n_features, *hidden, data.n_classes], np.int64)
+    """The trained weights, with what rebuilds their model (its spec, the data's shape and
+    classes, the seed) and the placement they were trained under: enough to evaluate the
+    model, or see where its parts lived, without a cluster. An MLP also keeps __sizes__, the
+    one record older files have."""
+    if model.spec is None:
+        raise ValueError("save_model: the model has no spec to rebuild it from (build it with "
+                         "worker.model_spec.build_model)")
     where = placement.as_summary() if placement is not None else {}
-    np.savez(path, **params, __sizes__=sizes, __placement__=np.array(json.dumps(where)))
+    shape = model.input_shape[1:] if len(model.input_shape) == 3 else ()
+    record = {"spec": model.spec, "n_features": model.n_features,
+              "image_shape": list(shape) or None, "n_classes": model.n_classes,
+              "seed": model.seed}
+    extra = {"__sizes__": np.array(model.sizes, np.int64)} if isinstance(model, MLP) else {}
+    np.savez(path, **params, **extra, __model__=np.array(json.dumps(record)),
+             __placement__=np.array(json.dumps(where)))
 
 
-def load_model(path: Path | str) -> tuple[MLP, dict[str, np.ndarray], dict]:
+def load_model(path: Path | str) -> tuple[Sequential, dict[str, np.ndarray], dict]:
     """A saved model (model.npz of a run directory, or the directory): (model, params,
-    placement as summary.json shows it)."""
+    placement as summary.json shows it). Any model: an MLP, a CNN, ..."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.npz"
     with np.load(path, allow_pickle=False) as saved:
         params = {name: saved[name] for name in saved.files if not name.startswith("__")}
-        sizes = tuple(int(n) for n in saved["__sizes__"])
         placement = json.loads(str(saved["__placement__"]))
-    return MLP(sizes), params, placement
+        if "__model__" in saved.files:
+            record = json.loads(str(saved["__model__"]))
+            image = record["image_shape"]
+            model = build_model(record["spec"], record["n_features"],
+                                tuple(image) if image else None, record["n_classes"],
+                                seed=record["seed"])
+        else:  # written before model specs: an MLP, by its layer sizes
+            model = MLP(tuple(int(n) for n in saved["__sizes__"]))
+    return model, params, placement

@@ -26,7 +26,7 @@ from tinyps.plan import LaunchError, LaunchPlan
 from tinyps.rundir import unwritable
 from tinyps.summary import build_summary
 from worker.data import Dataset
-from worker.model import MLP
+from worker.model_spec import build_model
 
 __all__ = ["Backend", "Progress", "Supervisor", "WorkerNews", "resumed_step", "summarise"]
 
@@ -400,7 +400,7 @@ def summarise(config: LaunchConfig, data: Dataset, placement: Placement, records
     no test figures), with the servers' counters and the workers' records."""
     test_loss = test_accuracy = None
     if params is not None:
-        model = MLP((data.n_features, *config.train.hidden, data.n_classes))
+        model = build_model(config.train, data.n_features, data.image_shape, data.n_classes)
         test_loss, test_accuracy = model.evaluate(params, data.X_test, data.y_test)
     return build_summary(config, records, stats, test_loss, test_accuracy, placement, wall_s,
                          steps, len(data.X_train), faults)

@@ -1,5 +1,5 @@
-"""What a worker is made of: the model, data sets and their shards, mixed precision, data
-quality, DP-SGD and its accountant, and the single-process baseline. Imports ps and kernels.
+"""What a worker is made of: the models and their layers, data sets and their shards, mixed
+precision, data quality, DP-SGD and its accountant, and the single-process baseline.
 
 The names below load on first use (PEP 562), so that a worker process or `import worker.data`
 loads only the modules it uses.
@@ -13,10 +13,13 @@ if TYPE_CHECKING:  # what the table below loads, for readers, editors and tests/
     from worker.baseline import TrainConfig, TrainResult, train_single_process
     from worker.data import DATASET_NAMES, DataError, load_dataset
     from worker.dataset import Dataset
+    from worker.layers import Conv2d, Dense, Dropout, Embedding, Flatten, MaxPool2d, ReLU, Tanh
     from worker.model import MLP
+    from worker.model_spec import build_model
     from worker.precision import PRECISIONS, LossScaler, Precision
     from worker.privacy import DPConfig, add_noise
     from worker.quality import QualityReport, data_report, format_report, total_variation
+    from worker.sequential import Sequential
     from worker.shards import PARTITION_SCHEMES, Shard, class_histograms, partition
 
 __all__ = [
@@ -24,17 +27,27 @@ __all__ = [
     "MLP",
     "PARTITION_SCHEMES",
     "PRECISIONS",
+    "Conv2d",
     "DPConfig",
     "DataError",
     "Dataset",
+    "Dense",
+    "Dropout",
+    "Embedding",
+    "Flatten",
     "LossScaler",
+    "MaxPool2d",
     "Precision",
     "QualityReport",
     "RdpAccountant",
+    "ReLU",
+    "Sequential",
     "Shard",
+    "Tanh",
     "TrainConfig",
     "TrainResult",
     "add_noise",
+    "build_model",
     "class_histograms",
     "data_report",
     "dp_sgd_epsilon",
@@ -52,17 +65,27 @@ _WHERE = {
     "MLP": "worker.model",
     "PARTITION_SCHEMES": "worker.shards",
     "PRECISIONS": "worker.precision",
+    "Conv2d": "worker.layers",
     "DPConfig": "worker.privacy",
     "DataError": "worker.data",
     "Dataset": "worker.dataset",
+    "Dense": "worker.layers",
+    "Dropout": "worker.layers",
+    "Embedding": "worker.layers",
+    "Flatten": "worker.layers",
     "LossScaler": "worker.precision",
+    "MaxPool2d": "worker.layers",
     "Precision": "worker.precision",
     "QualityReport": "worker.quality",
     "RdpAccountant": "worker.accountant",
+    "ReLU": "worker.layers",
+    "Sequential": "worker.sequential",
     "Shard": "worker.shards",
+    "Tanh": "worker.layers",
     "TrainConfig": "worker.baseline",
     "TrainResult": "worker.baseline",
     "add_noise": "worker.privacy",
+    "build_model": "worker.model_spec",
     "class_histograms": "worker.shards",
     "data_report": "worker.quality",
     "dp_sgd_epsilon": "worker.accountant",

@@ -14,7 +14,7 @@ import numpy as np
 
 from ps.optimizer import Optimizer
 from worker.data import Dataset, augment_shifts, load_dataset
-from worker.model import MLP
+from worker.model_spec import build_model
 from worker.settings import TrainConfig
 
 __all__ = ["StepCallback", "TrainConfig", "TrainResult", "train_single_process"]
@@ -49,10 +49,12 @@ class TrainResult:
 
 def train_single_process(config: TrainConfig, on_step: StepCallback | None = None,
                          data: Dataset | None = None) -> TrainResult:
-    """Train an MLP with minibatch SGD/Adam in this process and evaluate it on the test split
-    (of `data`, if given: config.dataset loaded with config.seed)."""
+    """Train the model (--model, else an MLP of --hidden) with minibatch SGD/Adam in this
+    process and evaluate it on the test split (of `data`, if given: config.dataset loaded
+    with config.seed)."""
     data = data or load_dataset(config.dataset, seed=config.seed)
-    model = MLP((data.n_features, *config.hidden, data.n_classes), seed=config.seed)
+    model = build_model(config, data.n_features, data.image_shape, data.n_classes,
+                        seed=config.seed)
     params = model.init_params()
     optimizer = Optimizer(config.optimizer_config(), model.param_shapes())
     rng = np.random.default_rng(config.seed)

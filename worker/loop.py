@@ -16,11 +16,11 @@ import numpy as np
 
 from kernels import all_finite
 from ps.client import PSClient
-from worker.model import MLP
 from worker.poison import parse_poison, poison_grads, poison_shard
 from worker.precision import Precision, PrecisionConfig
 from worker.preprocess import augment_shifts
 from worker.privacy import DPConfig, add_noise, poisson_batches
+from worker.sequential import Sequential
 from worker.shards import Shard
 
 __all__ = ["StepRecord", "WorkerConfig", "batches", "run_worker"]
@@ -98,7 +98,7 @@ def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterato
 
 def run_worker(
     client: PSClient,
-    model: MLP,
+    model: Sequential,
     shard: Shard,
     config: WorkerConfig,
     image_shape: tuple[int, int] | None = None,
@@ -120,9 +120,11 @@ def run_worker(
                          f"{precision.name} needs {precision.wire_dtype}")
     scaler, dynamic = config.precision.scaler()
     if config.poison is not None:
-        shard = poison_shard(shard, config.poison, model.sizes[-1], config.seed)
+        shard = poison_shard(shard, config.poison, model.n_classes, config.seed)
     rng = np.random.default_rng((config.seed, client.worker_id))
     dp = config.dp
+    if dp is not None:
+        model.check_dp()  # a layer DP-SGD cannot clip is refused before any step
     if dp is None:
         order = batches(len(shard), config.batch_size, rng if config.shuffle else None)
     else:

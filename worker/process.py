@@ -17,7 +17,7 @@ from ps.security import SecurityConfig
 from ps.settings import part, setting
 from worker.data import load_dataset
 from worker.loop import StepRecord, WorkerConfig, run_worker
-from worker.model import MLP
+from worker.model_spec import build_model
 from worker.poison import parse_poison
 from worker.precision import Precision, PrecisionConfig
 from worker.privacy import PrivacyConfig
@@ -112,7 +112,8 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
     data = load_dataset(train.dataset, seed=train.seed)
     shard = partition(data, settings.workers, settings.split.partition,
                       alpha=settings.split.alpha, seed=train.seed)[settings.index]
-    model = MLP((data.n_features, *train.hidden, data.n_classes), seed=train.seed)
+    model = build_model(train, data.n_features, data.image_shape, data.n_classes,
+                        seed=train.seed)
     steps = train.steps or steps_for(len(data.X_train), settings.workers, train.batch_size,
                                      train.epochs)
     config = WorkerConfig(steps=steps, batch_size=train.batch_size, seed=train.seed,

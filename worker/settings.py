@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ps.optimizer import OPTIMIZERS, OptimizerConfig
 from ps.settings import setting
+from worker.model_spec import parse_spec
 from worker.shards import PARTITION_SCHEMES
 
 __all__ = ["SplitConfig", "TrainConfig", "parse_widths"]
@@ -33,6 +34,9 @@ class TrainConfig:
     hidden: tuple[int, ...] = setting(
         (128,), "hidden layer widths, comma separated (input and output come from the data)",
         parse=parse_widths)
+    model: str | None = setting(
+        None, "the model: mlp:W1,W2,... or cnn:C1,C2,...[/H1,...] (worker/model_spec.py); "
+        "default: mlp: of --hidden", metavar="SPEC")
     epochs: int = setting(20, "passes of each worker over its shard (unless --steps is given)")
     steps: int | None = setting(None, "steps per worker; overrides --epochs")
     batch_size: int = setting(32, "examples per step, per worker")
@@ -55,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if self.model is not None:
+            parse_spec(self.model)  # the grammar now; what fits the data, once it is loaded
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         self.optimizer_config()  # checks the optimizer's own settings now, not mid-run

@@ -28,7 +28,7 @@ from tinyps.progress import StepBar
 from tinyps.status import status_table
 from tinyps.summary import format_summary
 from worker.data import load_dataset
-from worker.model import MLP
+from worker.model_spec import build_model
 from worker.quality import data_report as build_data_report
 from worker.quality import format_report, save_report
 from worker.settings import TrainConfig
@@ -110,7 +110,7 @@ def status(args: argparse.Namespace) -> int:
 def placement(args: argparse.Namespace) -> int:
     config = LaunchConfig.from_flat(settings_from(args, LaunchConfig))
     data = load_dataset(config.train.dataset)
-    model = MLP((data.n_features, *config.train.hidden, data.n_classes))
+    model = build_model(config.train, data.n_features, data.image_shape, data.n_classes)
     specs = [TensorSpec(n, s) for n, s in model.param_shapes().items()]
     print(config.placement.place(specs, config.servers).table())
     return 0
