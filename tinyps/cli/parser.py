@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     placement = sub.add_parser("placement", help="print where a model's tensors would go")
     placement.add_argument("--servers", type=_positive(int), default=2,
                            help="servers to place the model on (default: 2)")
-    add_settings(placement, LaunchConfig, only=("dataset", "hidden", "placement",
+    add_settings(placement, LaunchConfig, only=("dataset", "hidden", "model", "placement",
                                                 "split_bytes"))
     placement.set_defaults(run=_command("cluster", "placement"))
 
