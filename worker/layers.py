@@ -50,8 +50,10 @@ class Layer:
                 ) -> tuple[np.ndarray, object]:
         raise NotImplementedError
 
-    def backward(self, params: Arrays, cache: object, d: np.ndarray, need_dx: bool
-                 ) -> tuple[np.ndarray | None, Arrays]:
+    def backward(self, params: Arrays, cache: object, d: np.ndarray, need_dx: bool,
+                 need_grads: bool = True) -> tuple[np.ndarray | None, Arrays]:
+        """(the input's gradient, or None unless need_dx; the parameters' gradients, or {}
+        when need_grads is False: DP-SGD's first pass wants the signal alone)."""
         raise NotImplementedError
 
     def sq_norms(self, cache: object, d: np.ndarray, out: np.ndarray) -> None:
@@ -100,8 +102,8 @@ class Dense(Layer):
         x = p.round(x)  # an operand of the product (a no-op when already held in 16 bits)
         return x @ params["weight"] + params["bias"], x  # (batch, out), fp32 bias add
 
-    def backward(self, params, x, d, need_dx):
-        grads = {"weight": x.T @ d, "bias": d.sum(axis=0)}  # (in, out), (out,)
+    def backward(self, params, x, d, need_dx, need_grads=True):
+        grads = {"weight": x.T @ d, "bias": d.sum(axis=0)} if need_grads else {}  # (in, out)
         return (d @ params["weight"].T if need_dx else None), grads
 
     def sq_norms(self, x, d, out):
@@ -165,11 +167,11 @@ class Conv2d(Layer):
         """The output gradient (batch, out, oh, ow) as rows (batch*oh*ow, out), as cols."""
         return d.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)
 
-    def backward(self, params, cache, d, need_dx):
+    def backward(self, params, cache, d, need_dx, need_grads=True):
         cols, x_shape = cache
         rows = self._rows(d)
         grads = {"weight": (rows.T @ cols).reshape(params["weight"].shape),
-                 "bias": rows.sum(axis=0)}
+                 "bias": rows.sum(axis=0)} if need_grads else {}
         if not need_dx:
             return None, grads
         weight = params["weight"].reshape(self.out_channels, -1)
@@ -196,7 +198,7 @@ class ReLU(Layer):
         y = p.round(relu_forward(x))  # kept for backward: held in 16 bits
         return y, y
 
-    def backward(self, params, y, d, need_dx):
+    def backward(self, params, y, d, need_dx, need_grads=True):
         return relu_backward(d, y), {}
 
 
@@ -207,7 +209,7 @@ class Tanh(Layer):
         y = p.round(np.tanh(x))
         return y, y
 
-    def backward(self, params, y, d, need_dx):
+    def backward(self, params, y, d, need_dx, need_grads=True):
         return d * (np.float32(1) - y * y), {}
 
 
@@ -235,7 +237,7 @@ class MaxPool2d(Layer):
         y, argmax = maxpool_forward(x, self.kernel_size, self.stride)
         return y, (argmax, x.shape)
 
-    def backward(self, params, cache, d, need_dx):
+    def backward(self, params, cache, d, need_dx, need_grads=True):
         argmax, x_shape = cache
         return maxpool_backward(np.ascontiguousarray(d), argmax, x_shape), {}
 
@@ -249,7 +251,7 @@ class Flatten(Layer):
     def forward(self, params, x, p, train):
         return x.reshape(len(x), -1), x.shape
 
-    def backward(self, params, x_shape, d, need_dx):
+    def backward(self, params, x_shape, d, need_dx, need_grads=True):
         return d.reshape(x_shape), {}
 
 
@@ -281,7 +283,7 @@ class Dropout(Layer):
         mask = self.mask(x.shape) if mask is None else mask
         return p.round(x * mask), mask
 
-    def backward(self, params, mask, d, need_dx):
+    def backward(self, params, mask, d, need_dx, need_grads=True):
         return (d if mask is None else d * mask), {}
 
 
@@ -322,7 +324,7 @@ class Embedding(Layer):
         ids = self._ids(x)
         return params["weight"][ids], ids  # (batch, n, dim)
 
-    def backward(self, params, ids, d, need_dx):
+    def backward(self, params, ids, d, need_dx, need_grads=True):
         grad = np.zeros(params["weight"].shape, np.float32)
         np.add.at(grad, ids.reshape(-1), d.reshape(-1, self.embedding_dim))
         return None, {"weight": grad}

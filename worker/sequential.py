@@ -63,6 +63,13 @@ class Sequential:
         # Layer i passes a gradient back only if a layer before it has parameters.
         self._need_dx = [any(n is not None for n in self.names[:i])
                          for i in range(len(self.layers))]
+        # Each layer's (short name, full name) pairs, and every shape: asked for every step.
+        self._keys = [[] if name is None else [(short, f"{name}.{short}")
+                                               for short in layer.param_shapes()]
+                      for name, layer in zip(self.names, self.layers, strict=True)]
+        self._shapes = {full: layer.param_shapes()[short]
+                        for keys, layer in zip(self._keys, self.layers, strict=True)
+                        for short, full in keys}
 
     @property
     def n_features(self) -> int:
@@ -70,11 +77,7 @@ class Sequential:
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter, in layer order (weight before bias)."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, layer in zip(self.names, self.layers, strict=True):
-            for short, shape in layer.param_shapes().items():
-                shapes[f"{name}.{short}"] = shape
-        return shapes
+        return dict(self._shapes)
 
     def init_params(self) -> Params:
         """Each layer's start (He-normal weights, zero biases, float32), drawn layer by layer
@@ -95,10 +98,10 @@ class Sequential:
                                  f"--dp-noise")
 
     def _check(self, params: Params, X: np.ndarray) -> None:
-        missing = [name for name in self.param_shapes() if name not in params]
+        missing = [name for name in self._shapes if name not in params]
         if missing:
             raise KeyError(f"params lack {missing}")
-        for name, shape in self.param_shapes().items():
+        for name, shape in self._shapes.items():
             if params[name].shape != shape:
                 raise ValueError(f"{name} has shape {params[name].shape}, the model needs {shape}")
         if X.ndim != 2 or X.shape[1] != self.n_features:
@@ -106,10 +109,7 @@ class Sequential:
 
     def _local(self, params: Params, i: int) -> Params:
         """Layer i's parameters by their short names."""
-        name = self.names[i]
-        if name is None:
-            return {}
-        return {short: params[f"{name}.{short}"] for short in self.layers[i].param_shapes()}
+        return {short: params[full] for short, full in self._keys[i]}
 
     def _forward(self, params: Params, X: np.ndarray, p: Precision = _FP32,
                  train: bool = False) -> tuple[list[object], np.ndarray]:
@@ -160,7 +160,7 @@ class Sequential:
                 grads[f"{name}.{short}"] = self._held(p, grad, counts)
             if d is None:
                 break
-        return loss, {name: grads[name] for name in self.param_shapes()}
+        return loss, {name: grads[name] for name in self._shapes}
 
     def clipped_grad_sum(self, params: Params, X: np.ndarray, y: np.ndarray, clip: float
                          ) -> tuple[float, Params, np.ndarray]:
@@ -193,7 +193,7 @@ class Sequential:
                 layer.sq_norms(caches[i], d, sq_norms)
             if not self._need_dx[i]:
                 break
-            d, _ = layer.backward(self._local(params, i), caches[i], d, True)
+            d, _ = layer.backward(self._local(params, i), caches[i], d, True, need_grads=False)
         norms = np.sqrt(sq_norms)
         # Opacus's factor: clip / (norm + 1e-6), at most 1.
         factors = np.minimum(1.0, clip / (norms + 1e-6)).astype(np.float32)
@@ -203,7 +203,7 @@ class Sequential:
             _, local = self.layers[i].backward(self._local(params, i), caches[i], scaled, False)
             for short, grad in local.items():
                 grads[f"{self.names[i]}.{short}"] = grad
-        return loss, {name: grads[name] for name in self.param_shapes()}, norms
+        return loss, {name: grads[name] for name in self._shapes}, norms
 
     @staticmethod
     def _held(p: Precision, grad: np.ndarray, counts: dict[str, int] | None) -> np.ndarray:
