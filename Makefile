@@ -39,6 +39,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_transport.py
 	$(BIN)/python benchmarks/bench_precision.py
 	$(BIN)/python benchmarks/bench_privacy.py
+	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_cluster.py
 
 lint: $(VENV)/.dev
