@@ -60,7 +60,7 @@ class Layer:
         """DP-SGD: add each example's squared gradient norm (of every parameter) to out."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
