@@ -99,16 +99,18 @@ class PullRequest(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ..., dtype: _Optional[str] = ..., mailbox: _Optional[str] = ...) -> None: ...
 
 class PullReply(_message.Message):
-    __slots__ = ("values", "staleness_max", "step_skipped", "shared")
+    __slots__ = ("values", "staleness_max", "step_skipped", "shared", "blocked_s")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
     STEP_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_S_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[Slice]
     staleness_max: int
     step_skipped: bool
     shared: bool
-    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
+    blocked_s: float
+    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ..., shared: _Optional[bool] = ..., blocked_s: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("worker", "step", "grads", "grad_scale", "skip", "mailbox")

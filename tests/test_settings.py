@@ -39,7 +39,7 @@ def _runs(files) -> dict[str, dict]:
         "ssp": {"servers": 3, "workers": 4, "mode": "ssp", "staleness": 2, "staleness_lr": True,
                 "max_staleness": 5, "lease_s": 7.5, "dataset": "synthetic", "hidden": (16, 8),
                 "epochs": 3, "steps": 7, "batch_size": 16, "lr": 0.2, "optimizer": "momentum",
-                "momentum": 0.5, "weight_decay": 0.01, "augment": True, "seed": 7,
+                "momentum": 0.5, "weight_decay": 0.01, "augment": True, "eval_every": 3, "seed": 7,
                 "partition": "label_skew", "alpha": 0.3, "placement": "round_robin",
                 "split_bytes": 100, "precision": "bf16", "loss_scale": 8.0, "fused": False,
                 "shared_memory": False, "slow_worker": (1, 2.0), "kill_server": (1, 5),

@@ -16,6 +16,7 @@ from ps.settings import to_flat
 from tinyps.rundir import prepare_run_dir, save_model, write_config
 from worker.baseline import StepCallback, TrainResult, train_single_process
 from worker.data import load_dataset
+from worker.evaluate import Measurement
 from worker.settings import TrainConfig
 
 __all__ = ["run_baseline"]
@@ -31,13 +32,19 @@ def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
     write_config(run_dir, {"command": "train", **to_flat(config)})
     started = time.monotonic()
     with (run_dir / "metrics.jsonl").open("w") as metrics:
+        held_out: dict = {}  # the step's held-out figures, if it was evaluated
+
+        def evaluated(step: int, measured: Measurement) -> None:
+            held_out.update(measured.as_dict())
+
         def record(step: int, total: int, loss: float) -> None:
             metrics.write(json.dumps({"time": time.monotonic() - started, "worker": 0,
-                                      "step": step - 1, "loss": loss}) + "\n")
+                                      "step": step - 1, "loss": loss, **held_out}) + "\n")
+            held_out.clear()
             if on_step is not None:
                 on_step(step, total, loss)
 
-        result = train_single_process(config, on_step=record, data=data)
+        result = train_single_process(config, on_step=record, data=data, on_eval=evaluated)
     summary = {"mode": "single_process", "dataset": config.dataset,
                "optimizer": config.optimizer, "batch_size": config.batch_size,
                "epochs": config.epochs, **result.summary()}

@@ -14,13 +14,18 @@ import numpy as np
 
 from ps.optimizer import Optimizer
 from worker.data import Dataset, augment_shifts, load_dataset
+from worker.evaluate import HeldOut, Measurement, eval_interval
 from worker.model import MLP
 from worker.settings import TrainConfig
 
-__all__ = ["StepCallback", "TrainConfig", "TrainResult", "train_single_process"]
+__all__ = ["EvalCallback", "StepCallback", "TrainConfig", "TrainResult",
+           "train_single_process"]
 
 # on_step(step, total_steps, loss): called after every update, e.g. to drive a progress bar.
 StepCallback = Callable[[int, int, float], None]
+# on_eval(step, measurement): the held-out figures at the weights step `step` (1-based, as
+# on_step's) started from, told before that step's on_step.
+EvalCallback = Callable[[int, Measurement], None]
 
 
 @dataclass
@@ -33,6 +38,10 @@ class TrainResult:
     samples_per_s: float
     params: dict[str, np.ndarray] = field(repr=False)
     epoch_losses: list[float] = field(default_factory=list)
+    # The held-out curve: {"step" (0-based), "test_accuracy", "test_loss", "eval_s"} per
+    # evaluation (config.eval_every), at the weights the step started from.
+    test_curve: list[dict] = field(default_factory=list, repr=False)
+    eval_s: float = 0.0  # seconds spent on those evaluations (not in samples_per_s)
 
     def summary(self) -> dict:
         """The result as plain JSON-ready values (no arrays)."""
@@ -48,9 +57,11 @@ class TrainResult:
 
 
 def train_single_process(config: TrainConfig, on_step: StepCallback | None = None,
-                         data: Dataset | None = None) -> TrainResult:
+                         data: Dataset | None = None,
+                         on_eval: EvalCallback | None = None) -> TrainResult:
     """Train an MLP with minibatch SGD/Adam in this process and evaluate it on the test split
-    (of `data`, if given: config.dataset loaded with config.seed)."""
+    (of `data`, if given: config.dataset loaded with config.seed): at the end, and during
+    training every config.eval_every steps (default: once per epoch) and at the last."""
     data = data or load_dataset(config.dataset, seed=config.seed)
     model = MLP((data.n_features, *config.hidden, data.n_classes), seed=config.seed)
     params = model.init_params()
@@ -60,6 +71,9 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
     n = len(data.X_train)
     batches_per_epoch = -(-n // config.batch_size)
     total = config.steps or config.epochs * batches_per_epoch  # steps, when given, win
+    every = eval_interval(config.eval_every, batches_per_epoch)
+    held_out = HeldOut(data.X_test, data.y_test, every) if every and len(data.X_test) else None
+    curve: list[dict] = []
     step = 0
     epoch_losses: list[float] = []
     samples = 0
@@ -74,6 +88,11 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
             X = data.X_train[idx]
             if config.augment and data.image_shape is not None:
                 X = augment_shifts(X, data.image_shape, rng)
+            if held_out is not None and held_out.due(step, total):
+                measured = held_out.measure(model, params)
+                curve.append({"step": step, **measured.as_dict()})
+                if on_eval is not None:
+                    on_eval(step + 1, measured)
             loss, grads = model.loss_and_grads(params, X, data.y_train[idx])
             for name, grad in grads.items():
                 optimizer.step(name, params[name], grad)
@@ -84,6 +103,7 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
                 on_step(step, total, loss)
         epoch_losses.append(float(np.mean(losses)))
     wall = time.perf_counter() - start
+    evaluating = sum(point["eval_s"] for point in curve)
 
     test_loss, test_acc = model.evaluate(params, data.X_test, data.y_test)
     return TrainResult(
@@ -92,7 +112,9 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
         final_train_loss=epoch_losses[-1],
         steps=step,
         wall_s=wall,
-        samples_per_s=samples / wall,
+        samples_per_s=samples / max(wall - evaluating, 1e-9),  # training's own speed
         params=params,
         epoch_losses=epoch_losses,
+        test_curve=curve,
+        eval_s=evaluating,
     )

@@ -42,6 +42,9 @@ class TrainConfig:
     momentum: float = setting(0.9, "for --optimizer momentum")
     weight_decay: float = setting(0.0, "L2 penalty added to each gradient, as PyTorch's")
     augment: bool = setting(False, "random one-pixel shifts of image batches")
+    eval_every: int | None = setting(
+        None, "test-set accuracy and loss every N steps and at the last (worker 0 only; "
+              "default: once per epoch of its shard; 0: off)")
     seed: int = setting(0, "fixes the model's start, the data split and the batch order")
 
     def __post_init__(self) -> None:
@@ -53,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: off), got {self.eval_every}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
