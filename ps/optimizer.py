@@ -3,6 +3,7 @@
 `OptimizerConfig` names the rule and its settings; `Optimizer` holds the per-tensor state
 (momentum buffers, Adam moments and step counts) and applies updates through the kernels.
 The single-process trainer uses the same class, so both sides update weights identically.
+The step size of an update is the config's `lr_at` the key's update count (ps/schedule.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from kernels import adam_update, amax, sgd_update, sgd_update_codes
 from ps.bounds import FORMAT_MAX, after_step
+from ps.schedule import Constant, parse_schedule
 
 __all__ = ["OPTIMIZERS", "OptimizerConfig", "Optimizer"]
 
@@ -32,6 +34,10 @@ class OptimizerConfig:
     beta2: float = 0.999  # Adam's second-moment decay
     eps: float = 1e-8  # Adam's denominator guard
     weight_decay: float = 0.0  # L2 penalty added to the gradient, as torch.optim does
+    lr_schedule: str | None = None  # ps/schedule.py's grammar; None: lr at every update
+    # Steps each worker plans to make: with the updates a key takes per step (sync 1, async
+    # and ssp one per worker), the run's total, a cosine's default T_MAX. None: not known.
+    planned_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -47,6 +53,23 @@ class OptimizerConfig:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        schedule = parse_schedule(self.lr_schedule)
+        if isinstance(schedule, Constant):
+            object.__setattr__(self, "lr_schedule", None)  # "constant" and None: equal configs
+        if self.planned_steps is not None and self.planned_steps < 1:
+            raise ValueError(f"planned_steps must be >= 1, got {self.planned_steps}")
+        if schedule.needs_total and self.planned_steps is None:
+            raise ValueError(f"--lr-schedule {self.lr_schedule!r}: a cosine without T_MAX "
+                             f"needs the run's planned steps (planned_steps)")
+
+    def lr_at(self, count: int, updates_per_step: int = 1) -> float:
+        """The step size of a key's update after `count` updates (torch's lr after `count`
+        scheduler steps). updates_per_step: updates a key takes per worker step (sync 1;
+        async and ssp: the workers), which with planned_steps makes the run's total."""
+        if self.lr_schedule is None:
+            return self.lr
+        total = None if self.planned_steps is None else self.planned_steps * updates_per_step
+        return parse_schedule(self.lr_schedule).lr(self.lr, count, total)
 
 
 class Optimizer:
