@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ps.optimizer import Optimizer
+from ps.schedule import check_fits
 from worker.data import Dataset, augment_shifts, load_dataset
 from worker.model import MLP
 from worker.settings import TrainConfig
 
-__all__ = ["StepCallback", "TrainConfig", "TrainResult", "train_single_process"]
+__all__ = ["StepCallback", "TrainConfig", "TrainResult", "planned_steps", "train_single_process"]
 
 # on_step(step, total_steps, loss): called after every update, e.g. to drive a progress bar.
 StepCallback = Callable[[int, int, float], None]
@@ -47,6 +48,11 @@ class TrainResult:
         }
 
 
+def planned_steps(config: TrainConfig, n_train: int) -> int:
+    """The steps (= updates) the baseline makes: --steps, else every batch of each epoch."""
+    return config.steps or config.epochs * -(-n_train // config.batch_size)
+
+
 def train_single_process(config: TrainConfig, on_step: StepCallback | None = None,
                          data: Dataset | None = None) -> TrainResult:
     """Train an MLP with minibatch SGD/Adam in this process and evaluate it on the test split
@@ -54,12 +60,11 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
     data = data or load_dataset(config.dataset, seed=config.seed)
     model = MLP((data.n_features, *config.hidden, data.n_classes), seed=config.seed)
     params = model.init_params()
-    optimizer = Optimizer(config.optimizer_config(), model.param_shapes())
     rng = np.random.default_rng(config.seed)
-
     n = len(data.X_train)
-    batches_per_epoch = -(-n // config.batch_size)
-    total = config.steps or config.epochs * batches_per_epoch  # steps, when given, win
+    total = planned_steps(config, n)
+    check_fits(config.lr_schedule, total)
+    optimizer = Optimizer(config.optimizer_config(total), model.param_shapes())
     step = 0
     epoch_losses: list[float] = []
     samples = 0
@@ -75,8 +80,9 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
             if config.augment and data.image_shape is not None:
                 X = augment_shifts(X, data.image_shape, rng)
             loss, grads = model.loss_and_grads(params, X, data.y_train[idx])
+            lr = optimizer.config.lr_at(step)  # a server's at version `step`: one update a step
             for name, grad in grads.items():
-                optimizer.step(name, params[name], grad)
+                optimizer.step(name, params[name], grad, lr=lr)
             losses.append(loss)
             samples += len(idx)
             step += 1
