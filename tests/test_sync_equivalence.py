@@ -57,6 +57,7 @@ def _single_process(model, shards, config):
         (3, 2, "sgd", {"lr": 0.1}, True),
         (3, 2, "momentum", {"lr": 0.05, "momentum": 0.9}, True),
         (2, 2, "adam", {"lr": 0.01}, False),
+        (2, 1, "adamw", {"lr": 0.01, "weight_decay": 0.1}, True),
         # a schedule, its T_MAX the run's steps: each server's keys count their own updates
         (2, 2, "momentum", {"lr": 0.1, "lr_schedule": "warmup:4,cosine",
                             "planned_steps": STEPS}, True),

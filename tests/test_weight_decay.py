@@ -1,6 +1,6 @@
-"""Weight decay (coupled L2, as torch.optim.SGD and Adam's weight_decay) and a schedule, through
-the Optimizer that the baseline steps and through a server's store, against torch 2.13.0's
-results (stored: torch is not a test dependency)."""
+"""Weight decay (coupled L2, as torch.optim.SGD and Adam's weight_decay; decoupled, as AdamW's)
+and a schedule, through the Optimizer that the baseline steps and through a server's store,
+against torch 2.13.0's results (stored: torch is not a test dependency)."""
 
 import numpy as np
 import pytest
@@ -27,6 +27,8 @@ ADAM_WD_M = hex32("3d0593b0 bbe49899 3ec8ca0e bd05d5d8 bbe4958d be6d9025 3c93933
                   "3dfd338e bdb2e83b 3c2cd2de")
 ADAM_WD_V = hex32("3b533f89 39ff849b 3bd03cd1 3a8d8c00 3b4cd489 3b8d9797 3adff7ce 3ae4fc0a "
                   "3bf0511c 3abb81a3 3acc4a4b")
+ADAMW = hex32("3e8d496e bf86f8fc 3f360c9b 3f6d75b1 bff67a23 bfa78296 3e0b7f30 beb94025 "
+              "bccdefbb bf4ed925 3f6888e1")  # AdamW(lr=0.01, weight_decay=0.1): decoupled
 MOMENTUM_WD_SCHEDULED = hex32("3e0375cd bf8b9eb8 3ef61dcc 3f6d62d0 bfede51c bfa5e02a 3e0a63f6 "
                               "bf1699d1 be844535 bf34b9aa 3f82b437")
 
@@ -36,6 +38,7 @@ CASES = {
                  MOMENTUM_WD, {"buf": MOMENTUM_WD_BUF}),
     "adam": (OptimizerConfig("adam", lr=0.01, weight_decay=0.1), ADAM_WD,
              {"m": ADAM_WD_M, "v": ADAM_WD_V}),
+    "adamw": (OptimizerConfig("adamw", lr=0.01, weight_decay=0.1), ADAMW, {}),
     "scheduled": (OptimizerConfig("momentum", lr=0.05, momentum=0.9, weight_decay=0.01,
                                   lr_schedule="warmup:2:0.5,cosine:3"), MOMENTUM_WD_SCHEDULED, {}),
 }
@@ -52,7 +55,7 @@ def _ulps(a, b):
 def _check(config, param, state, want, want_state):
     for name, bits in want_state.items():
         assert_same_bits(state[name], bits)
-    if config.name == "adam":  # torch's vectorised sqrt is off by one ulp now and then
+    if config.name in ("adam", "adamw"):  # torch's vectorised sqrt is off by one ulp now and then
         assert _ulps(param, want) <= 2
     else:
         assert_same_bits(param, want)

@@ -41,7 +41,8 @@ class TrainConfig:
     optimizer: str = setting("sgd", "the update rule, with PyTorch's semantics",
                              choices=OPTIMIZERS)
     momentum: float = setting(0.9, "for --optimizer momentum")
-    weight_decay: float = setting(0.0, "L2 penalty added to each gradient, as PyTorch's")
+    weight_decay: float = setting(0.0, "L2 penalty added to each gradient, as PyTorch's "
+                                       "(adamw: decoupled, weights *= 1 - lr x decay)")
     lr_schedule: str | None = setting(
         None, f"the step size by a key's update count, applied by the servers, as PyTorch's "
               f"schedulers: {GRAMMAR}; cosine's T_MAX defaults to the run's updates "
