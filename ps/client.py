@@ -220,7 +220,7 @@ class PSClient:
 
         Any worker may call it: the first initialisation wins, a repeat with the same layout
         is accepted (the values already there stay), one with other shapes is refused.
-        `settings` are OptimizerConfig fields (lr, momentum, beta1, ...).
+        `settings` are OptimizerConfig fields (lr, momentum, beta1, lr_schedule, ...).
         """
         config = OptimizerConfig(name=optimizer, **settings)
         arrays = {}
@@ -237,7 +237,8 @@ class PSClient:
         settings_msg = ps_pb2.OptimizerSettings(
             name=config.name, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
             beta1=config.beta1, beta2=config.beta2, eps=config.eps,
-            weight_decay=config.weight_decay)
+            weight_decay=config.weight_decay, lr_schedule=config.lr_schedule or "",
+            planned_steps=config.planned_steps or 0)
 
         def send(server: int, group: list[Key]) -> ps_pb2.InitReply:
             msg = ps_pb2.InitRequest()

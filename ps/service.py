@@ -85,6 +85,7 @@ def _optimizer(settings: ps_pb2.OptimizerSettings) -> OptimizerConfig:
             name=settings.name, lr=settings.lr, momentum=settings.momentum,
             nesterov=settings.nesterov, beta1=settings.beta1, beta2=settings.beta2,
             eps=settings.eps, weight_decay=settings.weight_decay,
+            lr_schedule=settings.lr_schedule or None, planned_steps=settings.planned_steps or None,
         )
     except ValueError as err:
         raise BadRequest(f"init: {err}") from None

@@ -51,7 +51,8 @@ class Store:
         # What becomes of a checked gradient, as the rule says; and the counters.
         self._updates = Updates(self._rule, Gather(config.aggregate, config.backup_workers,
                                                    config.dp_noise_std, config.dp_seed),
-                                config.max_staleness, config.staleness_lr)
+                                config.max_staleness, config.staleness_lr,
+                                updates_per_step=self._rule.updates_per_step(config.workers))
         self._counters = self._updates.counters
         self._restored_seq = -1  # the checkpoint this store was restored from
         self._closed = False

@@ -58,10 +58,12 @@ def test_launch_as_a_user_runs_it(tmp_path):
     run_dir = tmp_path / "run"
     done = _tinyps("launch", "--servers", "2", "--workers", "2", "--mode", "ssp",
                    "--staleness", "2", "--steps", "40", "--hidden", "32,16",
-                   "--split-bytes", "4000", "--run-dir", str(run_dir), "--json")
+                   "--split-bytes", "4000", "--lr-schedule", "warmup:5,cosine",
+                   "--run-dir", str(run_dir), "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # --json: standard output is one JSON document
     assert set(summary) >= SUMMARY_KEYS
+    assert summary["lr_schedule"] == "warmup:5,cosine" and summary["lr"] == 0.1
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert (summary["mode"], summary["servers"], summary["workers"]) == ("ssp", 2, 2)
     assert summary["staleness_bound"] == 2 and summary["steps_per_worker"] == 40
@@ -126,6 +128,10 @@ def test_launch_as_a_user_runs_it(tmp_path):
         (["--placement", "dense7=0"], "unknown layer 'dense7'"),
         (["--mode", "sync", "--staleness", "2"], "for --mode ssp"),
         (["--hidden", "0"], "hidden widths must be >= 1"),
+        (["--lr-schedule", "cosine:0"], "--lr-schedule 'cosine:0': cosine's T_MAX must be >= 1"),
+        # async: 2 workers x 5 steps make 10 updates of each key
+        (["--mode", "async", "--steps", "5", "--lr-schedule", "warmup:10,cosine"],
+         "a warmup of 10 updates is not shorter than the run's 10 updates per key"),
     ],
 )
 def test_bad_flags_fail_before_any_process_starts(tmp_path, args, message):

@@ -12,9 +12,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from ps.schedule import check_fits
 from ps.settings import to_flat
 from tinyps.rundir import prepare_run_dir, save_model, write_config
-from worker.baseline import StepCallback, TrainResult, train_single_process
+from worker.baseline import StepCallback, TrainResult, planned_steps, train_single_process
 from worker.data import load_dataset
 from worker.evaluate import Measurement
 from worker.settings import TrainConfig
@@ -28,6 +29,7 @@ def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir) if run_dir else Path("runs") / f"{stamp}-train"
     data = load_dataset(config.dataset, seed=config.seed)  # a bad name fails before any file
+    check_fits(config.lr_schedule, planned_steps(config, len(data.X_train)))
     prepare_run_dir(run_dir)
     write_config(run_dir, {"command": "train", **to_flat(config)})
     started = time.monotonic()
@@ -46,7 +48,8 @@ def run_baseline(config: TrainConfig, run_dir: Path | str | None = None,
 
         result = train_single_process(config, on_step=record, data=data, on_eval=evaluated)
     summary = {"mode": "single_process", "dataset": config.dataset,
-               "optimizer": config.optimizer, "batch_size": config.batch_size,
+               "optimizer": config.optimizer, "lr": config.lr,
+               "lr_schedule": config.lr_schedule, "batch_size": config.batch_size,
                "epochs": config.epochs, **result.summary()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_model(run_dir / "model.npz", result.params, config.hidden, data, None)

@@ -60,6 +60,8 @@ def build_summary(
         "precision": config.precision.precision,
         "dataset": config.train.dataset,
         "optimizer": config.train.optimizer,
+        "lr": config.train.lr,
+        "lr_schedule": config.train.lr_schedule,  # None: lr at every update
         # Passes over the training set: as configured, or what --steps amounted to.
         "epochs": (config.train.epochs if config.train.steps is None else
                    round(steps_per_worker * config.workers * config.train.batch_size / n_train, 2)),

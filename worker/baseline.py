@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ps.optimizer import Optimizer
+from ps.schedule import check_fits
 from worker.data import Dataset, augment_shifts, load_dataset
 from worker.evaluate import HeldOut, Measurement, eval_interval
 from worker.model import MLP
 from worker.settings import TrainConfig
 
-__all__ = ["EvalCallback", "StepCallback", "TrainConfig", "TrainResult",
+__all__ = ["EvalCallback", "StepCallback", "TrainConfig", "TrainResult", "planned_steps",
            "train_single_process"]
 
 # on_step(step, total_steps, loss): called after every update, e.g. to drive a progress bar.
@@ -56,6 +57,11 @@ class TrainResult:
         }
 
 
+def planned_steps(config: TrainConfig, n_train: int) -> int:
+    """The steps (= updates) the baseline makes: --steps, else every batch of each epoch."""
+    return config.steps or config.epochs * -(-n_train // config.batch_size)
+
+
 def train_single_process(config: TrainConfig, on_step: StepCallback | None = None,
                          data: Dataset | None = None,
                          on_eval: EvalCallback | None = None) -> TrainResult:
@@ -65,13 +71,12 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
     data = data or load_dataset(config.dataset, seed=config.seed)
     model = MLP((data.n_features, *config.hidden, data.n_classes), seed=config.seed)
     params = model.init_params()
-    optimizer = Optimizer(config.optimizer_config(), model.param_shapes())
     rng = np.random.default_rng(config.seed)
-
     n = len(data.X_train)
-    batches_per_epoch = -(-n // config.batch_size)
-    total = config.steps or config.epochs * batches_per_epoch  # steps, when given, win
-    every = eval_interval(config.eval_every, batches_per_epoch)
+    total = planned_steps(config, n)
+    check_fits(config.lr_schedule, total)
+    optimizer = Optimizer(config.optimizer_config(total), model.param_shapes())
+    every = eval_interval(config.eval_every, -(-n // config.batch_size))
     held_out = HeldOut(data.X_test, data.y_test, every) if every and len(data.X_test) else None
     curve: list[dict] = []
     step = 0
@@ -94,8 +99,9 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
                 if on_eval is not None:
                     on_eval(step + 1, measured)
             loss, grads = model.loss_and_grads(params, X, data.y_train[idx])
+            lr = optimizer.config.lr_at(step)  # a server's at version `step`: one update a step
             for name, grad in grads.items():
-                optimizer.step(name, params[name], grad)
+                optimizer.step(name, params[name], grad, lr=lr)
             losses.append(loss)
             samples += len(idx)
             step += 1

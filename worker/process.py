@@ -148,7 +148,7 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
             client.init(model.init_params(), train.optimizer,
                         placement=settings.placement.placement,
                         split_bytes=settings.placement.split_bytes,
-                        **train.optimizer_settings())
+                        **train.optimizer_settings(steps))
             # 0 in a new run; a restarted worker, or a resumed run, goes on from the servers.
             first = client.start_step()
             return run_worker(client, model, shard, config, image_shape=data.image_shape,
