@@ -1,8 +1,8 @@
-"""Optimizer updates: SGD (momentum, Nesterov, weight decay) and Adam, in place.
+"""Optimizer updates: SGD (momentum, Nesterov, weight decay) and Adam (or AdamW), in place.
 
 The arithmetic follows PyTorch's single-tensor CPU paths step by step (torch.optim.SGD with
-dampening=0 and torch.optim.Adam without amsgrad), so a tinyps server trains like a torch loop:
-SGD matches torch 2.13 on an AVX2/AVX-512 CPU bit for bit, Adam to within torch's own sqrt.
+dampening=0, torch.optim.Adam and AdamW without amsgrad), so a tinyps server trains like a torch
+loop: SGD matches torch 2.13 on an AVX2/AVX-512 CPU bit for bit, Adam to within torch's sqrt.
 """
 
 from __future__ import annotations
@@ -255,12 +255,13 @@ def sgd_update(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _adam_values(p, g, m, v, weight_decay, use_wd, w1, w1_minus_1, small_w1, beta2, c2,
-                 bc2_sqrt, eps, neg_step_size):
+def _adam_values(p, g, m, v, weight_decay, use_wd, decay, use_decay, w1, w1_minus_1, small_w1,
+                 beta2, c2, bc2_sqrt, eps, neg_step_size):
     """One element of an Adam step: the new (param, m, v).
 
     Per element and in float32, torch's _single_tensor_adam order (fma = one rounding, as
     torch's vectorised kernels):
+        param = param * decay                    AdamW: param.mul_(1 - lr*wd), only when use_decay
         g = fma(param, wd, grad)                 grad.add(param, alpha=wd), only when use_wd
         m = fma(g - m, w1, m) if w1 < 0.5 else fma(g - m, w1 - 1, g)
                                                  m.lerp_(g, w1), w1 = 1 - beta1, torch's lerp_vec
@@ -268,6 +269,8 @@ def _adam_values(p, g, m, v, weight_decay, use_wd, w1, w1_minus_1, small_w1, bet
         denom = sqrt(v) / bc2_sqrt + eps         sqrt correctly rounded (torch's is not always)
         param = param + (neg_step_size*m) / denom    addcdiv_: value*t1/t2, left to right
     """
+    if use_decay:
+        p = p * decay
     if use_wd:
         g = _fma32(p, weight_decay, g)
     d = g - m
@@ -278,8 +281,8 @@ def _adam_values(p, g, m, v, weight_decay, use_wd, w1, w1_minus_1, small_w1, bet
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _adam_kernel(param, grad, m, v, weight_decay, use_wd, w1, w1_minus_1, small_w1, beta2, c2,
-                 bc2_sqrt, eps, neg_step_size, check, store):
+def _adam_kernel(param, grad, m, v, weight_decay, use_wd, decay, use_decay, w1, w1_minus_1,
+                 small_w1, beta2, c2, bc2_sqrt, eps, neg_step_size, check, store):
     """One Adam step over flat float32 arrays (_adam_values per element), in place on param,
     m, v; False, with nothing written, when `check` finds a new value inf or NaN (the passes
     as in _sgd_kernel).
@@ -296,17 +299,17 @@ def _adam_kernel(param, grad, m, v, weight_decay, use_wd, w1, w1_minus_1, small_
             vc = v[c0 : c0 + _CHUNK]
             bad = False
             for i in range(pc.size):
-                p, mi, vi = _adam_values(pc[i], gc[i], mc[i], vc[i], weight_decay, use_wd, w1,
-                                         w1_minus_1, small_w1, beta2, c2, bc2_sqrt, eps,
-                                         neg_step_size)
+                p, mi, vi = _adam_values(pc[i], gc[i], mc[i], vc[i], weight_decay, use_wd,
+                                         decay, use_decay, w1, w1_minus_1, small_w1, beta2, c2,
+                                         bc2_sqrt, eps, neg_step_size)
                 bad |= not (abs(p) <= _MAX and abs(mi) <= _MAX and vi <= _MAX)  # v >= 0
             if bad:
                 return False
     if store:
         for i in range(param.size):
-            p, mi, vi = _adam_values(param[i], grad[i], m[i], v[i], weight_decay, use_wd, w1,
-                                     w1_minus_1, small_w1, beta2, c2, bc2_sqrt, eps,
-                                     neg_step_size)
+            p, mi, vi = _adam_values(param[i], grad[i], m[i], v[i], weight_decay, use_wd,
+                                     decay, use_decay, w1, w1_minus_1, small_w1, beta2, c2,
+                                     bc2_sqrt, eps, neg_step_size)
             m[i] = mi
             v[i] = vi
             param[i] = p
@@ -325,10 +328,12 @@ def adam_update(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     *,
+    decoupled: bool = False,
     keep_finite: bool = False,
     dry_run: bool = False,
 ) -> bool:
-    """One torch.optim.Adam step (amsgrad=False, L2 weight decay), in place on param, m, v.
+    """One torch.optim.Adam step (amsgrad=False, L2 weight decay), in place on param, m, v;
+    decoupled: torch.optim.AdamW's instead (param *= 1 - lr*weight_decay first, no L2).
 
     param, grad, m, v: float32, C-contiguous, same shape, not overlapping; m and v start as
     zeros (as torch's exp_avg and exp_avg_sq). step counts this update from 1, as torch's
@@ -377,7 +382,9 @@ def adam_update(
         m.reshape(-1),
         v.reshape(-1),
         np.float32(weight_decay),
-        weight_decay != 0.0,
+        weight_decay != 0.0 and not decoupled,
+        np.float32(1 - lr * weight_decay),  # a Python float, as torch's mul_ takes it
+        weight_decay != 0.0 and decoupled,
         w1,
         w1 - np.float32(1),
         bool(abs(w1) < 0.5),  # torch's is_lerp_weight_small

@@ -52,11 +52,14 @@ def after_step(config: Rule, lr: float, step: int, bounds: dict[str, float],
     gradient's |g|; None when they cannot show that every value stays finite."""
     p, g = bounds["param"], grad_bound
     inter = [p, g]  # every bound that must stay finite
-    if config.weight_decay:  # g = fma(param, wd, grad)
+    if config.weight_decay and config.name == "adamw":  # param = param * (1 - lr*wd)
+        p = _up(p * abs(_f32(1 - lr * config.weight_decay)))
+        inter.append(p)
+    elif config.weight_decay:  # g = fma(param, wd, grad)
         g = _up(p * _f32(config.weight_decay) + g)
         inter.append(g)
     out = dict(bounds)
-    if config.name == "adam":
+    if config.name in ("adam", "adamw"):
         w1 = _f32(1 - config.beta1)
         d = _up(g + bounds["m"])  # g - m
         m = _up(d * max(w1, abs(w1 - 1)) + max(bounds["m"], g))  # either lerp

@@ -19,7 +19,8 @@ __all__ = ["DEFAULT_FRACTION", "KEY_BYTES", "budget_bytes", "layout_bytes", "mac
 DEFAULT_FRACTION = 0.5
 FALLBACK_BYTES = 4 * 2**30  # where the OS does not tell its memory size
 KEY_BYTES = 1024  # a key's own objects (slot, clocks, dict entries), roughly, measured
-_STATE_FLOATS = {"sgd": 0, "momentum": 1, "adam": 2}  # float32 optimizer state per element
+# float32 optimizer state per element
+_STATE_FLOATS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
 
 def machine_bytes() -> int | None:

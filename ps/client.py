@@ -38,6 +38,7 @@ class PushPullResult:
     params: dict[str, np.ndarray]  # every tensor, for the next step
     staleness_max: int  # the stalest gradient this push had applied
     step_skipped: bool  # the step was skipped for inf/NaN (sync: by any worker)
+    blocked_s: float = 0.0  # how long the servers held the pull half (see last_blocked_s)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,10 @@ class PSClient:
         self._keys: dict[int, list[Key]] | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._read_versions: dict[KeyId, int] = {}  # version of each key at our last pull
+        # Seconds the servers held the last pull (or push_pull's pull half) at a barrier or
+        # the staleness bound, as they measured it: the longest of its requests, which wait
+        # at once. The rest of the round trip is the wire (and the servers' work).
+        self.last_blocked_s = 0.0
 
     @property
     def _stubs(self) -> list[dict[str, Callable]]:
@@ -215,7 +220,7 @@ class PSClient:
 
         Any worker may call it: the first initialisation wins, a repeat with the same layout
         is accepted (the values already there stay), one with other shapes is refused.
-        `settings` are OptimizerConfig fields (lr, momentum, beta1, ...).
+        `settings` are OptimizerConfig fields (lr, momentum, beta1, lr_schedule, ...).
         """
         config = OptimizerConfig(name=optimizer, **settings)
         arrays = {}
@@ -232,7 +237,8 @@ class PSClient:
         settings_msg = ps_pb2.OptimizerSettings(
             name=config.name, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
             beta1=config.beta1, beta2=config.beta2, eps=config.eps,
-            weight_decay=config.weight_decay)
+            weight_decay=config.weight_decay, lr_schedule=config.lr_schedule or "",
+            planned_steps=config.planned_steps or 0)
 
         def send(server: int, group: list[Key]) -> ps_pb2.InitReply:
             msg = ps_pb2.InitRequest()
@@ -307,7 +313,7 @@ class PSClient:
         self._finish(replies)
         return PushPullResult(self._shaped(flat),
                               max((r.staleness_max for r in replies), default=0),
-                              any(r.step_skipped for r in replies))
+                              any(r.step_skipped for r in replies), self.last_blocked_s)
 
     # -- helpers of the verbs -------------------------------------------------------------
 
@@ -344,7 +350,9 @@ class PSClient:
         return Gradients(step, items, self.wire_dtype, scale, flat is None)
 
     def _finish(self, replies: list[PullReplyView]) -> None:
-        """Remember the versions read: the next push reports them, for staleness."""
+        """Remember the versions read: the next push reports them, for staleness; and how
+        long the servers held the pull."""
+        self.last_blocked_s = max((r.blocked_s for r in replies), default=0.0)
         for reply in replies:
             self._read_versions.update(((p.name, p.start), p.version) for p in reply.slices)
 

@@ -96,6 +96,7 @@ class PullReplyView:
     staleness_max: int
     step_skipped: bool
     shared: bool = False  # the values are in the worker's mailbox, not in the slices
+    blocked_s: float = 0.0  # seconds the server held the pull at a barrier or bound
 
 
 @dataclass(frozen=True)
@@ -221,10 +222,15 @@ def _slice_parts(name: str, start: int, values: np.ndarray, version: int,
     return body + tail
 
 
+def _blocked_field(blocked_s: float) -> list[bytes]:
+    """PullReply.blocked_s (a double: fixed size, so that a planned reply has room for it)."""
+    return [tag(5, I64), struct.pack("<d", blocked_s)]
+
+
 def encode_pull_reply(
     items: list[tuple[str, int, np.ndarray, int]], staleness_max: int = 0,
     step_skipped: bool = False, dtype: str = "float32", offsets: list[int] | None = None,
-    encoded: bool = False,
+    encoded: bool = False, blocked_s: float = 0.0,
 ) -> bytes:
     """PullReply bytes from (name, start, float32 values, version) per key, sent as `dtype`
     (encoded: the values are already the arrays of that format).
@@ -240,6 +246,8 @@ def encode_pull_reply(
         parts += [tag(3, VARINT), b"\x01"]
     if offsets is not None:
         parts += [tag(4, VARINT), b"\x01"]
+    if blocked_s:
+        parts += _blocked_field(blocked_s)
     return join(parts)
 
 
@@ -272,7 +280,7 @@ def encode_push_request(
 def write_pull_reply(
     got: Sequence[tuple[Key, np.ndarray | Packed, int]], dtype: str = "float32",
     staleness_max: int = 0, step_skipped: bool = False,
-    offsets: Mapping[KeyId, int] | None = None,
+    offsets: Mapping[KeyId, int] | None = None, blocked_s: float = 0.0,
 ) -> bytes:
     """Answer a pull: PullReply bytes for (key, values, version) triples whose values are
     already in format `dtype` (a float32 array, or Packed codes: the store wrote them so).
@@ -281,7 +289,8 @@ def write_pull_reply(
     items = [(k.name, k.start, values.codes if isinstance(values, Packed) else values, version)
              for k, values, version in got]
     where = None if offsets is None else [offsets[k.id] for k, _, _ in got]
-    return encode_pull_reply(items, staleness_max, step_skipped, dtype, where, encoded=True)
+    return encode_pull_reply(items, staleness_max, step_skipped, dtype, where, encoded=True,
+                             blocked_s=blocked_s)
 
 
 class ReplyPlan:
@@ -293,16 +302,20 @@ class ReplyPlan:
     around the values for the versions they turned out to be, and says False when a field
     needs more or fewer bytes than planned (a version that passed a power of 128, a skipped
     step): the caller then writes the reply again from the values (`write_pull_reply`).
+    A pull that may wait (`may_wait`) has room for its blocked_s, written even when 0.0 (a
+    parser reads an explicit default as the default), as the wait is not known beforehand.
     """
 
     def __init__(self, keys: Sequence[Key], dtype: str, expected: Sequence[int],
-                 staleness_max: int = 0) -> None:
+                 staleness_max: int = 0, may_wait: bool = False) -> None:
         self.keys, self.dtype, self.staleness_max = list(keys), dtype, staleness_max
+        self.may_wait = may_wait
         self._wire = WIRE_DTYPES[dtype]
         self._parts = self._layout(expected, step_skipped=False)
         self.size = sum(len(p) for p in self._parts)
 
-    def _layout(self, versions: Sequence[int], step_skipped: bool) -> list:
+    def _layout(self, versions: Sequence[int], step_skipped: bool,
+                blocked_s: float = 0.0) -> list:
         items = [(k.name, k.start, _Hole(k.size, k.size * self._wire.itemsize), v)
                  for k, v in zip(self.keys, versions, strict=True)]
         parts = []
@@ -312,6 +325,8 @@ class ReplyPlan:
             parts += [tag(2, VARINT), varint(self.staleness_max)]
         if step_skipped:
             parts += [tag(3, VARINT), b"\x01"]
+        if self.may_wait or blocked_s:
+            parts += _blocked_field(blocked_s)
         return parts
 
     def destinations(self, dest: np.ndarray) -> dict[KeyId, np.ndarray | Packed]:
@@ -326,9 +341,10 @@ class ReplyPlan:
             return {k.id: view for k, view in zip(self.keys, views, strict=True)}
         return {k.id: Packed(view, self.dtype) for k, view in zip(self.keys, views, strict=True)}
 
-    def finish(self, dest: np.ndarray, versions: Sequence[int], step_skipped: bool) -> bool:
+    def finish(self, dest: np.ndarray, versions: Sequence[int], step_skipped: bool,
+               blocked_s: float = 0.0) -> bool:
         """Write every field but the values into `dest`; False if the layout does not fit."""
-        parts = self._layout(versions, step_skipped)
+        parts = self._layout(versions, step_skipped, blocked_s)
         if [len(p) for p in parts] != [len(p) for p in self._parts]:
             return False
         at, run_at, run = 0, 0, []  # the fields between two keys' values: one copy for them
@@ -374,7 +390,7 @@ def _decode_slice(buf: memoryview) -> WireSlice:
 
 
 def decode_pull_reply(payload: bytes) -> PullReplyView:
-    slices, staleness_max, skipped, shared = [], 0, False, False
+    slices, staleness_max, skipped, shared, blocked = [], 0, False, False, 0.0
     for field, wire_type, value in fields(memoryview(payload)):
         if field == 1 and wire_type == LEN:
             slices.append(_decode_slice(value))
@@ -384,7 +400,9 @@ def decode_pull_reply(payload: bytes) -> PullReplyView:
             skipped = bool(value)
         elif field == 4 and wire_type == VARINT:
             shared = bool(value)
-    return PullReplyView(slices, staleness_max, skipped, shared)
+        elif field == 5 and wire_type == I64:
+            (blocked,) = struct.unpack("<d", value)
+    return PullReplyView(slices, staleness_max, skipped, shared, blocked)
 
 
 def decode_push_request(payload: bytes) -> PushRequestView:

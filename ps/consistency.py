@@ -78,6 +78,11 @@ class Rule(ABC):
     def skip_mark(self, worker: int, step: int) -> tuple[int, int]:
         """How `worker`'s `step`, skipped for inf or NaN, is recorded and then looked up."""
 
+    def updates_per_step(self, workers: int) -> int:
+        """The updates a key takes per worker step: one for a gathered step, else one per
+        worker's push (what a learning-rate schedule counts, see ps/schedule.py)."""
+        return 1 if self.gathers else workers
+
 
 class SyncRule(Rule):
     """Bulk synchronous: every live worker's gradient of step t is gathered and applied as one

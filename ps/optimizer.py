@@ -3,6 +3,7 @@
 `OptimizerConfig` names the rule and its settings; `Optimizer` holds the per-tensor state
 (momentum buffers, Adam moments and step counts) and applies updates through the kernels.
 The single-process trainer uses the same class, so both sides update weights identically.
+The step size of an update is the config's `lr_at` the key's update count (ps/schedule.py).
 """
 
 from __future__ import annotations
@@ -16,22 +17,29 @@ import numpy as np
 
 from kernels import adam_update, amax, sgd_update, sgd_update_codes
 from ps.bounds import FORMAT_MAX, after_step
+from ps.schedule import Constant, parse_schedule
 
 __all__ = ["OPTIMIZERS", "OptimizerConfig", "Optimizer"]
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "sgd"  # "sgd" | "momentum" (SGD with a momentum buffer) | "adam"
+    name: str = "sgd"  # "sgd" | "momentum" (SGD with a momentum buffer) | "adam" | "adamw"
     lr: float = 0.1  # step size; the staleness policy may scale it per update
     momentum: float = 0.9  # used by "momentum" only
     nesterov: bool = False  # used by "momentum" only
     beta1: float = 0.9  # Adam's first-moment decay
     beta2: float = 0.999  # Adam's second-moment decay
     eps: float = 1e-8  # Adam's denominator guard
-    weight_decay: float = 0.0  # L2 penalty added to the gradient, as torch.optim does
+    # L2 penalty added to the gradient, as torch.optim does; adamw: decoupled, as torch's
+    # AdamW (param *= 1 - lr*weight_decay before the step)
+    weight_decay: float = 0.0
+    lr_schedule: str | None = None  # ps/schedule.py's grammar; None: lr at every update
+    # Steps each worker plans to make: with the updates a key takes per step (sync 1, async
+    # and ssp one per worker), the run's total, a cosine's default T_MAX. None: not known.
+    planned_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -47,6 +55,23 @@ class OptimizerConfig:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        schedule = parse_schedule(self.lr_schedule)
+        if isinstance(schedule, Constant):
+            object.__setattr__(self, "lr_schedule", None)  # "constant" and None: equal configs
+        if self.planned_steps is not None and self.planned_steps < 1:
+            raise ValueError(f"planned_steps must be >= 1, got {self.planned_steps}")
+        if schedule.needs_total and self.planned_steps is None:
+            raise ValueError(f"--lr-schedule {self.lr_schedule!r}: a cosine without T_MAX "
+                             f"needs the run's planned steps (planned_steps)")
+
+    def lr_at(self, count: int, updates_per_step: int = 1) -> float:
+        """The step size of a key's update after `count` updates (torch's lr after `count`
+        scheduler steps). updates_per_step: updates a key takes per worker step (sync 1;
+        async and ssp: the workers), which with planned_steps makes the run's total."""
+        if self.lr_schedule is None:
+            return self.lr
+        total = None if self.planned_steps is None else self.planned_steps * updates_per_step
+        return parse_schedule(self.lr_schedule).lr(self.lr, count, total)
 
 
 class Optimizer:
@@ -63,7 +88,7 @@ class Optimizer:
                 # A buffer of -0.0 gives torch's first step (buf = g) bit for bit, since
                 # momentum * -0.0 + g == g even for g = -0.0 (a +0.0 buffer would make it +0.0).
                 self.state[name] = {"buf": np.full(shape, -0.0, np.float32)}
-            elif config.name == "adam":
+            elif config.name in ("adam", "adamw"):
                 self.state[name] = {
                     "m": np.zeros(shape, np.float32),
                     "v": np.zeros(shape, np.float32),
@@ -92,13 +117,13 @@ class Optimizer:
         cfg = self.config
         state = self.state[name]
         checks = {"keep_finite": keep_finite, "dry_run": dry_run}
-        if cfg.name == "adam":
+        if cfg.name in ("adam", "adamw"):
             # The count advances only once the kernel wrote the update (a refusal, or a dry
             # run, changes nothing).
             written = adam_update(
                 param, grad, state["m"], state["v"], state["step"] + 1, lr,
                 beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                **checks,
+                decoupled=cfg.name == "adamw", **checks,
             )
             if written and not dry_run:
                 state["step"] += 1

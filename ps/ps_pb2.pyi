@@ -37,7 +37,7 @@ class KeySpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor_shape: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class OptimizerSettings(_message.Message):
-    __slots__ = ("name", "lr", "momentum", "nesterov", "beta1", "beta2", "eps", "weight_decay")
+    __slots__ = ("name", "lr", "momentum", "nesterov", "beta1", "beta2", "eps", "weight_decay", "lr_schedule", "planned_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class OptimizerSettings(_message.Message):
     BETA2_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     momentum: float
@@ -54,7 +56,9 @@ class OptimizerSettings(_message.Message):
     beta2: float
     eps: float
     weight_decay: float
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+    lr_schedule: str
+    planned_steps: int
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., planned_steps: _Optional[int] = ...) -> None: ...
 
 class InitRequest(_message.Message):
     __slots__ = ("optimizer", "keys", "values")
@@ -99,16 +103,18 @@ class PullRequest(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyRef, _Mapping]]] = ..., dtype: _Optional[str] = ..., mailbox: _Optional[str] = ...) -> None: ...
 
 class PullReply(_message.Message):
-    __slots__ = ("values", "staleness_max", "step_skipped", "shared")
+    __slots__ = ("values", "staleness_max", "step_skipped", "shared", "blocked_s")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
     STEP_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_S_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[Slice]
     staleness_max: int
     step_skipped: bool
     shared: bool
-    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ..., shared: _Optional[bool] = ...) -> None: ...
+    blocked_s: float
+    def __init__(self, values: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., staleness_max: _Optional[int] = ..., step_skipped: _Optional[bool] = ..., shared: _Optional[bool] = ..., blocked_s: _Optional[float] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("worker", "step", "grads", "grad_scale", "skip", "mailbox")

@@ -85,6 +85,7 @@ def _optimizer(settings: ps_pb2.OptimizerSettings) -> OptimizerConfig:
             name=settings.name, lr=settings.lr, momentum=settings.momentum,
             nesterov=settings.nesterov, beta1=settings.beta1, beta2=settings.beta2,
             eps=settings.eps, weight_decay=settings.weight_decay,
+            lr_schedule=settings.lr_schedule or None, planned_steps=settings.planned_steps or None,
         )
     except ValueError as err:
         raise BadRequest(f"init: {err}") from None
@@ -169,7 +170,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                                out=out, admitted=pushed)
         skipped = pushed and self._store.was_skipped(request.worker, request.step)
         offsets = {key_id: offset for key_id, (offset, _) in request.into.items()}
-        return write_pull_reply(got, request.dtype, staleness, skipped, offsets)
+        return write_pull_reply(got, request.dtype, staleness, skipped, offsets, got.blocked_s)
 
     def _reply_in_messages(self, request: TensorRequest, step: int | None,
                            context: grpc.ServicerContext, staleness: int, pushed: bool) -> bytes:
@@ -179,20 +180,23 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         keys = self._keys(request.keys)
         # After a barrier for `step` a key is at version `step` or beyond (sync: exactly).
         expected = [max(v, step or 0) for v in self._store.key_versions(request.keys)]
-        plan = ReplyPlan(keys, request.dtype, expected, staleness)
+        # A pull of a step may wait: the reply has room for how long (PullReply.blocked_s).
+        plan = ReplyPlan(keys, request.dtype, expected, staleness, may_wait=step is not None)
         answer: dict = {}
 
         def fill(dest: np.ndarray) -> None:
             got = self._store.pull(request.keys, request.worker, step, _wait_budget(context),
                                    out=plan.destinations(dest), admitted=pushed)
             skipped = pushed and self._store.was_skipped(request.worker, request.step)
-            if not plan.finish(dest, [version for _, _, version in got], skipped):
+            if not plan.finish(dest, [version for _, _, version in got], skipped,
+                               got.blocked_s):
                 answer["again"] = (got, skipped)
 
         payload = filled_bytes(plan.size, fill)
         if "again" in answer:
             got, skipped = answer["again"]
-            payload = write_pull_reply(got, request.dtype, staleness, skipped)
+            payload = write_pull_reply(got, request.dtype, staleness, skipped,
+                                       blocked_s=got.blocked_s)
         return payload
 
     def _keys(self, key_ids: list[KeyId] | None) -> list[Key]:

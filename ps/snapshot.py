@@ -25,7 +25,7 @@ class KeyState:
     version: int  # updates applied to this key
     clocks: np.ndarray  # int64 (workers,): the next step each worker must push for this key
     # The optimizer's state of this key: {} for sgd, {"buf"} for momentum, {"m", "v", "step"}
-    # for adam; arrays are float32 (key.size,), "step" is an int.
+    # for adam and adamw; arrays are float32 (key.size,), "step" is an int.
     optimizer: dict[str, np.ndarray | int] = field(default_factory=dict)
 
 

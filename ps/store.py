@@ -32,10 +32,10 @@ from ps.store_errors import (
     StepOutOfRange,
     WaitTimeout,
 )
-from ps.store_results import InitResult, Pulled, PushResult, Versions
+from ps.store_results import InitResult, PullAnswer, Pulled, PushResult, Versions
 from ps.updates import Updates, check_scale
 
-__all__ = ["InitResult", "Pulled", "PushResult", "Store", "Versions"]
+__all__ = ["InitResult", "PullAnswer", "Pulled", "PushResult", "Store", "Versions"]
 
 
 class Store:
@@ -51,7 +51,8 @@ class Store:
         # What becomes of a checked gradient, as the rule says; and the counters.
         self._updates = Updates(self._rule, Gather(config.aggregate, config.backup_workers,
                                                    config.dp_noise_std, config.dp_seed),
-                                config.max_staleness, config.staleness_lr)
+                                config.max_staleness, config.staleness_lr,
+                                updates_per_step=self._rule.updates_per_step(config.workers))
         self._counters = self._updates.counters
         self._restored_seq = -1  # the checkpoint this store was restored from
         self._closed = False
@@ -108,8 +109,9 @@ class Store:
         timeout: float,
         out: Mapping[KeyId, np.ndarray | Packed] | None = None,
         admitted: bool = False,
-    ) -> list[Pulled]:
-        """The values of `key_ids` (None: all) with their versions, as (key, values, version).
+    ) -> PullAnswer:
+        """The values of `key_ids` (None: all) with their versions, as (key, values, version);
+        the answer's `blocked_s` says how long it waited for its rule (and the start line).
 
         step None: at once, no barrier (a look at the weights). Otherwise `worker` is about to
         compute `step`, and its rule says when to answer (sync: once every key has applied
@@ -131,19 +133,21 @@ class Store:
             slots = shard.select(key_ids)
             if out is not None:
                 check_destinations(slots, out)
+            blocked = 0.0
             if step is not None:
                 if step < 0:
                     raise StepOutOfRange(f"pull: step must be >= 0 (or None: at once), got {step}")
                 self._check_worker(worker)
                 with self._members.calling(worker):
                     self._arrive(worker, step)
-                    self._wait_for_step(slots, worker, step, timeout)
+                    blocked = self._wait_for_step(slots, worker, step, timeout)
             self._counters.pulls += 1
             if out is None:
-                return [Pulled(s.key, s.value.copy(), s.version) for s in slots]
+                return PullAnswer([Pulled(s.key, s.value.copy(), s.version) for s in slots],
+                                  blocked)
             for s in slots:
                 write_values(s.value, out[s.key.id])
-            return [Pulled(s.key, out[s.key.id], s.version) for s in slots]
+            return PullAnswer([Pulled(s.key, out[s.key.id], s.version) for s in slots], blocked)
 
     @contextmanager
     def waiting_room(self, worker: int) -> Iterator[None]:
@@ -161,27 +165,30 @@ class Store:
             with self._cond:
                 self._admission.leave(worker)
 
-    def _wait_for_step(self, slots: list[Slot], worker: int, step: int, timeout: float) -> None:
+    def _wait_for_step(self, slots: list[Slot], worker: int, step: int,
+                       timeout: float) -> float:
+        """Wait until `worker` may compute `step`; the seconds it was held (0.0: not at all)."""
         members = self._members
+        blocked = 0.0
         if step == 0:
             # The start line: a run begins when every live worker has asked for step 0, so
             # that no worker races ahead while the others are still starting up.
             members.start(worker)
             self._cond.notify_all()
-            self._wait(members.all_started, timeout,
-                       f"worker {worker} waiting at the start for workers "
-                       f"{members.not_started()}")
+            blocked += self._wait(members.all_started, timeout,
+                                  f"worker {worker} waiting at the start for workers "
+                                  f"{members.not_started()}")
         rule = self._rule
         if not rule.waits:
-            return
+            return blocked
         own = clock(worker, slots)
         if step > own:
             raise StepOutOfRange(
                 f"pull: worker {worker} asked for step {step}, but its next step is "
                 f"{own} (it has pushed {own} steps)"
             )
-        self._wait(lambda: rule.ready(step, slots, members.live), timeout,
-                   f"pull of step {step} by worker {worker}")
+        return blocked + self._wait(lambda: rule.ready(step, slots, members.live), timeout,
+                                    f"pull of step {step} by worker {worker}")
 
     # -- push -----------------------------------------------------------------------------
 
@@ -410,13 +417,15 @@ class Store:
                 f"0..{self.config.workers - 1}"
             )
 
-    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Wait for `predicate` under the lock, at most `timeout` s. With leases, wake now
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> float:
+        """Wait for `predicate` under the lock, at most `timeout` s; the seconds waited (0.0
+        if it held at once: workers report this as blocked time). With leases, wake now
         and then to remove silent workers: they may be what the wait is waiting for."""
         if predicate():
-            return
+            return 0.0
         tick = None if self.config.lease_s is None else min(1.0, self.config.lease_s / 4)
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         self._counters.waiting += 1
         try:
             while not (self._closed or predicate()):
@@ -432,4 +441,5 @@ class Store:
         self._check_open()
         if not predicate():
             raise WaitTimeout(f"{what} still waiting after {timeout:.1f} s")
+        return time.monotonic() - began
 

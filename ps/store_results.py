@@ -11,7 +11,7 @@ import numpy as np
 from ps.keys import Key
 from ps.packed import Packed
 
-__all__ = ["InitResult", "Pulled", "PushResult", "Versions"]
+__all__ = ["InitResult", "Pulled", "PullAnswer", "PushResult", "Versions"]
 
 
 class InitResult(NamedTuple):
@@ -26,6 +26,15 @@ class Pulled(NamedTuple):
     key: Key
     values: np.ndarray | Packed
     version: int
+
+
+class PullAnswer(list):
+    """A pull's keys (a list of Pulled, in the order asked), and how long the pull was held
+    at a barrier or the staleness bound before it could be answered."""
+
+    def __init__(self, pulled: list[Pulled], blocked_s: float = 0.0) -> None:
+        super().__init__(pulled)
+        self.blocked_s = blocked_s  # seconds; 0.0 exactly when the pull did not wait
 
 
 class PushResult(NamedTuple):

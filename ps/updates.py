@@ -93,11 +93,14 @@ class Updates:
     """Applies the checked gradients of pushes to a shard's keys, and counts."""
 
     def __init__(self, rule: Rule, gather: Gather, max_staleness: int | None = None,
-                 staleness_lr: bool = False) -> None:
+                 staleness_lr: bool = False, updates_per_step: int = 1) -> None:
         self.rule = rule
         self.gather = gather  # sync: when a step is complete, how its gradients combine
         self.max_staleness = max_staleness  # drop (and count) gradients staler than this
         self.staleness_lr = staleness_lr  # divide the step size by the gradient's staleness
+        # Updates a key takes per worker step (sync 1; async and ssp: one per worker's push):
+        # with the planned steps, the run's total updates that a schedule may end at.
+        self.updates_per_step = updates_per_step
         self.counters = Counters()
         # Steps skipped for inf/NaN, each as the rule marks it, (worker, step), so that a
         # lookup asks the same rule; a sync step skipped for all is (EVERY_WORKER, step).
@@ -194,8 +197,7 @@ class Updates:
             if dropped or self._update(shard, slot, grad, lr, scale, item.bound, dry_run=True):
                 continue
             if isinstance(grad, Packed) or all_finite(grad):
-                cause = (f"{shard.optimizer.config.name} with lr "
-                         f"{shard.optimizer.config.lr if lr is None else lr:g} would take a "
+                cause = (f"{shard.optimizer.config.name} with lr {lr:g} would take a "
                          f"weight or its optimizer state past float32's range")
             else:
                 cause = f"the gradient divided by grad_scale {scale:g} overflows float32"
@@ -242,7 +244,8 @@ class Updates:
                 with np.errstate(over="ignore", invalid="ignore"):  # inf: skipped just below
                     update = self.gather.combine(entry, slot.key, slot.version)
                 self.watch.observe(entry.grads)
-                if shard.optimizer.step(str(slot.key), slot.value, update, keep_finite=True,
+                if shard.optimizer.step(str(slot.key), slot.value, update,
+                                        lr=self._scheduled(shard, slot), keep_finite=True,
                                         grad_bound=self.gather.combined_bound(entry)):
                     self.counters.updates += 1
                     self.counters.record_staleness(0, len(entry.workers))
@@ -266,18 +269,24 @@ class Updates:
                 slot.version = target
                 self.advance(shard, slot, live)
 
-    def _staleness(self, shard: Shard, slot: Slot, read_version: int) -> tuple[bool, float | None]:
-        """Whether a gradient read at `read_version` is dropped as too stale, and the step
-        size its staleness gives (None: the optimizer's own)."""
+    def _scheduled(self, shard: Shard, slot: Slot) -> float:
+        """The step size of the key's next update: the schedule's at the key's version (the
+        updates applied to it, a skipped sync step counted as one, as its version is)."""
+        return shard.optimizer.config.lr_at(slot.version, self.updates_per_step)
+
+    def _staleness(self, shard: Shard, slot: Slot, read_version: int) -> tuple[bool, float]:
+        """Whether a gradient read at `read_version` is dropped as too stale, and its step
+        size: the schedule's, divided by the staleness if staleness_lr."""
         staleness = slot.version - read_version
+        lr = self._scheduled(shard, slot)
         if self.max_staleness is not None and staleness > self.max_staleness:
-            return True, None
+            return True, lr
         if self.staleness_lr and staleness > 1:
-            return False, shard.optimizer.config.lr / staleness  # Zhang et al. 2016
-        return False, None
+            return False, lr / staleness  # Zhang et al. 2016
+        return False, lr
 
     @staticmethod
-    def _update(shard: Shard, slot: Slot, grad: np.ndarray | Packed, lr: float | None,
+    def _update(shard: Shard, slot: Slot, grad: np.ndarray | Packed, lr: float,
                 scale: float, bound: float | None, dry_run: bool = False) -> bool:
         optimizer = shard.optimizer
         # The codes were checked finite with the push (Shard.check_push).

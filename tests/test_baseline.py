@@ -57,6 +57,23 @@ def test_steps_override_epochs_as_in_a_launch(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["steps"] == 7
 
 
+def test_the_baseline_takes_each_steps_lr_from_the_schedule(capsys, tmp_path):
+    # lr times 1e-30 from the second update on: too small to move a float32 weight, so five
+    # steps leave the weights of one (the same first batch), and a constant lr does not.
+    small = dict(dataset="digits", hidden=(8,), seed=2)
+    one = train_single_process(TrainConfig(steps=1, **small)).params
+    frozen = train_single_process(TrainConfig(steps=5, lr_schedule="step:1:1e-30", **small))
+    moving = train_single_process(TrainConfig(steps=5, **small)).params
+    for name, value in one.items():
+        np.testing.assert_array_equal(frozen.params[name], value)
+    assert any(not np.array_equal(moving[n], v) for n, v in one.items())
+    assert main(["train", "--steps", "5", "--lr-schedule", "warmup:2,cosine", "--json",
+                 "--run-dir", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 5
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["lr_schedule"] == "warmup:2,cosine" and saved["lr"] == 0.1
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -64,6 +81,10 @@ def test_steps_override_epochs_as_in_a_launch(capsys, tmp_path):
         (["train", "--hidden", "12,x"], "comma-separated integers"),
         (["train", "--lr", "-1"], "lr must be a positive finite number"),
         (["train", "--optimizer", "rmsprop"], "invalid choice"),
+        (["train", "--lr-schedule", "step:10:0"], "--lr-schedule 'step:10:0': step's GAMMA "
+                                                  "must be > 0, got 0"),
+        (["train", "--steps", "5", "--lr-schedule", "warmup:5"],
+         "a warmup of 5 updates is not shorter than the run's 5 updates per key"),
     ],
 )
 def test_bad_flags_are_refused_with_a_clear_error(argv, message, capsys, tmp_path):

@@ -3,6 +3,7 @@ formats, the report, bad flags, and no process left behind on SIGINT or SIGTERM.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,9 @@ SUMMARY_KEYS = {
     "final_train_loss", "staleness_mean", "staleness_max", "wait_fraction", "dropped_stale",
     "updates_applied", "bytes_pushed", "bytes_pulled", "restarts", "per_server", "placement",
 }
-METRIC_KEYS = {"time", "worker", "step", "loss", "staleness", "samples", "wait_s"}
+METRIC_KEYS = {"time", "worker", "step", "loss", "staleness", "samples", "wait_s", "blocked_s",
+               "wire_s"}
+HELD_OUT_KEYS = {"test_accuracy", "test_loss", "eval_s"}
 
 
 def _tinyps(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -55,10 +58,12 @@ def test_launch_as_a_user_runs_it(tmp_path):
     run_dir = tmp_path / "run"
     done = _tinyps("launch", "--servers", "2", "--workers", "2", "--mode", "ssp",
                    "--staleness", "2", "--steps", "40", "--hidden", "32,16",
-                   "--split-bytes", "4000", "--run-dir", str(run_dir), "--json")
+                   "--split-bytes", "4000", "--lr-schedule", "warmup:5,cosine",
+                   "--run-dir", str(run_dir), "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # --json: standard output is one JSON document
     assert set(summary) >= SUMMARY_KEYS
+    assert summary["lr_schedule"] == "warmup:5,cosine" and summary["lr"] == 0.1
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert (summary["mode"], summary["servers"], summary["workers"]) == ("ssp", 2, 2)
     assert summary["staleness_bound"] == 2 and summary["steps_per_worker"] == 40
@@ -77,7 +82,18 @@ def test_launch_as_a_user_runs_it(tmp_path):
     assert summary["bytes_pushed"] == sum(s["bytes_in"] for s in servers) > 0
     # the printed placement table and summary, beside the JSON: on standard error
     assert "dense0.weight" in done.stderr and "test accuracy" in done.stderr
-    assert "0step" not in done.stderr  # no empty progress bar before the real one
+    # No empty progress bar ("ssp: 0step [00:00, ?step/s]") before the real one; a rate such
+    # as "522.40step/s" is not one.
+    assert not re.search(r"(^|\s)0step\b", done.stderr)
+    assert "test acc" in done.stderr  # the bar shows the latest held-out accuracy
+    assert "compute / wire / blocked" in done.stderr
+    # Each worker's time, split: the shares of compute, wire, blocked and evaluation add up.
+    split = summary["time_split"]
+    assert [s["worker"] for s in split] == [0, 1]
+    for s in split:
+        shares = [s[f"{k}_share"] for k in ("compute", "wire", "blocked", "eval")]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+    assert split[0]["eval_s"] > 0 and split[1]["eval_s"] == 0  # worker 0 alone evaluates
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 40
@@ -85,6 +101,17 @@ def test_launch_as_a_user_runs_it(tmp_path):
     assert sorted((r["worker"], r["step"]) for r in records) == [
         (w, s) for w in range(2) for s in range(40)]
     assert all(r["time"] >= 0 for r in records)
+    assert all(r["wait_s"] == pytest.approx(r["blocked_s"] + r["wire_s"]) for r in records)
+    # Held-out figures on worker 0's evaluated lines (the first, once per epoch of its shard,
+    # the last), left out of every other line.
+    measured = [r for r in records if "test_accuracy" in r]
+    assert {r["worker"] for r in measured} == {0}
+    steps = sorted(r["step"] for r in measured)
+    assert steps[0] == 0 and steps[-1] == 39 and len(steps) >= 3
+    assert all(set(r) >= HELD_OUT_KEYS and 0 <= r["test_accuracy"] <= 1 for r in measured)
+    assert all(set(r).isdisjoint(HELD_OUT_KEYS) for r in records if r not in measured)
+    curve = tinyps.RunResult(summary, run_dir).test_curve  # the Python API's view of it
+    assert [p["step"] for p in curve] == steps
     assert json.loads((run_dir / "config.json").read_text())["staleness"] == 2
     for name in ("server0", "server1", "worker0", "worker1"):
         assert (run_dir / "logs" / f"{name}.log").exists()
@@ -101,6 +128,10 @@ def test_launch_as_a_user_runs_it(tmp_path):
         (["--placement", "dense7=0"], "unknown layer 'dense7'"),
         (["--mode", "sync", "--staleness", "2"], "for --mode ssp"),
         (["--hidden", "0"], "hidden widths must be >= 1"),
+        (["--lr-schedule", "cosine:0"], "--lr-schedule 'cosine:0': cosine's T_MAX must be >= 1"),
+        # async: 2 workers x 5 steps make 10 updates of each key
+        (["--mode", "async", "--steps", "5", "--lr-schedule", "warmup:10,cosine"],
+         "a warmup of 10 updates is not shorter than the run's 10 updates per key"),
     ],
 )
 def test_bad_flags_fail_before_any_process_starts(tmp_path, args, message):

@@ -161,6 +161,8 @@ ADAM_CONFIGS = [
     dict(lr=1e-3, beta1=0.5, beta2=0.9),  # lerp weight 0.5: torch's other lerp branch
     dict(lr=1e-3, beta1=0.3, beta2=0.99, eps=1e-6, weight_decay=0.1),
     dict(lr=1e-3, beta1=0.0, beta2=0.0, eps=0.0),
+    dict(lr=1e-2, weight_decay=0.01, decoupled=True),  # AdamW
+    dict(lr=0.5, weight_decay=3.0, beta1=0.3, decoupled=True),  # AdamW, decay factor -0.5
 ]
 
 
@@ -195,6 +197,14 @@ def _ulps(a, b):
             "ADAM_BETA1_LOW_M",
             "ADAM_BETA1_LOW_V",
         ),
+        # torch.optim.AdamW: its decay factor 1 - lr*wd, then 0.999 and -0.5
+        (dict(lr=0.01, weight_decay=0.1, decoupled=True), "ADAMW", "ADAMW_M", "ADAMW_V"),
+        (
+            dict(lr=0.5, weight_decay=3.0, beta1=0.3, beta2=0.99, decoupled=True),
+            "ADAMW_BIG",
+            "ADAMW_BIG_M",
+            "ADAMW_BIG_V",
+        ),
     ],
 )
 def test_adam_matches_torch(cfg, want_p, want_m, want_v):
@@ -218,16 +228,19 @@ def test_adam_matches_torch(cfg, want_p, want_m, want_v):
     st.sampled_from([0.0, 0.5, 0.9]),
     st.sampled_from([0.0, 0.9, 0.999]),
     st.sampled_from([0.0, 1e-8]),
-    st.sampled_from([0.0, 0.01]),
+    st.sampled_from([0.0, 0.01, 3000.0]),  # 3000: AdamW's decay factor 1 - lr*wd is -2
+    st.booleans(),
 )
-def test_adam_property_any_floats(arrs, step, beta1, beta2, eps, wd):
+def test_adam_property_any_floats(arrs, step, beta1, beta2, eps, wd, decoupled):
     param, grad, m, v = arrs
     v = np.abs(v)  # a second moment is never negative
     sk = [param.copy(), m.copy(), v.copy()]
     st_ = [param.copy(), m.copy(), v.copy()]
     with np.errstate(all="ignore"):
-        adam_update(sk[0], grad, sk[1], sk[2], step, 1e-3, beta1, beta2, eps, wd)
-        twin.adam_update(st_[0], grad, st_[1], st_[2], step, 1e-3, beta1, beta2, eps, wd)
+        adam_update(sk[0], grad, sk[1], sk[2], step, 1e-3, beta1, beta2, eps, wd,
+                    decoupled=decoupled)
+        twin.adam_update(st_[0], grad, st_[1], st_[2], step, 1e-3, beta1, beta2, eps, wd,
+                         decoupled)
     for a, b in zip(sk, st_, strict=True):
         assert_same_bits(a, b)
 
@@ -430,6 +443,16 @@ ADAM_BETA1_LOW_V = hex32(
     "3cfe1e4b 3bab24b3 3d66c9c6 3c3b2154 3cfb7cdf 3d1a2214 3c87d853 3c9a52a4 3d933436 "
     "3c4a35e7 3c832cd2"
 )
+ADAMW = hex32(  # AdamW(lr=0.01, weight_decay=0.1): m and v are Adam's, as decay leaves g alone
+    "3e8d496e bf86f8fc 3f360c9b 3f6d75b1 bff67a23 bfa78296 3e0b7f30 beb94025 bccdefbb "
+    "bf4ed925 3f6888e1"
+)
+ADAMW_M, ADAMW_V = ADAM_M, ADAM_V
+ADAMW_BIG = hex32(  # AdamW(lr=0.5, weight_decay=3.0, betas=(0.3, 0.99))
+    "3eb08e6b 3e3901bd bf0b2fcf 3f25ea88 be395df6 3f523f68 3e4c1e98 bddb5480 be51eba0 "
+    "beee2991 bf1f4a51"
+)
+ADAMW_BIG_M, ADAMW_BIG_V = ADAM_BETA1_LOW_M, ADAM_BETA1_LOW_V
 TORCH_GRADS = [
     hex32(
         "3f471d5f 3d873b1a 3f904971 3eef5d62 bf5bfa97 3ebccce7 bf757955 3f60e21e bd4c7f1d "

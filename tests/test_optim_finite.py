@@ -54,17 +54,17 @@ def test_sgd_keep_finite_is_the_twin_bit_for_bit(arrs, momentum, nesterov, wd, l
 @settings(deadline=None, max_examples=80)
 @given(st.integers(0, 30).flatmap(lambda n: st.tuples(*[arrays(np.float32, n, elements=AWKWARD)]
                                                       * 4)),
-       st.integers(1, 5), st.sampled_from([0.0, 0.01]))
-def test_adam_keep_finite_is_the_twin_bit_for_bit(arrs, step, wd):
+       st.integers(1, 5), st.sampled_from([0.0, 0.01, 3000.0]), st.booleans())
+def test_adam_keep_finite_is_the_twin_bit_for_bit(arrs, step, wd, decoupled):
     param, grad, m, v = arrs
     v = np.abs(v)
     for dry_run in (False, True):
         k = [param.copy(), m.copy(), v.copy()]
         t = [param.copy(), m.copy(), v.copy()]
-        got = adam_update(k[0], grad, k[1], k[2], step, 1e-3, weight_decay=wd, keep_finite=True,
-                          dry_run=dry_run)
+        got = adam_update(k[0], grad, k[1], k[2], step, 1e-3, weight_decay=wd,
+                          decoupled=decoupled, keep_finite=True, dry_run=dry_run)
         want = twin.checked(twin.adam_update, (t[0], grad, t[1], t[2], step, 1e-3),
-                            (0, 2, 3), dry_run=dry_run, weight_decay=wd)
+                            (0, 2, 3), dry_run=dry_run, weight_decay=wd, decoupled=decoupled)
         assert got == want
         _same(k, t)
         if dry_run or not got:

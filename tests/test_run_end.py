@@ -94,7 +94,8 @@ def test_a_summary_without_test_figures_still_prints():
 
 @pytest.mark.parametrize("settings", [
     {},
-    {"mode": "async", "workers": 3, "hidden": (32, 16), "slow_worker": (0, 5.0)},
+    {"mode": "async", "workers": 3, "hidden": (32, 16), "slow_worker": (0, 5.0),
+     "lr_schedule": "warmup:10,step:100:0.5"},
     {"mode": "ssp", "staleness": 2, "fused": False, "lr": 0.05, "epochs": 3},
 ])
 def test_the_resume_command_repeats_the_settings_that_matter(settings, tmp_path):

@@ -247,7 +247,9 @@ BOUND_CONFIGS = [
     OptimizerConfig("adam", lr=1e-3), OptimizerConfig("adam", lr=1e37, eps=1e-30, weight_decay=0.1),
     OptimizerConfig("adam", lr=0.1, beta1=0.0, beta2=0.0),
     # A denominator down at eps: tiny gradients, whose squares vanish, take huge steps.
-    OptimizerConfig("adam", lr=3e38, beta1=0.0, beta2=0.0, eps=1e-45),
+    OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01),
+    OptimizerConfig("adamw", lr=3.0, weight_decay=1.0),  # decay factor -2: |param| grows
+    OptimizerConfig("adam", lr=3e38, beta1=0.0, beta2=0.0, eps=1e-45),  # last: see below
 ]
 MAGNITUDES = st.sampled_from([0.0, -0.0, 1e-45, -1e-40, 1e-3, 1.0, -7.5, 1e20, -1e21, 1e30, 3.0e38,
                               -3.4e38, float(np.finfo(np.float32).max)])
@@ -255,9 +257,10 @@ MAGNITUDES = st.sampled_from([0.0, -0.0, 1e-45, -1e-40, 1e-3, 1.0, -7.5, 1e20, -
 
 def _exact_step(cfg, param, state, grad):
     """The kernels' exact keep_finite step: the reference."""
-    if cfg.name == "adam":
+    if cfg.name in ("adam", "adamw"):
         written = adam_update(param, grad, state["m"], state["v"], state["step"] + 1, cfg.lr,
-                              cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, keep_finite=True)
+                              cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay,
+                              decoupled=cfg.name == "adamw", keep_finite=True)
         state["step"] += written
         return written
     if cfg.name == "momentum":

@@ -62,3 +62,50 @@ def test_the_report_draws_the_bound_and_counts_key_updates():
     assert ax.get_ylabel().startswith("key updates")
     assert [line.get_xdata()[0] for line in ax.get_lines()] == [10]
     assert ax.get_xlim()[1] > 10
+
+
+def test_each_workers_time_splits_into_compute_wire_blocked_and_eval():
+    from tinyps.summary import time_split
+
+    records = [{"compute_s": 0.25, "wait_s": 1.0, "blocked_s": 0.5, "wire_s": 0.5},
+               {"compute_s": 0.25, "wait_s": 0.25, "blocked_s": 0.0, "wire_s": 0.25,
+                "test_accuracy": 0.5, "test_loss": 1.0, "eval_s": 0.25}]
+    split = time_split(1, records)  # 2 s in all, in powers of two: exact shares
+    assert split == {"worker": 1, "compute_s": 0.5, "wire_s": 0.75, "blocked_s": 0.5,
+                     "eval_s": 0.25, "compute_share": 0.25, "wire_share": 0.375,
+                     "blocked_share": 0.25, "eval_share": 0.125}
+    # Lines of an older tinyps have no split: all of their wait counts as wire.
+    old = time_split(0, [{"compute_s": 0.5, "wait_s": 1.5}])
+    assert (old["wire_s"], old["blocked_s"], old["compute_share"]) == (1.5, 0.0, 0.25)
+    assert time_split(2, [])["compute_share"] == 0.0
+    text = _text(time_split=[split, old])
+    assert ("time compute / wire / blocked at barriers: worker1 25% / 38% / 25% (+12% eval), "
+            "worker0 25% / 75% / 0%") in text
+
+
+def test_the_report_draws_the_held_out_curve_and_the_time_split():
+    from tinyps.report import draw_report
+    from tinyps.summary import time_split
+
+    records = [{"worker": 0, "step": s, "time": 1.0 + s, "pulled": 0.5 + s, "loss": 1.0,
+                "wait_s": 0.5, "blocked_s": 0.25, "wire_s": 0.25, "compute_s": 0.25,
+                **({"test_accuracy": 0.25 * s, "test_loss": 2.0 - s, "eval_s": 0.125}
+                   if s % 2 == 0 else {})} for s in range(5)]
+    summary = {**BASE, "staleness_histogram": [1], "time_split": [time_split(0, records)],
+               "per_server": [{"index": 0, "bytes_in": 1, "bytes_out": 1, "updates": 3}]}
+    fig = draw_report(records, summary)
+    held = next(ax for ax in fig.axes if ax.get_title().startswith("held-out"))
+    (accuracy,) = held.get_lines()
+    assert list(accuracy.get_ydata()) == [0.0, 0.5, 1.0]  # steps 0, 2, 4
+    assert list(accuracy.get_xdata()) == [0.5, 2.5, 4.5]  # when their weights arrived
+    split = fig.axes[2]
+    assert split.get_title() == "where each worker's time went"
+    assert [t.get_text() for t in split.get_legend().get_texts()] == [
+        "compute", "wire (encode, transport, apply)", "blocked at barrier / bound",
+        "held-out evaluation"]
+    # Not evaluated during training: the plot says so rather than stay blank.
+    bare = [{k: v for k, v in r.items() if k not in ("test_accuracy", "test_loss", "eval_s")}
+            for r in records]
+    held = next(ax for ax in draw_report(bare, summary).axes
+                if ax.get_title().startswith("held-out"))
+    assert "not evaluated" in held.texts[0].get_text()

@@ -35,7 +35,8 @@ def _shards(X, y, workers):
 
 
 def _single_process(model, shards, config):
-    """One process, batch W*b: step t uses every worker's batch t, in worker order."""
+    """One process, batch W*b: step t uses every worker's batch t, in worker order, at the
+    schedule's lr of update t (as worker/baseline.py steps it)."""
     params = model.init_params()
     opt = Optimizer(config, model.param_shapes())
     for t in range(STEPS):
@@ -43,7 +44,7 @@ def _single_process(model, shards, config):
         y = np.concatenate([s.y[t * BATCH:(t + 1) * BATCH] for s in shards])
         _, grads = model.loss_and_grads(params, X, y)
         for name, grad in grads.items():
-            opt.step(name, params[name], grad)
+            opt.step(name, params[name], grad, lr=config.lr_at(t))
     return params
 
 
@@ -56,6 +57,10 @@ def _single_process(model, shards, config):
         (3, 2, "sgd", {"lr": 0.1}, True),
         (3, 2, "momentum", {"lr": 0.05, "momentum": 0.9}, True),
         (2, 2, "adam", {"lr": 0.01}, False),
+        (2, 1, "adamw", {"lr": 0.01, "weight_decay": 0.1}, True),
+        # a schedule, its T_MAX the run's steps: each server's keys count their own updates
+        (2, 2, "momentum", {"lr": 0.1, "lr_schedule": "warmup:4,cosine",
+                            "planned_steps": STEPS}, True),
     ],
 )
 def test_sync_workers_equal_one_process_with_the_whole_batch(workers, servers, optimizer,

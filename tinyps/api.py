@@ -12,6 +12,7 @@ Both take the settings of `tinyps launch` (LaunchConfig) and always stop their p
 
 from __future__ import annotations
 
+import json
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +52,20 @@ class RunResult(NamedTuple):
     def ok(self) -> bool:
         """Trained as asked: no worker lost, no divergence."""
         return self.exit_code == 0
+
+    @property
+    def test_curve(self) -> list[dict]:
+        """The held-out curve, from metrics.jsonl: one {"step", "time", "test_accuracy",
+        "test_loss", "eval_s"} per evaluation during training (see eval_every), in step
+        order; the final model's figures are summary["test_accuracy"] and ["test_loss"]."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return sorted(({k: r[k] for k in ("step", "time", "test_accuracy", "test_loss",
+                                          "eval_s")}
+                       for r in rows if r.get("test_accuracy") is not None),
+                      key=lambda r: r["step"])
 
 
 def _config(config: LaunchConfig | None, settings: dict) -> LaunchConfig:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from ps.checkpoint import list_checkpoints, resplit, server_directory, write_checkpoint
 from ps.checkpoint_set import MANIFEST, ResumePoint, resume_point
+from ps.consistency import make_rule
 from ps.keys import cut
 from ps.placement import Placement, TensorSpec
+from ps.schedule import check_fits
 from ps.snapshot import Snapshot
 from tinyps import privacy
 from tinyps.config import LaunchConfig
@@ -180,6 +182,8 @@ def prepare_launch(config: LaunchConfig) -> LaunchPlan:
     check_every_server_holds_something(config, placement)
     steps = train.steps or steps_for(len(data.X_train), config.workers, train.batch_size,
                                      train.epochs)
+    rule = make_rule(config.store.mode, config.store.staleness)
+    check_fits(train.lr_schedule, steps * rule.updates_per_step(config.workers))
     shard_sizes = [len(s) for s in partition(data, config.workers, config.split.partition,
                                              alpha=config.split.alpha, seed=train.seed)]
     if config.privacy.on:

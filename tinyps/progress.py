@@ -1,8 +1,8 @@
 """One progress bar for a run's steps, shared by the `tinyps` command and the Python API.
 
 A launcher reports (steps done, steps in all, the latest loss per worker, samples per
-second); the bar shows them with tqdm: on standard error for the command, as a notebook
-widget (or text) for the API.
+second, the latest held-out test accuracy); the bar shows them with tqdm: on standard error
+for the command, as a notebook widget (or text) for the API.
 """
 
 from __future__ import annotations
@@ -43,12 +43,14 @@ class StepBar:
         self._made.write(text, file=self._file)
 
     def __call__(self, done: int, total: int, losses: dict[int, float],
-                 samples_per_s: float) -> None:
+                 samples_per_s: float, test_accuracy: float | None = None) -> None:
         bar = self._bar(total)
         if bar.total != total:
             bar.reset(total=total)
         loss = sum(losses.values()) / len(losses)
         text = f"loss {loss:.4f}"
+        if test_accuracy is not None:
+            text += f", test acc {test_accuracy:.1%}"
         if self._rate:
             text += f", {samples_per_s:,.0f} samples/s"
         bar.set_postfix_str(text, refresh=False)

@@ -1,7 +1,8 @@
-"""report.png: four plots that show what a run did, drawn from metrics.jsonl and summary.json.
+"""report.png: five plots that show what a run did, drawn from metrics.jsonl and summary.json.
 
-Loss over time per worker; the staleness histogram of applied gradients; each worker's time
-split into waiting and computing; and bytes and updates per server (how load was spread).
+Loss over time per worker, and beside it the held-out accuracy and loss as training went; the
+staleness histogram of applied gradients; each worker's time split into compute, wire,
+blocked at barriers and evaluation; and bytes and updates per server (how load was spread).
 Also the picture of a data-quality report: each worker's shard, stacked by class.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from tinyps.summary import time_split
 from worker.quality import QualityReport
 
 __all__ = ["plot_shards", "write_report"]
@@ -31,15 +33,21 @@ def draw_report(records: list[dict], summary: dict):
     per_worker: dict[int, list[dict]] = defaultdict(list)
     for r in records:
         per_worker[r["worker"]].append(r)
-    fig = Figure(figsize=(11, 7.5))
-    axes = fig.subplots(2, 2)
+    fig = Figure(figsize=(15, 8))
+    grid = fig.add_gridspec(2, 6)  # two wide plots above, three below
+    # Made in the order of the old 2x2 report (fig.axes[i] stays the plot it was), the
+    # held-out plot last.
+    loss_ax, staleness_ax, split_ax, traffic_ax = (
+        fig.add_subplot(grid[0, :3]), fig.add_subplot(grid[1, :2]),
+        fig.add_subplot(grid[1, 2:4]), fig.add_subplot(grid[1, 4:]))
+    held_out_ax = fig.add_subplot(grid[0, 3:], sharex=loss_ax)
     bound = summary["staleness_bound"]
     title = (f"{summary['mode']}{'' if bound in (None, 0) else f' (K={bound})'}: "
              f"{summary['servers']} servers, {summary['workers']} workers, "
              f"test accuracy {summary['test_accuracy']:.1%}")
     fig.suptitle(title)
 
-    ax = axes[0][0]
+    ax = loss_ax
     # The first step starts seconds after the launch (processes, data, compiled kernels):
     # shade that time, so that the axis starting at 0 does not look like a slow first step.
     started = min((r["pulled"] for r in records), default=0.0)
@@ -52,8 +60,9 @@ def draw_report(records: list[dict], summary: dict):
     ax.set(xlabel="seconds since start", ylabel="training loss (batch)", yscale="log",
            title="loss over time")
     ax.legend(fontsize=8)
+    _held_out(held_out_ax, records, started)
 
-    ax = axes[0][1]
+    ax = staleness_ax
     hist = summary["staleness_histogram"]
     limit = summary.get("staleness_limit")
     ax.bar(range(len(hist)), hist, width=0.8, color="tab:orange")
@@ -73,17 +82,10 @@ def draw_report(records: list[dict], summary: dict):
     ax.set(xlabel="staleness (updates missed)", ylabel="key updates (one per key a gradient "
            "updated)", title=title)
 
-    ax = axes[1][0]
-    workers = sorted(per_worker)
-    waited = [sum(r["wait_s"] for r in per_worker[w]) for w in workers]
-    computed = [sum(r["compute_s"] for r in per_worker[w]) for w in workers]
-    ax.bar(workers, computed, label="compute", color="tab:green")
-    ax.bar(workers, waited, bottom=computed, label="waiting on servers", color="tab:red")
-    ax.set(xlabel="worker", ylabel="seconds", title="where each worker's time went",
-           xticks=workers)
-    ax.legend(fontsize=8)
+    _time_split(split_ax, summary.get("time_split")
+                or [time_split(w, per_worker[w]) for w in sorted(per_worker)])
 
-    ax = axes[1][1]
+    ax = traffic_ax
     servers = [s["index"] for s in summary["per_server"]]
     mib_in = [s["bytes_in"] / 2**20 for s in summary["per_server"]]
     mib_out = [s["bytes_out"] / 2**20 for s in summary["per_server"]]
@@ -100,6 +102,50 @@ def draw_report(records: list[dict], summary: dict):
 
     fig.tight_layout()
     return fig
+
+
+def _held_out(ax, records: list[dict], started: float) -> None:
+    """Held-out accuracy (left axis) and loss (right) at the steps worker 0 evaluated."""
+    points = sorted((r for r in records if r.get("test_accuracy") is not None),
+                    key=lambda r: r["pulled"])
+    if started > 0:
+        ax.axvspan(0, started, color="0.9")
+    ax.set(xlabel="seconds since start", ylabel="test accuracy",
+           title="held-out accuracy and loss during training")
+    if not points:
+        ax.text(0.5, 0.5, "not evaluated during training (eval_every 0)", ha="center",
+                va="center", transform=ax.transAxes, color="0.4")
+        return
+    # At the time the evaluated step's weights arrived: the weights that were measured.
+    at = [r["pulled"] for r in points]
+    ax.plot(at, [r["test_accuracy"] for r in points], "o-", color="tab:blue", ms=3,
+            label="test accuracy")
+    ax.set_ylim(0, 1)
+    twin = ax.twinx()
+    twin.plot(at, [r["test_loss"] for r in points], "s--", color="tab:purple", ms=3,
+              label="test loss")
+    twin.set_ylabel("test loss")
+    twin.set_ylim(bottom=0)
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
+
+
+def _time_split(ax, split: list[dict]) -> None:
+    """A bar per worker, stacked: compute, wire, blocked at barriers, evaluation."""
+    workers = [s["worker"] for s in split]
+    bottom = [0.0] * len(split)
+    for name, label, colour in (("compute_s", "compute", "tab:green"),
+                                ("wire_s", "wire (encode, transport, apply)", "tab:blue"),
+                                ("blocked_s", "blocked at barrier / bound", "tab:red"),
+                                ("eval_s", "held-out evaluation", "tab:purple")):
+        heights = [s[name] for s in split]
+        if name == "eval_s" and not any(heights):
+            continue
+        ax.bar(workers, heights, bottom=bottom, label=label, color=colour)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set(xlabel="worker", ylabel="seconds", title="where each worker's time went",
+           xticks=workers)
+    ax.legend(fontsize=8)
 
 
 def plot_shards(report: QualityReport, path: str | Path) -> Path:

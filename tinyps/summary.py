@@ -13,7 +13,7 @@ from collections import defaultdict
 from ps.placement import Placement
 from tinyps.config import LaunchConfig
 
-__all__ = ["build_summary", "format_summary", "staleness_limit"]
+__all__ = ["build_summary", "format_summary", "staleness_limit", "time_split"]
 
 # final_train_loss: the mean of each worker's last steps, so that one noisy batch does not
 # decide it.
@@ -60,6 +60,8 @@ def build_summary(
         "precision": config.precision.precision,
         "dataset": config.train.dataset,
         "optimizer": config.train.optimizer,
+        "lr": config.train.lr,
+        "lr_schedule": config.train.lr_schedule,  # None: lr at every update
         # Passes over the training set: as configured, or what --steps amounted to.
         "epochs": (config.train.epochs if config.train.steps is None else
                    round(steps_per_worker * config.workers * config.train.batch_size / n_train, 2)),
@@ -80,6 +82,9 @@ def build_summary(
         "staleness_limit": staleness_limit(config.mode, config.staleness_bound,
                                            config.workers),
         "wait_fraction": wait_fraction,
+        # Per worker: seconds computing, on the wire, blocked at barriers and evaluating, and
+        # their shares of the worker's time (time_split).
+        "time_split": [time_split(w, per_worker.get(w, [])) for w in range(config.workers)],
         "dropped_stale": sum(s["dropped_stale"] for s in stats),
         "rejected_pushes": sum(s["rejected_pushes"] for s in stats),
         # An update of the model = one optimizer step of every key; the busiest key counts it.
@@ -121,6 +126,23 @@ def build_summary(
         ],
         "placement": placement.as_summary(),
     }
+
+
+def time_split(worker: int, records: list[dict]) -> dict:
+    """Where one worker's time went: compute, wire and blocked seconds (the wait split by
+    what the servers measured; records of an older tinyps count all of it as wire), held-out
+    evaluation, and each one's share of their sum."""
+    seconds = {"compute_s": 0.0, "wire_s": 0.0, "blocked_s": 0.0, "eval_s": 0.0}
+    for r in records:
+        blocked = r.get("blocked_s", 0.0)
+        seconds["compute_s"] += r["compute_s"]
+        seconds["blocked_s"] += blocked
+        seconds["wire_s"] += r.get("wire_s", r["wait_s"] - blocked)
+        seconds["eval_s"] += r.get("eval_s") or 0.0
+    total = sum(seconds.values())
+    shares = {name[:-2] + "_share": value / total if total else 0.0
+              for name, value in seconds.items()}
+    return {"worker": worker, **seconds, **shares}
 
 
 def staleness_limit(mode: str, bound: int | None, workers: int) -> int | None:
@@ -205,6 +227,20 @@ def _figure(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _split_lines(split: list[dict]) -> list[str]:
+    """Each worker's time as compute / wire / blocked (/ eval) shares, one line in all."""
+    if not split:
+        return []
+    parts = []
+    for s in split:
+        text = (f"worker{s['worker']} {s['compute_share']:.0%} / {s['wire_share']:.0%} / "
+                f"{s['blocked_share']:.0%}")
+        if s["eval_s"]:
+            text += f" (+{s['eval_share']:.0%} eval)"
+        parts.append(text)
+    return ["time compute / wire / blocked at barriers: " + ", ".join(parts)]
+
+
 def format_summary(summary: dict, run_dir) -> str:
     """The summary as a few lines for a terminal."""
     bound = summary["staleness_bound"]
@@ -226,6 +262,7 @@ def format_summary(summary: dict, run_dir) -> str:
         f"{_figure(summary['final_train_loss'], '.4f')}",
         f"{summary['samples_per_s']:,.0f} samples/s over {summary['train_s']:.1f} s of "
         f"training ({summary['wall_s']:.1f} s in all); time waiting on servers: {waits}",
+        *_split_lines(summary.get("time_split", [])),
         *([line] if (line := _features_line(summary)) else []),
         f"{_staleness_line(summary)}; {summary['updates_applied']} updates; "
         f"{summary['bytes_pushed'] / 2**20:.1f} MiB pushed, "

@@ -30,10 +30,11 @@ from worker.model_spec import build_model
 
 __all__ = ["Backend", "Progress", "Supervisor", "WorkerNews", "resumed_step", "summarise"]
 
-# Progress(steps done, steps in all, latest loss per worker, samples per second)
+# Progress(steps done, steps in all, latest loss per worker, samples per second, latest
+# held-out test accuracy or None before the first)
 _FAULT_POLL_S = 0.005  # steps take a few ms: at 50 ms, "kill after 200" fired after 230
 
-Progress = Callable[[int, int, dict[int, float], float], None]
+Progress = Callable[[int, int, dict[int, float], float, float | None], None]
 # What the supervisor does about a fault, told as it happens (the summary keeps them all).
 Events = Callable[[str], None]
 
@@ -194,6 +195,7 @@ class Supervisor:
         records = self.records
         total = (self.plan.steps - self.first_step) * config.workers  # this launch's steps
         latest: dict[int, float] = {}  # worker -> its latest loss
+        accuracy: float | None = None  # the latest held-out accuracy (worker 0 measures it)
         seen: dict[int, float] = {}  # worker -> when its latest record arrived
         first, last, samples = float("inf"), 0.0, 0
         pending = [(kind, k) for kind, k in (("server", faults.kill_server),
@@ -206,6 +208,8 @@ class Supervisor:
                 seen[r["worker"]] = time.monotonic()
                 first, last = min(first, r["pulled"]), max(last, r["time"])
                 samples += r["samples"]
+                if r.get("test_accuracy") is not None:
+                    accuracy = r["test_accuracy"]
             records += new
             for n in news:
                 if n.failed is not None:
@@ -214,7 +218,7 @@ class Supervisor:
                     running.discard(n.index)
             if progress is not None and latest:
                 rate = samples / (last - first) if last > first else 0.0
-                progress(min(len(records), total), total, latest, rate)
+                progress(min(len(records), total), total, latest, rate, accuracy)
             for kind, (index, after) in list(pending):
                 if len(records) >= after:
                     if (event := self.backend.kill(kind, index, len(records))) is not None:

@@ -13,14 +13,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ps.optimizer import Optimizer
+from ps.schedule import check_fits
 from worker.data import Dataset, augment_shifts, load_dataset
+from worker.evaluate import HeldOut, Measurement, eval_interval
 from worker.model_spec import build_model
 from worker.settings import TrainConfig
 
-__all__ = ["StepCallback", "TrainConfig", "TrainResult", "train_single_process"]
+__all__ = ["EvalCallback", "StepCallback", "TrainConfig", "TrainResult", "planned_steps",
+           "train_single_process"]
 
 # on_step(step, total_steps, loss): called after every update, e.g. to drive a progress bar.
 StepCallback = Callable[[int, int, float], None]
+# on_eval(step, measurement): the held-out figures at the weights step `step` (1-based, as
+# on_step's) started from, told before that step's on_step.
+EvalCallback = Callable[[int, Measurement], None]
 
 
 @dataclass
@@ -33,6 +39,10 @@ class TrainResult:
     samples_per_s: float
     params: dict[str, np.ndarray] = field(repr=False)
     epoch_losses: list[float] = field(default_factory=list)
+    # The held-out curve: {"step" (0-based), "test_accuracy", "test_loss", "eval_s"} per
+    # evaluation (config.eval_every), at the weights the step started from.
+    test_curve: list[dict] = field(default_factory=list, repr=False)
+    eval_s: float = 0.0  # seconds spent on those evaluations (not in samples_per_s)
 
     def summary(self) -> dict:
         """The result as plain JSON-ready values (no arrays)."""
@@ -47,21 +57,30 @@ class TrainResult:
         }
 
 
+def planned_steps(config: TrainConfig, n_train: int) -> int:
+    """The steps (= updates) the baseline makes: --steps, else every batch of each epoch."""
+    return config.steps or config.epochs * -(-n_train // config.batch_size)
+
+
 def train_single_process(config: TrainConfig, on_step: StepCallback | None = None,
-                         data: Dataset | None = None) -> TrainResult:
+                         data: Dataset | None = None,
+                         on_eval: EvalCallback | None = None) -> TrainResult:
     """Train the model (--model, else an MLP of --hidden) with minibatch SGD/Adam in this
     process and evaluate it on the test split (of `data`, if given: config.dataset loaded
-    with config.seed)."""
+    with config.seed): at the end, and during training every config.eval_every steps
+    (default: once per epoch) and at the last."""
     data = data or load_dataset(config.dataset, seed=config.seed)
     model = build_model(config, data.n_features, data.image_shape, data.n_classes,
                         seed=config.seed)
     params = model.init_params()
-    optimizer = Optimizer(config.optimizer_config(), model.param_shapes())
     rng = np.random.default_rng(config.seed)
-
     n = len(data.X_train)
-    batches_per_epoch = -(-n // config.batch_size)
-    total = config.steps or config.epochs * batches_per_epoch  # steps, when given, win
+    total = planned_steps(config, n)
+    check_fits(config.lr_schedule, total)
+    optimizer = Optimizer(config.optimizer_config(total), model.param_shapes())
+    every = eval_interval(config.eval_every, -(-n // config.batch_size))
+    held_out = HeldOut(data.X_test, data.y_test, every) if every and len(data.X_test) else None
+    curve: list[dict] = []
     step = 0
     epoch_losses: list[float] = []
     samples = 0
@@ -76,9 +95,15 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
             X = data.X_train[idx]
             if config.augment and data.image_shape is not None:
                 X = augment_shifts(X, data.image_shape, rng)
+            if held_out is not None and held_out.due(step, total):
+                measured = held_out.measure(model, params)
+                curve.append({"step": step, **measured.as_dict()})
+                if on_eval is not None:
+                    on_eval(step + 1, measured)
             loss, grads = model.loss_and_grads(params, X, data.y_train[idx])
+            lr = optimizer.config.lr_at(step)  # a server's at version `step`: one update a step
             for name, grad in grads.items():
-                optimizer.step(name, params[name], grad)
+                optimizer.step(name, params[name], grad, lr=lr)
             losses.append(loss)
             samples += len(idx)
             step += 1
@@ -86,6 +111,7 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
                 on_step(step, total, loss)
         epoch_losses.append(float(np.mean(losses)))
     wall = time.perf_counter() - start
+    evaluating = sum(point["eval_s"] for point in curve)
 
     test_loss, test_acc = model.evaluate(params, data.X_test, data.y_test)
     return TrainResult(
@@ -94,7 +120,9 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
         final_train_loss=epoch_losses[-1],
         steps=step,
         wall_s=wall,
-        samples_per_s=samples / wall,
+        samples_per_s=samples / max(wall - evaluating, 1e-9),  # training's own speed
         params=params,
         epoch_losses=epoch_losses,
+        test_curve=curve,
+        eval_s=evaluating,
     )

@@ -16,6 +16,7 @@ import numpy as np
 
 from kernels import all_finite
 from ps.client import PSClient
+from worker.evaluate import HeldOut
 from worker.poison import parse_poison, poison_grads, poison_shard
 from worker.precision import Precision, PrecisionConfig
 from worker.preprocess import augment_shifts
@@ -57,7 +58,8 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One worker step, as metrics.jsonl records it."""
+    """One worker step, as metrics.jsonl records it. The eval fields are on the lines of the
+    steps that were evaluated (worker 0's, see worker/evaluate.py) and left out of the others."""
 
     time: float  # seconds since the origin (the run's start), at the end of the step
     worker: int
@@ -65,7 +67,10 @@ class StepRecord:
     loss: float
     staleness: int  # the stalest of this step's gradients when the servers applied them
     samples: int
-    wait_s: float  # time spent in pull and push: waiting on servers and the wire
+    wait_s: float  # time spent in pull and push: blocked_s + wire_s
+    blocked_s: float  # the part of wait_s the servers held this step's pull at a barrier or
+    # the staleness bound (they measure it; the start line counts, at step 0)
+    wire_s: float  # the rest of wait_s: encoding, transport, the servers' work
     pull_s: float  # the part of wait_s spent pulling this step's weights (0 when fused)
     push_s: float  # the part spent pushing (with fused PushPull: the whole round trip)
     compute_s: float  # forward and backward (and any injected slowdown)
@@ -75,9 +80,16 @@ class StepRecord:
     skipped: bool  # the step's gradients held inf/NaN (sync: any worker's) and were not applied
     grad_nonzero: int  # mixed precision: fp32 gradient values that were not 0 ...
     grad_underflow: int  # ... and those of them that became 0 in 16 bits
+    test_accuracy: float | None = None  # held-out, at the weights pulled for this step
+    test_loss: float | None = None
+    eval_s: float | None = None  # seconds the evaluation took: not compute, not waiting
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        row = asdict(self)
+        if self.test_accuracy is None:  # not measured on this step: left out of the line
+            for name in ("test_accuracy", "test_loss", "eval_s"):
+                del row[name]
+        return row
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
@@ -105,6 +117,7 @@ def run_worker(
     on_step: Callable[[StepRecord], None] | None = None,
     origin: float | None = None,
     first_step: int = 0,
+    held_out: HeldOut | None = None,
 ) -> list[StepRecord]:
     """Run steps first_step .. config.steps-1 against the servers behind `client`; return
     what each saw.
@@ -112,7 +125,8 @@ def run_worker(
     `origin` is a time.monotonic() reading that the record times count from (default: now);
     processes given the same origin have comparable times, as the clock is system-wide.
     `first_step` > 0 continues a run (a restarted worker, a resumed run): the batches are
-    the ones that run would have drawn from there.
+    the ones that run would have drawn from there. `held_out`: evaluate the weights pulled
+    for the steps it says are due, outside the step's compute and wait times.
     """
     precision = Precision(config.precision.precision)
     if client.wire_dtype != precision.wire_dtype:
@@ -153,7 +167,12 @@ def run_worker(
     t0 = time.monotonic()
     params = client.pull(first_step) if todo else {}
     pull_s = time.monotonic() - t0
+    pull_blocked = client.last_blocked_s  # carried, with pull_s, into the step's record
     for step in range(first_step, config.steps):
+        t0 = time.monotonic()  # the step's weights are here
+        measured = None
+        if held_out is not None and held_out.due(step, config.steps):
+            measured = held_out.measure(model, params)
         t1 = time.monotonic()
         idx = next(order)
         X = shard.X[idx]
@@ -181,28 +200,38 @@ def run_worker(
         last = step == config.steps - 1
         # A step with inf/NaN gradients is pushed as skipped: it counts, nothing is applied.
         outgoing = None if found_inf else grads
+        blocked = pull_blocked
         if config.fused and not last:
             result = client.push_pull(outgoing, step, scale=scale, skip=found_inf)
             params, staleness = result.params, result.staleness_max
             skipped = result.step_skipped  # sync: any worker's overflow skips the step for all
+            blocked += result.blocked_s  # the pull half waited for the next step
+            next_blocked = 0.0  # the next step's weights are here: no pull of its own
             t4 = t5 = time.monotonic()
         else:
             staleness = client.push(outgoing, step, scale=scale, skip=found_inf).staleness_max
             skipped = found_inf  # two calls: the push does not hear of other workers' skips
             t4 = time.monotonic()
+            next_blocked = 0.0
             if not last:
                 params = client.pull(step + 1)
+                next_blocked = client.last_blocked_s
             t5 = time.monotonic()
         if dynamic:
             scaler.update(skipped)
+        wait = pull_s + (t4 - t3)
+        # The servers measured the hold inside the round trip; bounded by it all the same.
+        blocked = min(blocked, wait)
         record = StepRecord(
             time=t4 - start, worker=client.worker_id, step=step, loss=loss,
             staleness=staleness, samples=len(idx),
-            wait_s=pull_s + (t4 - t3), pull_s=pull_s, push_s=t4 - t3, compute_s=t3 - t1,
-            pulled=t1 - start, pushing=t3 - start, loss_scale=scale, skipped=skipped,
+            wait_s=wait, blocked_s=blocked, wire_s=wait - blocked,
+            pull_s=pull_s, push_s=t4 - t3, compute_s=t3 - t1,
+            pulled=t0 - start, pushing=t3 - start, loss_scale=scale, skipped=skipped,
             grad_nonzero=counts.get("nonzero", 0), grad_underflow=counts.get("underflow", 0),
+            **(measured.as_dict() if measured is not None else {}),
         )
-        pull_s = t5 - t4  # the next step's pull, counted as that step's wait
+        pull_s, pull_blocked = t5 - t4, next_blocked  # the next step's pull: its wait
         records.append(record)
         if on_step is not None:
             on_step(record)

@@ -16,6 +16,7 @@ from ps.placement import PlacementConfig
 from ps.security import SecurityConfig
 from ps.settings import part, setting
 from worker.data import load_dataset
+from worker.evaluate import HeldOut, eval_interval
 from worker.loop import StepRecord, WorkerConfig, run_worker
 from worker.model_spec import build_model
 from worker.poison import parse_poison
@@ -120,6 +121,13 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
                           augment=train.augment, slowdown=settings.slowdown,
                           fused=settings.transport.fused, precision=settings.precision,
                           poison=settings.poison, dp=settings.privacy.dp())
+    # Worker 0 alone evaluates on the test set: the others would only repeat its figures.
+    held_out = None
+    if settings.index == 0:
+        every = eval_interval(train.eval_every,
+                              len(shard) // max(1, min(train.batch_size, len(shard))))
+        if every and len(data.X_test):
+            held_out = HeldOut(data.X_test, data.y_test, every)
     # The run's clock is wall time (shared by every process of the run); the loop measures
     # with the monotonic clock, so translate the run's start into it.
     start = settings.start_time if settings.start_time is not None else time.time()
@@ -141,11 +149,12 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
             client.init(model.init_params(), train.optimizer,
                         placement=settings.placement.placement,
                         split_bytes=settings.placement.split_bytes,
-                        **train.optimizer_settings())
+                        **train.optimizer_settings(steps))
             # 0 in a new run; a restarted worker, or a resumed run, goes on from the servers.
             first = client.start_step()
             return run_worker(client, model, shard, config, image_shape=data.image_shape,
-                              on_step=record, origin=origin, first_step=first)
+                              on_step=record, origin=origin, first_step=first,
+                              held_out=held_out)
     finally:
         if out is not None:
             out.close()

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from ps.optimizer import OPTIMIZERS, OptimizerConfig
+from ps.schedule import GRAMMAR, parse_schedule
 from ps.settings import setting
 from worker.model_spec import parse_spec
 from worker.shards import PARTITION_SCHEMES
@@ -44,8 +45,16 @@ class TrainConfig:
     optimizer: str = setting("sgd", "the update rule, with PyTorch's semantics",
                              choices=OPTIMIZERS)
     momentum: float = setting(0.9, "for --optimizer momentum")
-    weight_decay: float = setting(0.0, "L2 penalty added to each gradient, as PyTorch's")
+    weight_decay: float = setting(0.0, "L2 penalty added to each gradient, as PyTorch's "
+                                       "(adamw: decoupled, weights *= 1 - lr x decay)")
+    lr_schedule: str | None = setting(
+        None, f"the step size by a key's update count, applied by the servers, as PyTorch's "
+              f"schedulers: {GRAMMAR}; cosine's T_MAX defaults to the run's updates "
+              f"(sync: the steps; async, ssp: workers x steps)", metavar="SPEC")
     augment: bool = setting(False, "random one-pixel shifts of image batches")
+    eval_every: int | None = setting(
+        None, "test-set accuracy and loss every N steps and at the last (worker 0 only; "
+              "default: once per epoch of its shard; 0: off)")
     seed: int = setting(0, "fixes the model's start, the data split and the batch order")
 
     def __post_init__(self) -> None:
@@ -57,24 +66,39 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: off), got {self.eval_every}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
         if self.model is not None:
             parse_spec(self.model)  # the grammar now; what fits the data, once it is loaded
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        self.optimizer_config()  # checks the optimizer's own settings now, not mid-run
+        parse_schedule(self.lr_schedule)  # a bad spec is refused now, naming itself
+        # checks the optimizer's own settings now, not mid-run (the steps are known later)
+        self.optimizer_config(planned_steps=1)
 
-    def optimizer_config(self) -> OptimizerConfig:
+    def optimizer_config(self, planned_steps: int) -> OptimizerConfig:
+        """The optimizer of a run whose workers each plan `planned_steps` steps."""
         return OptimizerConfig(name=self.optimizer, lr=self.lr, momentum=self.momentum,
-                               weight_decay=self.weight_decay)
+                               weight_decay=self.weight_decay,
+                               **self._schedule_settings(planned_steps))
 
-    def optimizer_settings(self) -> dict:
-        """What PSClient.init sends the servers beside the optimizer's name."""
-        settings = {"lr": self.lr, "weight_decay": self.weight_decay}
+    def optimizer_settings(self, planned_steps: int) -> dict:
+        """What PSClient.init sends the servers beside the optimizer's name, for workers that
+        each plan `planned_steps` steps."""
+        settings = {"lr": self.lr, "weight_decay": self.weight_decay,
+                    **self._schedule_settings(planned_steps)}
         if self.optimizer == "momentum":
             settings["momentum"] = self.momentum
         return settings
+
+    def _schedule_settings(self, planned_steps: int) -> dict:
+        # The planned steps go only where the schedule ends by them (a cosine without T_MAX):
+        # otherwise a resumed run that asks for more steps would differ from its checkpoint's.
+        if parse_schedule(self.lr_schedule).needs_total:
+            return {"lr_schedule": self.lr_schedule, "planned_steps": planned_steps}
+        return {"lr_schedule": self.lr_schedule} if self.lr_schedule else {}
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,12 @@ def sgd_update_codes(param, codes, fmt, lr, scale=1.0):
     sgd_update(param, grad, lr)
 
 
-def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                decoupled=False):
     g = grad
-    if weight_decay != 0:
+    if weight_decay != 0 and decoupled:
+        param[...] = param * f32(1 - lr * weight_decay)  # AdamW: param.mul_(1 - lr*wd)
+    elif weight_decay != 0:
         g = fma32(param, f32(weight_decay), g)  # grad.add(param, alpha=weight_decay)
     w = f32(1 - beta1)  # exp_avg.lerp_(grad, 1 - beta1), as torch's lerp_vec
     if abs(w) < 0.5:
