@@ -41,8 +41,12 @@ def test_train_command_prints_json_and_writes_a_run_directory(capsys, tmp_path):
     out = capsys.readouterr()
     summary = json.loads(out.out)  # --json: standard output is one JSON document
     assert "test accuracy" in out.err
-    assert summary["steps"] == 2 * 45  # 1,437 training images in batches of 32
+    assert summary["steps"] == 2 * 45  # 1,438 training images in batches of 32
     assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert 0.0 < summary["train_s"] <= summary["wall_s"]  # as launch --json has them
+    assert [p["step"] for p in summary["test_curve"]] == [0, 45, 89]  # once an epoch, last
+    samples = summary["samples_per_s"] * summary["train_s"]  # two epochs: no eval in the rate
+    assert samples == pytest.approx(round(samples)) and 89 * 32 < samples <= 90 * 32
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["test_accuracy"] == summary["test_accuracy"] and saved["epochs"] == 2
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 3

@@ -82,5 +82,10 @@ def test_the_baseline_records_the_curve_in_its_result_and_metrics(tmp_path):
     for point in result.test_curve:
         assert by_step[point["step"]]["test_accuracy"] == point["test_accuracy"]
     assert result.eval_s == pytest.approx(sum(p["eval_s"] for p in result.test_curve))
+    # Each point's training time leaves the evaluations out: it grows, and stays within the
+    # run's, which is its wall time less them.
+    times = [p["train_s"] for p in result.test_curve]
+    assert times[0] < 0.5 * times[-1] and times == sorted(times)
+    assert times[-1] <= result.train_s == pytest.approx(result.wall_s - result.eval_s)
     # Off: no curve.
     assert train_single_process(replace(config, eval_every=0)).test_curve == []

@@ -36,11 +36,13 @@ class TrainResult:
     final_train_loss: float  # mean loss of the last epoch's batches
     steps: int
     wall_s: float
+    train_s: float  # wall_s less the held-out evaluations: the time training took
     samples_per_s: float
     params: dict[str, np.ndarray] = field(repr=False)
     epoch_losses: list[float] = field(default_factory=list)
-    # The held-out curve: {"step" (0-based), "test_accuracy", "test_loss", "eval_s"} per
-    # evaluation (config.eval_every), at the weights the step started from.
+    # The held-out curve: {"step" (0-based), "train_s" (training time before it),
+    # "test_accuracy", "test_loss", "eval_s"} per evaluation (config.eval_every), at the
+    # weights the step started from.
     test_curve: list[dict] = field(default_factory=list, repr=False)
     eval_s: float = 0.0  # seconds spent on those evaluations (not in samples_per_s)
 
@@ -52,8 +54,10 @@ class TrainResult:
             "final_train_loss": self.final_train_loss,
             "steps": self.steps,
             "wall_s": self.wall_s,
+            "train_s": self.train_s,
             "samples_per_s": self.samples_per_s,
             "epoch_losses": self.epoch_losses,
+            "test_curve": self.test_curve,
         }
 
 
@@ -97,7 +101,10 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
                 X = augment_shifts(X, data.image_shape, rng)
             if held_out is not None and held_out.due(step, total):
                 measured = held_out.measure(model, params)
-                curve.append({"step": step, **measured.as_dict()})
+                # train_s: the training time so far, the evaluations before it left out
+                trained = time.perf_counter() - start - sum(point["eval_s"] for point in curve)
+                curve.append({"step": step, "train_s": trained - measured.eval_s,
+                              **measured.as_dict()})
                 if on_eval is not None:
                     on_eval(step + 1, measured)
             loss, grads = model.loss_and_grads(params, X, data.y_train[idx])
@@ -120,6 +127,7 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
         final_train_loss=epoch_losses[-1],
         steps=step,
         wall_s=wall,
+        train_s=wall - evaluating,
         samples_per_s=samples / max(wall - evaluating, 1e-9),  # training's own speed
         params=params,
         epoch_losses=epoch_losses,
