@@ -146,7 +146,10 @@ def test_another_users_300_silent_connections_are_closed_at_accept_and_a_worker_
             assert _local_pull(running, client) < 5.0  # the worker's hello was not reset
         assert stranger.line() == "closed 300 answered 0"  # before any read: nothing said
         assert running.local.strangers == 300
-        assert running.local.hellos == 0 and _conn_threads() == threads  # no slot, no thread
+        assert running.local.hellos == 0  # no slot taken by a stranger
+        # No thread either: the worker's own connection thread ends once it sees the close,
+        # which on a loaded machine may be a moment after the client has closed.
+        wait_until(lambda: _conn_threads() == threads, "the worker's connection thread ends")
 
 
 def test_another_user_with_the_key_is_closed_unanswered(running):
