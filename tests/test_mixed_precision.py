@@ -158,3 +158,27 @@ def test_precision_names_are_checked():
         Precision("fp8")
     with pytest.raises(ValueError, match="loss_scale must be auto"):
         tinyps.LaunchConfig.from_flat({"precision": "fp16", "loss_scale": "sometimes"})
+
+
+def test_loss_mean_over_divides_the_gradient_by_n_instead_of_the_batch():
+    # SGD on sum(loss) / 128 with batch 32 is SGD on the batch mean with a quarter of the lr:
+    # bit for bit, since both multiply by a power of two.
+    from worker.baseline import TrainConfig, train_single_process
+    base = dict(steps=5, batch_size=32, seed=0, eval_every=0)
+    divided = train_single_process(TrainConfig(lr=0.1, loss_mean_over=128, **base))
+    plain = train_single_process(TrainConfig(lr=0.025, **base))
+    for name, value in plain.params.items():
+        np.testing.assert_array_equal(divided.params[name], value, err_msg=name)
+    assert divided.final_train_loss == plain.final_train_loss  # the reported loss: the mean
+    with pytest.raises(ValueError, match="loss_mean_over must be >= 1"):
+        TrainConfig(loss_mean_over=0)
+    with pytest.raises(ValueError, match="loss-mean-over does not apply"):
+        tinyps.LaunchConfig.from_flat({"dp_noise": 1.0, "loss_mean_over": 64})
+
+
+def test_loss_mean_over_reaches_the_workers(tmp_path):
+    # Adam on gradients 2^-24 / 2^-5 smaller: fp16 without scaling loses most of them.
+    settings = dict(servers=1, workers=1, steps=5, optimizer="adam", lr=1e-3,
+                    loss_mean_over=2**24, precision="fp16", loss_scale="off")
+    summary, _ = tinyps.launch(run_dir=str(tmp_path), **settings)
+    assert summary["grad_underflow_fraction"] > 0.5

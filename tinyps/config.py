@@ -230,6 +230,9 @@ class LaunchConfig:
                                                          and rule == "mean"):
             raise ValueError("--dp-noise-at server needs --mode sync and --aggregate mean: the "
                              "servers add the noise once to each step's sum")
+        if self.train.loss_mean_over is not None:
+            raise ValueError("DP-SGD divides its noisy sum by the batch size: "
+                             "--loss-mean-over does not apply")
         if self.precision.precision != "fp32":
             raise ValueError("DP-SGD runs in fp32: per-example clipping is not emulated in "
                              f"{self.precision.precision}")

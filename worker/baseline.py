@@ -107,7 +107,8 @@ def train_single_process(config: TrainConfig, on_step: StepCallback | None = Non
                               **measured.as_dict()})
                 if on_eval is not None:
                     on_eval(step + 1, measured)
-            loss, grads = model.loss_and_grads(params, X, data.y_train[idx])
+            loss, grads = model.loss_and_grads(params, X, data.y_train[idx],
+                                               loss_scale=config.grad_factor(len(idx)))
             lr = optimizer.config.lr_at(step)  # a server's at version `step`: one update a step
             for name, grad in grads.items():
                 optimizer.step(name, params[name], grad, lr=lr)

@@ -41,6 +41,8 @@ class WorkerConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     poison: str | None = None  # injected fault (worker/poison.py): label_flip, ...
     dp: DPConfig | None = None  # DP-SGD: Poisson batches, per-example clipping, noise
+    # The loss's divisor instead of the batch size (TrainConfig.loss_mean_over); None: B.
+    loss_mean_over: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -51,6 +53,11 @@ class WorkerConfig:
                              f"{self.delay_s}")
         if self.poison is not None:
             parse_poison(self.poison)
+        if self.loss_mean_over is not None and self.loss_mean_over < 1:
+            raise ValueError(f"loss_mean_over must be >= 1, got {self.loss_mean_over}")
+        if self.dp is not None and self.loss_mean_over is not None:
+            raise ValueError("DP-SGD divides its noisy sum by the batch size: "
+                             "loss_mean_over does not apply")
         if self.dp is not None and self.precision.precision != "fp32":
             raise ValueError("DP-SGD runs in fp32: per-example clipping is not emulated in "
                              f"{self.precision.precision}")
@@ -181,8 +188,11 @@ def run_worker(
         scale = scaler.get_scale()
         counts: dict[str, int] = {}
         if dp is None:
-            loss, grads = model.loss_and_grads(params, X, shard.y[idx], precision, scale,
-                                               counts)
+            # loss_mean_over: the gradient of sum(loss) / N, times the loss scale; the scale
+            # alone travels with the push, so the servers divide out only the scale.
+            factor = 1.0 if config.loss_mean_over is None else len(idx) / config.loss_mean_over
+            loss, grads = model.loss_and_grads(params, X, shard.y[idx], precision,
+                                               scale * factor, counts)
         else:
             loss, grads, _ = model.clipped_grad_sum(params, X, shard.y[idx], dp.clip)
             if dp.noise_at == "worker":

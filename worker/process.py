@@ -120,7 +120,8 @@ def run_worker_process(settings: WorkerSettings) -> list[StepRecord]:
     config = WorkerConfig(steps=steps, batch_size=train.batch_size, seed=train.seed,
                           augment=train.augment, slowdown=settings.slowdown,
                           fused=settings.transport.fused, precision=settings.precision,
-                          poison=settings.poison, dp=settings.privacy.dp())
+                          poison=settings.poison, dp=settings.privacy.dp(),
+                          loss_mean_over=train.loss_mean_over)
     # Worker 0 alone evaluates on the test set: the others would only repeat its figures.
     held_out = None
     if settings.index == 0:

@@ -41,6 +41,13 @@ class TrainConfig:
     epochs: int = setting(20, "passes of each worker over its shard (unless --steps is given)")
     steps: int | None = setting(None, "steps per worker; overrides --epochs")
     batch_size: int = setting(32, "examples per step, per worker")
+    # A language model's loss is a mean over every token of its batch (millions, in large
+    # runs), so each token's gradient is 1/tokens of its error: this emulates that divisor.
+    loss_mean_over: int | None = setting(
+        None, "divide each batch's summed loss by N instead of the batch size, as a loss "
+              "averaged over N tokens does: the gradients are batch/N times as large (Adam "
+              "barely notices; 16-bit formats do); the reported loss stays the batch mean",
+        metavar="N")
     lr: float = setting(0.1, "step size")
     optimizer: str = setting("sgd", "the update rule, with PyTorch's semantics",
                              choices=OPTIMIZERS)
@@ -66,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.loss_mean_over is not None and self.loss_mean_over < 1:
+            raise ValueError(f"loss_mean_over must be >= 1, got {self.loss_mean_over}")
         if self.eval_every is not None and self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: off), got {self.eval_every}")
         if not self.hidden or any(h < 1 for h in self.hidden):
@@ -77,6 +86,11 @@ class TrainConfig:
         parse_schedule(self.lr_schedule)  # a bad spec is refused now, naming itself
         # checks the optimizer's own settings now, not mid-run (the steps are known later)
         self.optimizer_config(planned_steps=1)
+
+    def grad_factor(self, batch: int) -> float:
+        """What loss_mean_over multiplies a batch's mean-loss gradient by: batch / N (1.0
+        without it)."""
+        return 1.0 if self.loss_mean_over is None else batch / self.loss_mean_over
 
     def optimizer_config(self, planned_steps: int) -> OptimizerConfig:
         """The optimizer of a run whose workers each plan `planned_steps` steps."""
