@@ -112,6 +112,10 @@ def test_launch_as_a_user_runs_it(tmp_path):
     assert all(set(r).isdisjoint(HELD_OUT_KEYS) for r in records if r not in measured)
     curve = tinyps.RunResult(summary, run_dir).test_curve  # the Python API's view of it
     assert [p["step"] for p in curve] == steps
+    # Its time axis is training time: from 0 at the start line, growing, evaluations out.
+    times = [p["train_s"] for p in curve]
+    assert 0 <= times[0] < times[-1] and times == sorted(times)
+    assert times[-1] <= summary["train_s"] - sum(p["eval_s"] for p in curve[:-1]) + 1e-9
     assert json.loads((run_dir / "config.json").read_text())["staleness"] == 2
     for name in ("server0", "server1", "worker0", "worker1"):
         assert (run_dir / "logs" / f"{name}.log").exists()

@@ -55,17 +55,26 @@ class RunResult(NamedTuple):
 
     @property
     def test_curve(self) -> list[dict]:
-        """The held-out curve, from metrics.jsonl: one {"step", "time", "test_accuracy",
-        "test_loss", "eval_s"} per evaluation during training (see eval_every), in step
-        order; the final model's figures are summary["test_accuracy"] and ["test_loss"]."""
+        """The held-out curve, from metrics.jsonl: one {"step", "time", "train_s",
+        "test_accuracy", "test_loss", "eval_s"} per evaluation during training (see
+        eval_every), in step order; the final model's figures are summary["test_accuracy"]
+        and ["test_loss"]. train_s is the training time before the weights evaluated were
+        pulled, the evaluations before it left out: the time axis of `tinyps train`'s curve,
+        so that a run and its baseline compare."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return []
-        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        return sorted(({k: r[k] for k in ("step", "time", "test_accuracy", "test_loss",
-                                          "eval_s")}
-                       for r in rows if r.get("test_accuracy") is not None),
-                      key=lambda r: r["step"])
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        start = min((r["pulled"] for r in rows), default=0.0)
+        curve, evaluating = [], 0.0
+        for r in sorted((r for r in rows if r.get("test_accuracy") is not None),
+                        key=lambda r: r["step"]):
+            curve.append({"step": r["step"], "time": r["time"],
+                          "train_s": r["pulled"] - start - evaluating,
+                          "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"],
+                          "eval_s": r["eval_s"]})
+            evaluating += r["eval_s"]
+        return curve
 
 
 def _config(config: LaunchConfig | None, settings: dict) -> LaunchConfig:
