@@ -52,8 +52,8 @@ def _runs(files) -> dict[str, dict]:
         "sync": {"workers": 3, "mode": "sync", "backup_workers": 1, "aggregate": "median",
                  "model": "cnn:4/8",
                  "byzantine": 1, "precision": "fp16", "init_scale": 1024.0,
-                 "growth_interval": 10, "memory_budget_mb": 512, "max_waiting": 8,
-                 "freeze_timeout_s": 5.0},
+                 "growth_interval": 10, "loss_mean_over": 4096, "memory_budget_mb": 512,
+                 "max_waiting": 8, "freeze_timeout_s": 5.0},
         "dp": {"dp_noise": 1.1, "dp_clip": 0.5, "dp_delta": 1e-6, "dp_noise_at": "server",
                "dp_target_epsilon": 50.0, "dp_seed": 3},
     }
