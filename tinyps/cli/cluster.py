@@ -134,6 +134,7 @@ def data_report(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     config = from_flat(TrainConfig, settings_from(args, TrainConfig), where="tinyps train")
+    keep_freed_buffers()  # as a worker's process does: the baseline is like for like
     with StepBar("train") as bar:
         result, run_dir = run_baseline(config, run_dir=args.run_dir, on_step=bar.step)
     print(f"{config.dataset}: test accuracy {result.test_accuracy:.2%}, test loss "
