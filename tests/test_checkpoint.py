@@ -22,13 +22,13 @@ from ps.checkpoint import (
     latest_set,
     list_checkpoints,
     read_checkpoint,
-    resplit,
     server_directory,
     write_checkpoint,
 )
 from ps.keys import Key, cut
 from ps.optimizer import OptimizerConfig
 from ps.placement import TensorSpec, place
+from ps.resplit import resplit
 from ps.snapshot import KeyState, Snapshot
 
 REPO = os.fspath(Path(__file__).resolve().parents[1])  # the subprocess imports ps

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ps.checkpoint import list_checkpoints, resplit, server_directory, write_checkpoint
+from ps.checkpoint import list_checkpoints, server_directory, write_checkpoint
 from ps.checkpoint_set import MANIFEST, ResumePoint, resume_point
 from ps.consistency import make_rule
 from ps.keys import cut
 from ps.placement import Placement, TensorSpec
+from ps.resplit import resplit
 from ps.schedule import check_fits
 from ps.snapshot import Snapshot
 from tinyps import privacy
